@@ -1,0 +1,1 @@
+"""dllm: D-LLM, token-adaptive layer skipping for Llama-family models."""

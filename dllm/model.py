@@ -1,0 +1,354 @@
+"""D-LLM on the Llama-2 architecture: one model definition for training and inference.
+
+Training (`model.train()`) computes every token in every block, masks skipped tokens' keys and
+blends `w * block(x) + (1 - w) * x`, so the router's straight-through gradient exists. Inference
+(`model.eval()`) gathers the executing tokens of each block and runs only those; the others pass
+through at the cost of the router, and leave no K/V behind (see kv_cache.py).
+"""
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from torch import nn
+
+from dllm import distributed
+from dllm.kv_cache import KVCache, LayerKVCache
+from dllm.routing import Decision, DLLMRouting, RMSNorm, Router
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    # D-LLM (official names)
+    lora_rank: int = 8
+    dynamic_active_target: float = 0.5
+    dynamic_start_layer: int = 2
+    dynamic_router_hdim: int = 512
+    dynamic_reserve_initials: int = 2
+    # ours, with the reference's behaviour as default
+    lora_scale: float = 1.0
+    lora_dropout: float = 0.05
+    dynamic_router_bias: Tuple[float, float] = (0.1, 2.0)
+    gumbel_tau: float = 1.0
+    execute_threshold: float = 0.5
+
+    @classmethod
+    def from_dict(cls, params: dict, **overrides) -> "ModelArgs":
+        """Accept a Meta params.json as is; keys this model does not know are reported and ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            print(f"warning: ignoring unknown model args {unknown}", file=sys.stderr)
+        merged = {k: v for k, v in params.items() if k in known}
+        merged.update({k: v for k, v in overrides.items() if v is not None})
+        if "dynamic_router_bias" in merged:
+            merged["dynamic_router_bias"] = tuple(merged["dynamic_router_bias"])
+        return cls(**merged)
+
+    @classmethod
+    def from_json(cls, path, **overrides) -> "ModelArgs":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["dynamic_router_bias"] = list(self.dynamic_router_bias)
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, head_dim]; freqs_cis [..., head_dim // 2], one row per token."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)
+
+
+def _normal_init(weight: torch.Tensor) -> torch.Tensor:
+    return nn.init.normal_(weight, std=0.02)
+
+
+def _no_init(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+class LoRA(nn.Module):
+    """Low-rank update of a column-parallel projection; fp32 so it trains beside bf16 bases."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.linear_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
+        self.linear_B = ColumnParallelLinear(
+            rank, out_features, bias=False, gather_output=False, init_method=nn.init.zeros_
+        )
+        self.linear_B.weight.data = self.linear_B.weight.data.float()
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.linear_B(self.linear_A(self.dropout(x.float()))) * self.scale).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The local shard of B @ A * scale, for merging into the base weight."""
+        return self.linear_B.weight @ self.linear_A.weight * self.scale
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, init_method):
+        super().__init__()
+        mp = distributed.mp_size()
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = self.n_kv_heads // mp
+        self.head_dim = args.head_dim
+        q_out, kv_out = args.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        column = dict(bias=False, gather_output=False, init_method=init_method)
+        self.wq = ColumnParallelLinear(args.dim, q_out, **column)
+        self.wk = ColumnParallelLinear(args.dim, kv_out, **column)
+        self.wv = ColumnParallelLinear(args.dim, kv_out, **column)
+        self.wo = RowParallelLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=init_method)
+        if args.lora_rank > 0:
+            lora = (args.lora_rank, args.lora_dropout, args.lora_scale)
+            self.lora_q = LoRA(args.dim, q_out, *lora)
+            self.lora_k = LoRA(args.dim, kv_out, *lora)
+            self.lora_v = LoRA(args.dim, kv_out, *lora)
+        else:
+            self.lora_q = self.lora_k = self.lora_v = None
+
+    def merge_lora(self):
+        """Fold LoRA into wq/wk/wv for inference; the adapters are dropped afterwards."""
+        if self.lora_q is None:
+            return
+        with torch.no_grad():
+            for base, lora in ((self.wq, self.lora_q), (self.wk, self.lora_k), (self.wv, self.lora_v)):
+                base.weight += lora.delta_weight().to(base.weight.dtype)
+        self.lora_q = self.lora_k = self.lora_v = None
+
+    def project(self, x: torch.Tensor, freqs_cis: torch.Tensor):
+        """x [..., dim] -> q [..., heads, head_dim], k and v [..., kv_heads, head_dim], RoPE applied."""
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.lora_q is not None:
+            q, k, v = q + self.lora_q(x), k + self.lora_k(x), v + self.lora_v(x)
+        lead = x.shape[:-1]
+        q = apply_rotary_emb(q.view(*lead, self.n_local_heads, self.head_dim), freqs_cis)
+        k = apply_rotary_emb(k.view(*lead, self.n_local_kv_heads, self.head_dim), freqs_cis)
+        return q, k, v.view(*lead, self.n_local_kv_heads, self.head_dim)
+
+    def attend(self, q, k, v, mask) -> torch.Tensor:
+        """q [b, m, h, d], k/v [b, n, kvh, d], mask [b, m, n] bool (True = attend) -> [b, m, h * d]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask.unsqueeze(1), enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+        )
+        return out.transpose(1, 2).flatten(2)
+
+    def forward_masked(self, x, freqs_cis, key_keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """Every token computed; keys of tokens that skip this block are masked out (eviction).
+
+        A query always sees its own key, so a skipped token's row (discarded by the blend) is never
+        empty.
+        """
+        b, s, _ = x.shape
+        q, k, v = self.project(x, freqs_cis)
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        if key_keep is not None:
+            eye = torch.eye(s, dtype=torch.bool, device=x.device)
+            mask = mask & (key_keep[:, None, :] | eye)
+        return self.wo(self.attend(q, k, v, mask.expand(b, s, s)))
+
+    def forward_packed(self, x, freqs_cis, rows, positions, kv: LayerKVCache) -> torch.Tensor:
+        """Only executing tokens, packed [n, dim] with their batch rows and true positions.
+
+        Their K/V are appended to the cache; each row's queries are padded into one batch of the
+        rows present and attend to that row's kept keys with a position-based causal mask.
+        """
+        q, k, v = self.project(x, freqs_cis)
+        rank = kv.append(rows, k, v, positions)
+        active, row_index = torch.unique(rows, return_inverse=True)
+        keys, values, key_pos, key_valid = kv.read(active)
+        width = int(rank.max()) + 1
+        q_pad = q.new_zeros(active.shape[0], width, *q.shape[1:])
+        q_pad[row_index, rank] = q
+        q_pos = torch.full((active.shape[0], width), torch.iinfo(torch.long).max, device=x.device)
+        q_pos[row_index, rank] = positions
+        mask = key_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])
+        out = self.attend(q_pad, keys, values, mask)[row_index, rank]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, init_method):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, init_method):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, init_method)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, init_method)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.router = None
+        if layer_id >= args.dynamic_start_layer:
+            self.router = Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias)
+
+    def _ffn(self, h):
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None):
+        """Returns (output, decision). Without a cache: masked training path; with one: real skipping."""
+        decision: Optional[Decision] = routing.decide(self, x, positions)
+        if kv is None:
+            key_keep = None if decision is None else decision.mask
+            out = self._ffn(x + self.attention.forward_masked(self.attention_norm(x), freqs_cis[positions], key_keep))
+            if decision is None:
+                return out, None
+            w = decision.weight.unsqueeze(-1).to(x.dtype)
+            return w * out + (1 - w) * x, decision
+
+        b, s, dim = x.shape
+        if decision is None or bool(decision.mask.all()):
+            rows = torch.arange(b, device=x.device).repeat_interleave(s)
+            tokens, token_pos = x.reshape(b * s, dim), positions.reshape(b * s)
+            scatter = None
+        else:
+            rows, cols = decision.mask.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                return x, decision
+            tokens, token_pos = x[rows, cols], positions[rows, cols]
+            scatter = (rows, cols)
+        h = tokens + self.attention.forward_packed(
+            self.attention_norm(tokens), freqs_cis[token_pos], rows, token_pos, kv
+        )
+        out = self._ffn(h)
+        if scatter is None:
+            return out.view(b, s, dim), decision
+        return x.index_put(scatter, out), decision
+
+
+def is_adapter_key(name: str) -> bool:
+    """Router and LoRA tensors: what D-LLM trains and what an adapter checkpoint holds."""
+    return ".router." in name or ".lora_" in name
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs, init_weights: bool = True):
+        """`init_weights=False` skips random initialisation when a checkpoint will be loaded."""
+        super().__init__()
+        if not torch.distributed.is_initialized() or not distributed.fs_init.model_parallel_is_initialized():
+            distributed.setup()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        init_method = _normal_init if init_weights else _no_init
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
+        self.layers = nn.ModuleList(TransformerBlock(i, params, init_method) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
+        # a plain attribute, not a buffer: Module.to(dtype) would drop the imaginary part
+        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        self.routing = DLLMRouting(params.dynamic_reserve_initials, params.gumbel_tau, params.execute_threshold)
+
+    def new_cache(self, batch: int) -> KVCache:
+        attn = self.layers[0].attention
+        weight = attn.wk.weight
+        return KVCache(self.n_layers, batch, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
+        """tokens [b, s] -> (logits [b, s, vocab] fp32, activation [b, s, n_layers]).
+
+        activation is the execute weight per token and block (1 for always-on blocks and reserved
+        tokens); in training it carries the routers' gradient. In eval mode without a cache a
+        throw-away cache is used, so the forward skips for real.
+        """
+        b, s = tokens.shape
+        if self.training and cache is not None:
+            raise ValueError("the KV cache is for inference; call model.eval() first")
+        if not self.training and cache is None:
+            if start_pos != 0:
+                raise ValueError("start_pos > 0 needs the cache of the earlier tokens")
+            cache = self.new_cache(b)
+        self.freqs_cis = self.freqs_cis.to(tokens.device)
+        positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
+        h = self.tok_embeddings(tokens)
+        activation = []
+        for layer in self.layers:
+            kv = None if cache is None else cache.layers[layer.layer_id]
+            h, decision = layer(h, positions, self.freqs_cis, self.routing, kv)
+            activation.append(torch.ones(b, s, device=h.device) if decision is None else decision.weight.float())
+        logits = self.output(self.norm(h)).float()
+        return logits, torch.stack(activation, -1)
+
+    def compute_loss(self, examples, labels, example_masks, label_masks):
+        """The D-LLM objective's pieces: CE on response tokens and the L1 execution-rate loss.
+
+        The rate loss is |mean over all blocks of the execute weight - target| per real token,
+        reserved initial tokens excluded; always-on blocks count as executed.
+        """
+        logits, activation = self(examples)
+        label_weight = label_masks[:, 1:].float()
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+        c_loss = (ce * label_weight.flatten()).sum() / label_weight.sum().clamp(min=1)
+        token_weight = example_masks.float().clone()
+        token_weight[:, : self.params.dynamic_reserve_initials] = 0
+        ratio = activation.mean(-1)
+        n_tokens = token_weight.sum().clamp(min=1)
+        a_loss = ((ratio - self.params.dynamic_active_target).abs() * token_weight).sum() / n_tokens
+        act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens).item()
+        return c_loss, a_loss, {"act_ratio": act_ratio}
+
+    def merge_lora(self):
+        for layer in self.layers:
+            layer.attention.merge_lora()
+
+    def set_adapter_trainable(self, adapter_only: bool = True) -> int:
+        """Freeze everything but routers and LoRA (or unfreeze all); returns the trainable count."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_adapter_key(name) or not adapter_only)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def cast_base(self, dtype: torch.dtype):
+        """Base weights to `dtype` (bf16 on CUDA); routers and LoRA stay fp32."""
+        for name, p in self.named_parameters():
+            if not is_adapter_key(name):
+                p.data = p.data.to(dtype)
+        return self
+

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from dllm.errors import InputError
+
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
@@ -34,12 +36,12 @@ def setup(model_parallel_size: int = None) -> torch.device:
     world = dist.get_world_size()
     mp_size = model_parallel_size or world
     if world % mp_size:
-        raise SystemExit(f"error: model_parallel_size {mp_size} does not divide world size {world}")
+        raise InputError(f"model_parallel_size {mp_size} does not divide world size {world}")
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(mp_size)
     elif fs_init.get_model_parallel_world_size() != mp_size:
-        raise SystemExit(
-            f"error: model parallel already initialised with size "
+        raise InputError(
+            f"model parallel already initialised with size "
             f"{fs_init.get_model_parallel_world_size()}, asked for {mp_size}"
         )
     return device

@@ -4,11 +4,13 @@ from typing import List
 
 from sentencepiece import SentencePieceProcessor
 
+from dllm.errors import InputError
+
 
 class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.isfile(model_path):
-            raise SystemExit(f"error: tokenizer model not found: {model_path}")
+            raise InputError(f"tokenizer model not found: {model_path}")
         self.sp_model = SentencePieceProcessor(model_file=model_path)
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()

@@ -1,0 +1,214 @@
+"""Meta-layout base checkpoints, D-LLM adapter checkpoints, and their checks.
+
+Base: `params.json` + `consolidated.NN.pth` (one shard per model-parallel rank) + `tokenizer.model`.
+Adapter (official layout): a file holding {"epoch", "model": {router and LoRA tensors}, ...}.
+Every file goes through `torch.load(weights_only=True)`: a checkpoint cannot run code.
+"""
+import glob
+import json
+import os
+import pickle
+import tempfile
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from dllm import distributed
+from dllm.errors import InputError
+from dllm.model import ModelArgs, Transformer, is_adapter_key
+
+# tensors that Meta's checkpoints carry but the model recomputes
+IGNORED_KEYS = {"rope.freqs"}
+COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight", "linear_B.weight")
+ROW_PARALLEL = ("wo.weight", "w2.weight", "tok_embeddings.weight")
+# the keys a Meta params.json carries
+BASE_PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                   "ffn_dim_multiplier", "norm_eps", "rope_theta")
+
+
+def shard_dim(name: str):
+    """The dimension a tensor is split along across model-parallel ranks, or None if replicated."""
+    if name.endswith(COLUMN_PARALLEL):
+        return 0
+    if name.endswith(ROW_PARALLEL):
+        return 1
+    return None
+
+
+def shard_state_dict(state_dict: Dict[str, torch.Tensor], mp_size: int, rank: int) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state_dict.items():
+        dim = shard_dim(name)
+        out[name] = tensor if dim is None else tensor.chunk(mp_size, dim)[rank].clone()
+    return out
+
+
+def load_file(path: str) -> Dict[str, torch.Tensor]:
+    """torch.load with weights_only; every refusal becomes one line naming the file."""
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: refused by torch.load(weights_only=True): {first}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def _check_state_dict(obj: dict, path: str) -> Dict[str, torch.Tensor]:
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise InputError(f"{path}: expected a state dict (name -> tensor), entry {bad[0]!r} is {type(obj[bad[0]]).__name__}")
+    return obj
+
+
+def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
+    path = ckpt_dir_or_file
+    if os.path.isdir(path):
+        path = os.path.join(path, "params.json")
+    if not os.path.isfile(path):
+        raise InputError(f"model args file not found: {path}")
+    try:
+        return ModelArgs.from_json(path, **overrides)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise InputError(f"{path}: not a valid params.json ({e})") from None
+
+
+def base_shard_path(ckpt_dir: str) -> str:
+    """The consolidated.NN.pth of this model-parallel rank; the shard count must equal the MP size."""
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"checkpoint directory not found: {ckpt_dir}")
+    shards = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not shards:
+        raise InputError(f"no consolidated.*.pth files in {ckpt_dir}")
+    if len(shards) != distributed.mp_size():
+        raise InputError(
+            f"{ckpt_dir} has {len(shards)} checkpoint shard(s) but model parallel size is "
+            f"{distributed.mp_size()}; run with --nproc_per_node {len(shards)} (or reshard)"
+        )
+    return shards[distributed.mp_rank()]
+
+
+def load_into(model: Transformer, state_dict: Dict[str, torch.Tensor], path: str, adapter: bool):
+    """Copy tensors into the model after checking names and shapes (this rank's shard)."""
+    own = model.state_dict()
+    for name, tensor in state_dict.items():
+        if name in IGNORED_KEYS:
+            continue
+        if name not in own:
+            kind = "adapter" if adapter else "base"
+            raise InputError(f"{path}: {kind} tensor {name!r} has no place in this model (check params.json / --lora_rank)")
+        if adapter and not is_adapter_key(name):
+            raise InputError(f"{path}: {name!r} is not a router or LoRA tensor; adapter files hold only those")
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise InputError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(own[name].shape)} (params.json does not match the checkpoint)"
+            )
+    if not adapter:
+        missing = [k for k in own if not is_adapter_key(k) and k not in state_dict]
+        if missing:
+            raise InputError(f"{path}: base tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    with torch.no_grad():
+        for name, tensor in state_dict.items():
+            if name not in IGNORED_KEYS:
+                own[name].copy_(tensor)
+
+
+def load_base(model: Transformer, ckpt_dir: str):
+    path = base_shard_path(ckpt_dir)
+    load_into(model, _check_state_dict(load_file(path), path), path, adapter=False)
+
+
+def adapter_file(path: str) -> str:
+    """An adapter directory resolves to its newest checkpoint file; a file is used as is."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.pth")), key=os.path.getmtime)
+        if not files:
+            raise InputError(f"no adapter checkpoint (*.pth) in {path}")
+        return files[-1]
+    if not os.path.isfile(path):
+        raise InputError(f"adapter checkpoint not found: {path}")
+    return path
+
+
+def read_adapter(path: str) -> dict:
+    """The whole adapter checkpoint; official files nest the tensors under "model"."""
+    path = adapter_file(path)
+    obj = load_file(path)
+    if "model" in obj and isinstance(obj["model"], dict):
+        _check_state_dict(obj["model"], path)
+        return obj
+    return {"model": _check_state_dict(obj, path)}
+
+
+def load_adapter(model: Transformer, path: str) -> dict:
+    """Load routers and LoRA (full tensors, sliced here for this MP rank); returns the checkpoint."""
+    ckpt = read_adapter(path)
+    local = shard_state_dict(ckpt["model"], distributed.mp_size(), distributed.mp_rank())
+    load_into(model, local, adapter_file(path), adapter=True)
+    return ckpt
+
+
+def adapter_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) router and LoRA tensors; a collective over the model-parallel group."""
+    out = {}
+    for name, p in model.state_dict().items():
+        if not is_adapter_key(name):
+            continue
+        tensor = p.detach()
+        dim = shard_dim(name)
+        if dim is not None and distributed.mp_size() > 1:
+            parts = [torch.empty_like(tensor) for _ in range(distributed.mp_size())]
+            dist.all_gather(parts, tensor.contiguous(), group=distributed.mp_group())
+            tensor = torch.cat(parts, dim)
+        out[name] = tensor.cpu().clone()
+    return out
+
+
+def atomic_save(obj, path: str):
+    """Write to a temp file in the same directory, then rename: a kill never leaves a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_meta_checkpoint(model: Transformer, out_dir: str, dtype: torch.dtype = torch.bfloat16, mp_size: int = 1):
+    """Write the base model (no routers, no LoRA) in Meta's layout, split into `mp_size` shards.
+
+    Takes a model built with model-parallel size 1 (the full tensors)."""
+    full = {k: v.detach().to(dtype).cpu() for k, v in model.state_dict().items() if not is_adapter_key(k)}
+    for rank in range(mp_size):
+        atomic_save(shard_state_dict(full, mp_size, rank), os.path.join(out_dir, f"consolidated.{rank:02d}.pth"))
+    params = {k: v for k, v in model.params.to_dict().items() if k in BASE_PARAM_KEYS}
+    atomic_write_text(json.dumps(params, indent=2) + "\n", os.path.join(out_dir, "params.json"))
+

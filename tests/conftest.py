@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random model configuration and a tokenizer trained in a second."""
+import os
+
+import pytest
+import sentencepiece as spm
+
+from dllm.model import ModelArgs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Llama's SentencePiece conventions (OFFLINE.md)
+LLAMA_SPM_OPTIONS = dict(
+    model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, allow_whitespace_only_pieces=True,
+)
+
+_TEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n"
+    "The quick brown fox jumps over the lazy dog. She sold 48 clips in April and half as many in May.\n"
+    "Question: Which option is correct? Answer: A B C D true false 1 2 3.\n"
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    text = directory / "text.txt"
+    text.write_text(_TEXT * 50)
+    prefix = str(directory / "tok")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=prefix, vocab_size=320, minloglevel=2, **LLAMA_SPM_OPTIONS)
+    return prefix + ".model"
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    base = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32,
+                dynamic_router_hdim=16, dynamic_start_layer=1, max_seq_len=64, lora_dropout=0.0)
+    base.update(overrides)
+    return ModelArgs(**base)

@@ -212,3 +212,33 @@ def save_meta_checkpoint(model: Transformer, out_dir: str, dtype: torch.dtype = 
     params = {k: v for k, v in model.params.to_dict().items() if k in BASE_PARAM_KEYS}
     atomic_write_text(json.dumps(params, indent=2) + "\n", os.path.join(out_dir, "params.json"))
 
+
+
+def build_model(args: ModelArgs, llama_ckpt_dir: str, adapter_path: str = None, device=None,
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """The base model in `dtype` (routers and LoRA stay fp32) with its checkpoint and optional adapter.
+
+    Built on the CPU without random initialisation (fairscale allocates with the legacy
+    constructor, which ignores device contexts), then moved to `device`.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Transformer(args, init_weights=False)
+    finally:
+        torch.set_default_dtype(previous)
+    load_base(model, llama_ckpt_dir)
+    if adapter_path:
+        load_adapter(model, adapter_path)
+    return model.to(device or distributed.default_device())
+
+
+def check_args_match(args: ModelArgs, base: ModelArgs, args_path: str, base_path: str):
+    """The adapter's model args must describe the same base architecture as the checkpoint's."""
+    for key in BASE_PARAM_KEYS:
+        if key == "vocab_size" and base.vocab_size == -1:
+            continue
+        if getattr(args, key) != getattr(base, key):
+            raise InputError(
+                f"{args_path}: {key}={getattr(args, key)} but the base model's {base_path} has {getattr(base, key)}"
+            )

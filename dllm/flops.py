@@ -1,0 +1,64 @@
+"""FLOPs and KV accounting from the routing that actually happened, token by token.
+
+Counted (2 FLOPs per multiply-add): q/k/v/o projections and the FFN for each executed (token,
+block); attention scores and the weighted sum over the keys that token actually attends (its own
+row's kept keys at that block, up to its position); the router of every routed block for every
+token; the LM head for every token. The dense reference counts the same tokens with every block
+executed, every key kept, and no routers.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from dllm.model import ModelArgs
+
+
+@dataclass
+class TokenFlops:
+    qkvo: int
+    ffn: int
+    attn_per_key: int
+    router: int
+    lm_head: int
+
+
+def token_flops(args: ModelArgs) -> TokenFlops:
+    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    return TokenFlops(
+        qkvo=2 * args.dim * (2 * args.dim + 2 * kv_dim),
+        ffn=2 * 3 * args.dim * args.ffn_hidden_dim,
+        attn_per_key=2 * 2 * args.dim,
+        router=2 * (args.dim * args.dynamic_router_hdim + args.dynamic_router_hdim * 2),
+        lm_head=2 * args.dim * args.vocab_size,
+    )
+
+
+def forward_flops(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                  routed: bool = True) -> float:
+    """executed: [b, T, n_layers] (1 = token ran the block), whole sequences from position 0;
+    token_mask: [b, T], 1 for real tokens (right padding is left out). `routed=False` leaves out
+    the routers (the plain model)."""
+    f = token_flops(args)
+    mask = torch.ones(executed.shape[:2]) if token_mask is None else token_mask.detach().cpu()
+    mask = mask.double()
+    executed = (executed.detach().cpu() > 0.5).double() * mask[..., None]
+    keys_seen = executed.cumsum(1)  # kept keys at or before each position, per row and block
+    total = (executed.sum() * (f.qkvo + f.ffn) + (executed * keys_seen).sum() * f.attn_per_key).item()
+    n_tokens = mask.sum().item()
+    if routed:
+        total += n_tokens * max(0, executed.shape[2] - args.dynamic_start_layer) * f.router
+    return total + n_tokens * f.lm_head
+
+
+def flops_ratio(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
+                routed: bool = True) -> float:
+    dense = forward_flops(args, torch.ones_like(executed), token_mask, routed=False)
+    return forward_flops(args, executed, token_mask, routed) / dense
+
+
+def kv_ratio(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> float:
+    """Kept (token, block) K/V pairs over a dense cache's."""
+    mask = torch.ones(executed.shape[:2]) if token_mask is None else token_mask.detach().cpu()
+    kept = ((executed.detach().cpu() > 0.5).double() * mask.double()[..., None]).sum()
+    return float(kept / (mask.double().sum() * executed.shape[2]))

@@ -1,0 +1,281 @@
+"""D-LLM fine-tuning: routers + LoRA on a frozen base, CE + lambda_t * rate loss.
+
+Data parallel across processes (DDP over fairscale's data-parallel group) and model parallel
+within a group. Checkpoints hold only the adapter (official layout) plus what resuming needs, and
+are written atomically.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from dllm import checkpoint, distributed, schedule
+from dllm.data import InstructionDataset, load_records
+from dllm.errors import InputError
+from dllm.model import Transformer
+from dllm.routing import DenseRouting
+from dllm.tokenizer import Tokenizer
+
+class Indexed(Dataset):
+    """Adds the record index to each item, so a bad loss can name its examples."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (i, *self.dataset[i])
+
+
+class Objective(nn.Module):
+    """compute_loss as a forward, so DDP's hooks see it."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, examples, labels, example_masks, label_masks):
+        return self.model.compute_loss(examples, labels, example_masks, label_masks)
+
+
+def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float):
+    """No decay on biases and norms; routers may learn at their own rate (lr_scale)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim < 2 or name.endswith(".bias") else weight_decay
+        scale = router_lr_scale if ".router." in name else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]
+
+
+def _loader(dataset, batch_size, shuffle, seed, num_workers, drop_last):
+    sampler = DistributedSampler(
+        dataset, num_replicas=distributed.dp_size(), rank=distributed.dp_rank(), shuffle=shuffle, seed=seed,
+        drop_last=drop_last,
+    )
+    # its own generator: worker seeding must not draw from the global RNG that resume restores
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _dp_sum(values, device) -> list:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed.dp_size() > 1:
+        dist.all_reduce(tensor, group=distributed.dp_group())
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def validate(model: Transformer, loader, device) -> dict:
+    """CE, rate loss and execution ratio on held-out data with inference routing (real skipping)."""
+    model.eval()
+    sums = [0.0] * 5
+    for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
+        batch = [t.to(device) for t in (examples, labels, example_masks, label_masks)]
+        c_loss, a_loss, metrics = model.compute_loss(*batch)
+        n_label = float(label_masks[:, 1:].sum())
+        n_tokens = float(example_masks[:, model.params.dynamic_reserve_initials:].sum())
+        for k, v in enumerate((c_loss.item() * n_label, n_label, a_loss.item() * n_tokens, metrics["act_ratio"] * n_tokens, n_tokens)):
+            sums[k] += v
+    model.train()
+    c, n_label, a, act, n_tokens = _dp_sum(sums, device)
+    return {"val_c_loss": c / max(n_label, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.device = distributed.setup(args.model_parallel_size)
+        self.main = distributed.is_main()
+        tokenizer = Tokenizer(args.tokenizer_path)
+        overrides = dict(
+            max_seq_len=args.max_seq_len, max_batch_size=args.batch_size, lora_rank=args.lora_rank,
+            dynamic_active_target=args.dynamic_active_target, dynamic_start_layer=args.dynamic_start_layer,
+            dynamic_router_hdim=args.dynamic_router_hdim, dynamic_reserve_initials=args.dynamic_reserve_initials,
+            dynamic_router_bias=args.router_bias, gumbel_tau=args.gumbel_tau,
+        )
+        self.model_args = checkpoint.load_params(args.llama_param_path, **overrides)
+        if self.model_args.vocab_size == -1:
+            self.model_args.vocab_size = tokenizer.n_words
+        # adapters start identical on every rank; noise (Gumbel, dropout) differs across data-parallel ranks
+        torch.manual_seed(args.seed)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = checkpoint.build_model(self.model_args, args.llama_model_path, None, self.device, dtype)
+        torch.manual_seed(args.seed + distributed.dp_rank())
+        n_trainable = self.model.set_adapter_trainable(True)
+        if args.dense:
+            self.model.routing = DenseRouting()
+            for layer in self.model.layers:
+                if layer.router is not None:
+                    layer.router.requires_grad_(False)
+            n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in self.model.parameters()):,}")
+
+        train_records = load_records(args.dataset_path, args.dataset_name, "train")
+        val_records = load_records(args.dataset_path, args.dataset_name, "test")
+        self.train_loader = _loader(
+            Indexed(InstructionDataset(train_records, tokenizer, args.max_seq_len, args.seed)),
+            args.batch_size, True, args.seed, args.num_workers, drop_last=True,
+        )
+        self.val_loader = _loader(
+            Indexed(InstructionDataset(val_records, tokenizer, args.max_seq_len, args.seed)),
+            args.batch_size, False, args.seed, args.num_workers, drop_last=False,
+        )
+        if len(self.train_loader) < args.accum_iter:
+            raise InputError(f"{args.dataset_name}: {len(train_records)} training records give fewer batches than --accum_iter")
+
+        eff_batch = args.batch_size * args.accum_iter * distributed.dp_size()
+        self.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+        router_lr_scale = args.router_lr / self.lr if args.router_lr else 1.0
+        self.log(f"effective batch {eff_batch}, lr {self.lr:.3g}, router lr {self.lr * router_lr_scale:.3g}")
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, args.weight_decay, router_lr_scale), lr=self.lr, betas=(0.9, 0.95)
+        )
+        self.objective = Objective(self.model)
+        if distributed.dp_size() > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=device_ids, process_group=distributed.dp_group()
+            )
+        self.start_epoch, self.start_step = 0, 0
+        if args.resume:
+            self.resume(args.resume)
+        if self.main:
+            os.makedirs(args.output_dir, exist_ok=True)
+            checkpoint.atomic_write_text(
+                json.dumps(self.model_args.to_dict(), indent=2) + "\n", os.path.join(args.output_dir, "params.json")
+            )
+
+    def log(self, message: str):
+        if self.main:
+            tqdm.write(message)
+
+    def write_log(self, record: dict):
+        if self.main:
+            with open(os.path.join(self.args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, epoch: int, step: int, name: str):
+        """Adapter + optimizer + RNG of every rank; the collectives run on all ranks, rank 0 writes."""
+        adapter = checkpoint.adapter_state_dict(self.model)
+        state = {"optimizer": _to_cpu(self.optimizer.state_dict()), "rng": torch.get_rng_state()}
+        states = [state]
+        if dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        if self.main:
+            ckpt = {
+                "epoch": epoch, "step": step, "model": adapter, "optimizer": states[0]["optimizer"],
+                "rank_states": states, "args": vars(self.args), "model_args": self.model_args.to_dict(),
+            }
+            checkpoint.atomic_save(ckpt, os.path.join(self.args.output_dir, name))
+
+    def resume(self, path: str):
+        ckpt = checkpoint.load_adapter(self.model, path)
+        for key in ("epoch", "step", "optimizer", "rank_states"):
+            if key not in ckpt:
+                raise InputError(f"{checkpoint.adapter_file(path)}: not a training checkpoint (no {key!r}); use it as an adapter instead")
+        states = ckpt["rank_states"]
+        if len(states) != dist.get_world_size():
+            raise InputError(f"{path}: saved by {len(states)} processes, resuming with {dist.get_world_size()}")
+        own = states[dist.get_rank()]
+        self.optimizer.load_state_dict(own["optimizer"])
+        torch.set_rng_state(own["rng"])
+        self.start_epoch, self.start_step = ckpt["epoch"], ckpt["step"]
+        if self.start_step >= len(self.train_loader):
+            self.start_epoch, self.start_step = self.start_epoch + 1, 0
+        self.log(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_step}")
+
+    def check_finite(self, loss: torch.Tensor, indices, epoch: int, step: int):
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            where = f"examples {indices.tolist()}" if not torch.isfinite(loss).item() else "another rank's examples"
+            raise InputError(
+                f"non-finite loss at epoch {epoch} step {step} on {where} of "
+                f"{os.path.join(self.args.dataset_path, self.args.dataset_name, 'train.json')}; "
+                f"the last good checkpoint is kept in {self.args.output_dir}"
+            )
+
+    def train(self):
+        args = self.args
+        steps_per_epoch = len(self.train_loader)
+        self.model.train()
+        for epoch in range(self.start_epoch, args.epochs):
+            self.train_loader.sampler.set_epoch(epoch)
+            first = self.start_step if epoch == self.start_epoch else 0
+            self.optimizer.zero_grad(set_to_none=True)
+            self.train_epoch(epoch, first, steps_per_epoch)
+            metrics = validate(self.model, self.val_loader, self.device)
+            self.write_log({"epoch": epoch, **metrics})
+            self.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                self.save(epoch + 1, 0, f"{args.model_save_name}-{epoch}.pth")
+            self.save(epoch + 1, 0, f"{args.model_save_name}-last.pth")
+
+    def train_epoch(self, epoch: int, first_step: int, steps_per_epoch: int):
+        args = self.args
+        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", disable=not self.main)
+        tick, tokens = time.time(), 0
+        for step, (indices, *batch) in enumerate(self.train_loader):
+            if step < first_step:
+                continue
+            progress = epoch + step / steps_per_epoch
+            lr = schedule.learning_rate(progress, self.lr, args.min_lr, args.warmup_epochs, args.epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            lam = 0.0 if args.dense else schedule.rate_loss_weight(progress, args.lambda_active, args.epochs)
+            batch = [t.to(self.device) for t in batch]
+            boundary = (step + 1) % args.accum_iter == 0
+            sync = contextlib.nullcontext() if boundary or distributed.dp_size() == 1 else self.objective.no_sync()
+            with sync:
+                c_loss, a_loss, metrics = self.objective(*batch)
+                loss = c_loss + lam * a_loss
+                self.check_finite(loss, indices, epoch, step)
+                (loss / args.accum_iter).backward()
+            if boundary:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch[2].sum())
+            bar.update(1)
+            bar.set_postfix(c_loss=f"{c_loss.item():.3f}", act=f"{metrics['act_ratio']:.3f}", lam=f"{lam:.2f}")
+            if (step + 1) % args.log_freq == 0:
+                now = time.time()
+                self.write_log({
+                    "step": epoch * steps_per_epoch + step + 1, "epoch": epoch, "c_loss": c_loss.item(),
+                    "a_loss": a_loss.item(), "act_ratio": metrics["act_ratio"], "lambda": lam, "lr": lr,
+                    "tokens_per_s": tokens * distributed.dp_size() / max(now - tick, 1e-9),
+                })
+                tick, tokens = now, 0
+            if boundary and args.save_steps and (step + 1) % args.save_steps == 0:
+                self.save(epoch, step + 1, f"{args.model_save_name}-last.pth")
+        bar.close()
+
+
+def train(args):
+    Trainer(args).train()

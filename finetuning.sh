@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# D-LLM fine-tuning. Edit the variables below, or override any of them from the environment:
+#   EPOCHS=1 bash finetuning.sh
+# The defaults train the shipped demo model on the shipped demo dataset on CPU (a few minutes).
+# For Llama-2-7B on Alpaca (the paper's recipe): MODEL_PATH=/path/llama-2-7b DATASET_NAME=alpaca
+# MAX_SEQ_LEN=1024 BATCH_SIZE=1 NPROC=8 EPOCHS=10 WARMUP_EPOCHS=2 BLR=9e-3 LAMBDA_ACTIVE=5.0
+# DYNAMIC_ROUTER_HDIM=512 ROUTER_LR= ROUTER_BIAS="0.1 2.0" LR= bash finetuning.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL_PATH=${MODEL_PATH:-assets/tiny-llama2}
+MODEL_PARAM_PATH=${MODEL_PARAM_PATH:-$MODEL_PATH/params.json}
+TOKENIZER_PATH=${TOKENIZER_PATH:-$MODEL_PATH/tokenizer.model}
+DATASET_PATH=${DATASET_PATH:-datasets}
+DATASET_NAME=${DATASET_NAME:-demo}
+OUTPUT_PATH=${OUTPUT_PATH:-output/tiny-dllm}
+MODEL_SAVE_NAME=${MODEL_SAVE_NAME:-checkpoint}
+
+NPROC=${NPROC:-1}                         # processes (data parallel x model parallel)
+MODEL_PARALLEL_SIZE=${MODEL_PARALLEL_SIZE:-1}
+MASTER_PORT=${MASTER_PORT:-29501}
+
+MAX_SEQ_LEN=${MAX_SEQ_LEN:-128}
+LORA_RANK=${LORA_RANK:-8}
+DYNAMIC_ACTIVE_TARGET=${DYNAMIC_ACTIVE_TARGET:-0.5}
+DYNAMIC_ROUTER_HDIM=${DYNAMIC_ROUTER_HDIM:-64}
+DYNAMIC_START_LAYER=${DYNAMIC_START_LAYER:-2}
+DYNAMIC_RESERVE_INITIALS=${DYNAMIC_RESERVE_INITIALS:-2}
+LAMBDA_ACTIVE=${LAMBDA_ACTIVE:-5.0}
+BATCH_SIZE=${BATCH_SIZE:-16}
+ACCUM_ITER=${ACCUM_ITER:-1}
+EPOCHS=${EPOCHS:-3}
+WARMUP_EPOCHS=${WARMUP_EPOCHS:-0.5}
+SAVE_FREQ=${SAVE_FREQ:-1}
+BLR=${BLR:-9e-3}
+LR=${LR:-}                                # absolute lr, overrides BLR when set
+MIN_LR=${MIN_LR:-0.0}
+ROUTER_LR=${ROUTER_LR:-2e-2}              # empty: routers use LR (the reference)
+ROUTER_BIAS=${ROUTER_BIAS:-"0.1 2.0"}     # initial [skip, execute] logit bias of the routers
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.02}
+SEED=${SEED:-0}
+NUM_WORKERS=${NUM_WORKERS:-0}
+RESUME=${RESUME:-}
+EXTRA_ARGS=${EXTRA_ARGS:-}                # e.g. "--dense" for the routers-off comparison
+
+optional=()
+[ -n "$LR" ] && optional+=(--lr "$LR")
+[ -n "$ROUTER_LR" ] && optional+=(--router_lr "$ROUTER_LR")
+[ -n "$RESUME" ] && optional+=(--resume "$RESUME")
+
+# shellcheck disable=SC2086
+torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" finetuning.py \
+    --llama_model_path "$MODEL_PATH" --llama_param_path "$MODEL_PARAM_PATH" --tokenizer_path "$TOKENIZER_PATH" \
+    --dataset_path "$DATASET_PATH" --dataset_name "$DATASET_NAME" \
+    --output_dir "$OUTPUT_PATH" --model_save_name "$MODEL_SAVE_NAME" \
+    --model_parallel_size "$MODEL_PARALLEL_SIZE" --max_seq_len "$MAX_SEQ_LEN" --lora_rank "$LORA_RANK" \
+    --dynamic_active_target "$DYNAMIC_ACTIVE_TARGET" --dynamic_router_hdim "$DYNAMIC_ROUTER_HDIM" \
+    --dynamic_start_layer "$DYNAMIC_START_LAYER" --dynamic_reserve_initials "$DYNAMIC_RESERVE_INITIALS" \
+    --lambda_active "$LAMBDA_ACTIVE" --batch_size "$BATCH_SIZE" --accum_iter "$ACCUM_ITER" --epochs "$EPOCHS" \
+    --warmup_epochs "$WARMUP_EPOCHS" --save_freq "$SAVE_FREQ" --blr "$BLR" --min_lr "$MIN_LR" \
+    --router_bias $ROUTER_BIAS --weight_decay "$WEIGHT_DECAY" --seed "$SEED" --num_workers "$NUM_WORKERS" \
+    "${optional[@]}" $EXTRA_ARGS

@@ -26,14 +26,31 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 class RoutingStats:
     """What one generate() call executed and kept, per prompt, up to the end of its output."""
 
-    exec_pairs: List[int]  # executed (token, block) pairs
-    token_count: List[int]  # tokens that went through the model
-    kv_bytes_kept: int  # the whole batch's cache as it ended
-    kv_bytes_dense: int  # a dense cache for the same tokens
-    n_layers: int
+    activation: torch.Tensor  # [b, tokens fed, n_layers] on the CPU, 1 = executed (= K/V kept)
+    lengths: List[int]  # per row, the tokens up to the end of its output
+    pair_bytes: int  # one token's K and V at one block
+    cache_bytes_kept: int  # the whole batch's cache as it ended (every token fed, past eos too)
+
+    @property
+    def n_layers(self) -> int:
+        return self.activation.shape[2]
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """[b, tokens fed], 1 up to the end of each row's output."""
+        return (torch.arange(self.activation.shape[1])[None, :] < torch.tensor(self.lengths)[:, None]).float()
+
+    def exec_pairs(self, row: int) -> int:
+        return int(self.activation[row, : self.lengths[row]].sum())
 
     def exec_share(self, row: int) -> float:
-        return self.exec_pairs[row] / max(1, self.token_count[row] * self.n_layers)
+        return self.exec_pairs(row) / max(1, self.lengths[row] * self.n_layers)
+
+    def kv_bytes(self, row: int) -> int:
+        return self.exec_pairs(row) * self.pair_bytes
+
+    def kv_bytes_dense(self, row: int) -> int:
+        return self.lengths[row] * self.n_layers * self.pair_bytes
 
 
 class Llama:
@@ -117,14 +134,13 @@ class Llama:
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
         token_logprobs = torch.zeros(bsz, total_len, device=self.device)
-        executed = torch.zeros(bsz, total_len, device=self.device)  # blocks executed per token
+        activation = torch.zeros(bsz, total_len, n_layers, device=self.device)
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         input_text_mask = tokens != pad_id
         cache = self.model.new_cache(bsz)
 
         def step(begin: int, end: int) -> torch.Tensor:
-            logits, activation = self.model(tokens[:, begin:end], begin, cache)
-            executed[:, begin:end] = activation.sum(-1)
+            logits, activation[:, begin:end] = self.model(tokens[:, begin:end], begin, cache)
             return logits
 
         prev_pos = 0
@@ -148,7 +164,8 @@ class Llama:
         fed = max(prev_pos + 1, min_prompt_len)
         step(prev_pos, fed)
 
-        out_tokens, out_logprobs, out_actprobs, exec_pairs, token_count = [], [], [], [], []
+        executed = activation.sum(-1)
+        out_tokens, out_logprobs, out_actprobs, lengths = [], [], [], []
         for i, toks in enumerate(tokens[:, :fed].tolist()):
             start = 0 if echo else len(prompt_tokens[i])
             end = min(len(prompt_tokens[i]) + max_gen_len, fed)
@@ -157,13 +174,8 @@ class Llama:
             out_tokens.append(toks[start:end])
             out_logprobs.append(token_logprobs[i, start:end].tolist())
             out_actprobs.append((executed[i, start:end] / n_layers).tolist())
-            exec_pairs.append(int(executed[i, :end].sum()))
-            token_count.append(end)
-        attn = self.model.layers[0].attention
-        per_pair = 2 * attn.n_local_kv_heads * attn.head_dim * attn.wk.weight.element_size()
-        self.last_stats = RoutingStats(
-            exec_pairs, token_count, cache.bytes_kept(), fed * bsz * n_layers * per_pair, n_layers
-        )
+            lengths.append(end)
+        self.last_stats = RoutingStats(activation[:, :fed].cpu(), lengths, cache.pair_bytes(), cache.bytes_kept())
         return out_tokens, out_logprobs if logprobs else None, out_actprobs if actprobs else None
 
     def _completions(self, generation_tokens, generation_logprobs, generation_actprobs, logprobs: bool):

@@ -55,9 +55,12 @@ class LayerKVCache:
             return self.k[:, :kept], self.v[:, :kept], self.pos[:, :kept], valid
         return self.k[rows, :kept], self.v[rows, :kept], self.pos[rows, :kept], valid
 
+    def pair_bytes(self) -> int:
+        """One token's K and V."""
+        return 2 * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+
     def bytes_kept(self) -> int:
-        per_token = 2 * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
-        return int(self.length.sum()) * per_token
+        return int(self.length.sum()) * self.pair_bytes()
 
     def bytes_allocated(self) -> int:
         return 2 * self.k.numel() * self.k.element_size() + self.pos.numel() * self.pos.element_size()
@@ -70,6 +73,9 @@ class KVCache:
         self.layers: List[LayerKVCache] = [
             LayerKVCache(batch, n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)
         ]
+
+    def pair_bytes(self) -> int:
+        return self.layers[0].pair_bytes()
 
     def bytes_kept(self) -> int:
         return sum(layer.bytes_kept() for layer in self.layers)

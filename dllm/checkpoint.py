@@ -110,10 +110,10 @@ def load_into(model: Transformer, state_dict: Dict[str, torch.Tensor], path: str
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(own[name].shape)} (params.json does not match the checkpoint)"
             )
-    if not adapter:
-        missing = [k for k in own if not is_adapter_key(k) and k not in state_dict]
-        if missing:
-            raise InputError(f"{path}: base tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    missing = [k for k in own if is_adapter_key(k) == adapter and k not in state_dict]
+    if missing:
+        kind = "adapter" if adapter else "base"
+        raise InputError(f"{path}: {kind} tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
     with torch.no_grad():
         for name, tensor in state_dict.items():
             if name not in IGNORED_KEYS:

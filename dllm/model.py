@@ -50,6 +50,8 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, params: dict, **overrides) -> "ModelArgs":
         """Accept a Meta params.json as is; keys this model does not know are reported and ignored."""
+        if not isinstance(params, dict):
+            raise TypeError(f"expected a JSON object, got {type(params).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:

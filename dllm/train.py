@@ -72,6 +72,12 @@ def _loader(dataset, batch_size, shuffle, seed, num_workers, drop_last):
     )
 
 
+def trim_padding(batch):
+    """Drop the padding columns every row of the batch shares: same loss, less compute."""
+    width = max(1, int(batch[2].sum(1).max()))
+    return [t[:, :width] for t in batch]
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
@@ -95,7 +101,7 @@ def validate(model: Transformer, loader, device) -> dict:
     model.eval()
     sums = [0.0] * 5
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
-        batch = [t.to(device) for t in (examples, labels, example_masks, label_masks)]
+        batch = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
         c_loss, a_loss, metrics = model.compute_loss(*batch)
         n_label = float(label_masks[:, 1:].sum())
         n_tokens = float(example_masks[:, model.params.dynamic_reserve_initials:].sum())
@@ -250,7 +256,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             lam = 0.0 if args.dense else schedule.rate_loss_weight(progress, args.lambda_active, args.epochs)
-            batch = [t.to(self.device) for t in batch]
+            batch = [t.to(self.device) for t in trim_padding(batch)]
             boundary = (step + 1) % args.accum_iter == 0
             sync = contextlib.nullcontext() if boundary or distributed.dp_size() == 1 else self.objective.no_sync()
             with sync:

@@ -1,0 +1,219 @@
+"""The paper's table: a quality number and the FLOPs and KV ratios per benchmark.
+
+Perplexity over response tokens (teacher forced) for alpaca/samsum/demo; accuracy by generating
+and extracting the final number for gsm8k/mawps; for the choice benchmarks accuracy both by
+generating and parsing the label, and by comparing the log-likelihood of each option. Every
+forward runs with inference routing (real skipping); the FLOPs ratio is counted from the routing
+that happened (dllm/flops.py), summed over all tokens of the dataset.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dllm import distributed, flops
+from dllm.checkpoint import atomic_write_text
+from dllm.data import TASK_METRIC, Record, load_records
+from dllm.errors import InputError
+from dllm.generation import Llama
+from dllm.routing import DenseRouting
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_number(text: str) -> Optional[str]:
+    """The last number in the text, commas dropped ("1,234.5" -> "1234.5")."""
+    found = NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def numbers_match(predicted: Optional[str], gold: str) -> bool:
+    if predicted is None:
+        return False
+    try:
+        return abs(float(predicted) - float(gold)) < 1e-4 * max(1.0, abs(float(gold)))
+    except ValueError:
+        return False
+
+
+def extract_choice(text: str, choices: List[str]) -> Optional[str]:
+    """The first option label standing as a word in the text: "2", "B" (exact, so the article
+    "a" is no answer), "true"/"True" (words case-insensitively)."""
+    for word in re.findall(r"[A-Za-z]+|\d+", text):
+        for choice in choices:
+            if word == choice or (len(choice) > 1 and word.lower() == choice.lower()):
+                return choice
+    return None
+
+
+@dataclass
+class Tally:
+    """Sums that add across batches and data-parallel ranks."""
+
+    value_num: float = 0.0  # CE sum, or correct answers
+    value_den: float = 0.0  # response tokens, or questions
+    flops: float = 0.0
+    flops_dense: float = 0.0
+    kv_kept: float = 0.0
+    kv_dense: float = 0.0
+
+    def add_routing(self, args, activation: torch.Tensor, token_mask: torch.Tensor, routed: bool):
+        self.flops += flops.forward_flops(args, activation, token_mask, routed)
+        self.flops_dense += flops.forward_flops(args, torch.ones_like(activation), token_mask, routed=False)
+        mask = token_mask.detach().cpu().double()
+        self.kv_kept += float(((activation.detach().cpu() > 0.5).double() * mask[..., None]).sum())
+        self.kv_dense += float(mask.sum()) * activation.shape[2]
+
+    def all_reduce(self, device) -> "Tally":
+        values = torch.tensor(list(asdict(self).values()), dtype=torch.float64, device=device)
+        if distributed.dp_size() > 1:
+            dist.all_reduce(values, group=distributed.dp_group())
+        return Tally(*values.tolist())
+
+
+@dataclass
+class Row:
+    dataset: str
+    metric: str
+    value: float
+    flops_ratio: float
+    kv_ratio: float
+    n: int = 0
+
+
+class Evaluator:
+    def __init__(self, generator: Llama, batch_size: int, max_gen_len: int, n_shot: int, dataset_path: str):
+        self.generator = generator
+        self.model = generator.model
+        self.tokenizer = generator.tokenizer
+        self.args = self.model.params
+        self.batch_size = batch_size
+        self.max_gen_len = max_gen_len
+        self.n_shot = n_shot
+        self.dataset_path = dataset_path
+        self.routed = not isinstance(self.model.routing, DenseRouting)
+
+    def records(self, name: str) -> List[Record]:
+        if name not in TASK_METRIC:
+            raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(TASK_METRIC))}")
+        records = load_records(self.dataset_path, name, "test")
+        if self.n_shot:
+            shots = load_records(self.dataset_path, name, "train")[: self.n_shot]
+            prefix = "".join(s.prompt + s.response + "\n\n" for s in shots)
+            records = [Record(prefix + r.prompt, r.response, r.choices, r.option_texts, r.answer) for r in records]
+        metric = TASK_METRIC[name]
+        for i, r in enumerate(records):
+            if metric == "math" and r.answer is None:
+                raise InputError(f"{name}/test.json: record {i} has no gold number to score")
+            if metric == "choice" and (not r.choices or r.answer not in r.choices):
+                raise InputError(f"{name}/test.json: record {i} has no options or its answer is not one of them")
+        # this rank's share; strided so every rank sees a similar mix
+        return records[distributed.dp_rank():: distributed.dp_size()]
+
+    def _batches(self, items, desc):
+        for start in tqdm(range(0, len(items), self.batch_size), desc=desc, disable=not distributed.is_main(), leave=False):
+            yield items[start : start + self.batch_size]
+
+    def _score(self, prompts: List[str], continuations: List[str], tally: Tally) -> Tuple[List[float], List[float]]:
+        """Teacher-forced log-likelihood (and token count) of each continuation after its prompt,
+        eos included, in one right-padded forward."""
+        seqs, starts = [], []
+        for prompt, continuation in zip(prompts, continuations):
+            prompt_ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+            full = self.tokenizer.encode(prompt + continuation, bos=True, eos=True)[: self.args.max_seq_len]
+            seqs.append(full)
+            starts.append(min(len(prompt_ids), len(full) - 1))
+        width = max(len(s) for s in seqs)
+        device = self.generator.device
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(seqs), width, device=device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.tensor(s, device=device)
+            mask[i, : len(s)] = 1
+        with torch.inference_mode():
+            logits, activation = self.model(tokens)
+        tally.add_routing(self.args, activation, mask, self.routed)
+        logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        target = torch.zeros_like(mask[:, 1:])
+        for i, (s, start) in enumerate(zip(seqs, starts)):
+            target[i, start - 1 : len(s) - 1] = 1
+        return (logp * target).sum(1).tolist(), target.sum(1).tolist()
+
+    def _generate(self, prompts: List[str], tally: Tally) -> List[str]:
+        tokens = [self.tokenizer.encode(p, bos=True, eos=False)[-(self.args.max_seq_len - 1):] for p in prompts]
+        out, _, _ = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
+        stats = self.generator.last_stats
+        tally.add_routing(self.args, stats.activation, stats.token_mask, self.routed)
+        return [self.tokenizer.decode(t) for t in out]
+
+    def perplexity(self, name: str, records: List[Record]) -> List[Row]:
+        tally = Tally()
+        for batch in self._batches(records, f"{name} ppl"):
+            logp, count = self._score([r.prompt for r in batch], [r.response for r in batch], tally)
+            tally.value_num -= sum(logp)
+            tally.value_den += sum(count)
+        return [self._row(name, "ppl", tally, transform=lambda ce: math.exp(ce))]
+
+    def math_accuracy(self, name: str, records: List[Record]) -> List[Row]:
+        tally = Tally()
+        for batch in self._batches(records, f"{name} generate"):
+            for record, text in zip(batch, self._generate([r.prompt for r in batch], tally)):
+                tally.value_num += numbers_match(extract_number(text), record.answer)
+                tally.value_den += 1
+        return [self._row(name, "acc (generate)", tally)]
+
+    def choice_accuracy(self, name: str, records: List[Record]) -> List[Row]:
+        generated, loglik = Tally(), Tally()
+        for batch in self._batches(records, f"{name} generate"):
+            for record, text in zip(batch, self._generate([r.prompt for r in batch], generated)):
+                generated.value_num += extract_choice(text, record.choices) == record.answer
+                generated.value_den += 1
+        for batch in self._batches(records, f"{name} loglik"):
+            prompts = [r.prompt for r in batch for _ in r.option_texts]
+            options = [o for r in batch for o in r.option_texts]
+            scores, _ = self._score(prompts, options, loglik)
+            at = 0
+            for record in batch:
+                own = scores[at : at + len(record.option_texts)]
+                at += len(own)
+                loglik.value_num += record.choices[max(range(len(own)), key=own.__getitem__)] == record.answer
+                loglik.value_den += 1
+        return [self._row(name, "acc (generate)", generated), self._row(name, "acc (loglik)", loglik)]
+
+    def _row(self, name, metric, tally: Tally, transform=lambda x: x) -> Row:
+        total = tally.all_reduce(self.generator.device)
+        return Row(
+            dataset=name, metric=metric, value=transform(total.value_num / max(total.value_den, 1)),
+            flops_ratio=total.flops / max(total.flops_dense, 1), kv_ratio=total.kv_kept / max(total.kv_dense, 1),
+            n=int(total.value_den),
+        )
+
+    def evaluate(self, name: str) -> List[Row]:
+        records = self.records(name)
+        run = {"ppl": self.perplexity, "math": self.math_accuracy, "choice": self.choice_accuracy}[TASK_METRIC[name]]
+        return run(name, records)
+
+
+def markdown(rows: List[Row], title: str) -> str:
+    lines = [f"### {title}", "", "| dataset | metric | value | FLOPs ratio | KV ratio | n |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        value = f"{r.value:.2f}" if r.metric == "ppl" else f"{100 * r.value:.1f}%"
+        lines.append(f"| {r.dataset} | {r.metric} | {value} | {r.flops_ratio:.3f} | {r.kv_ratio:.3f} | {r.n} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: List[Row], output_dir: str, title: str):
+    """results.md and results.json, each written whole or not at all."""
+    table = markdown(rows, title)
+    print(table)
+    if distributed.is_main():
+        data = [asdict(r) for r in rows]
+        atomic_write_text(json.dumps(data, indent=2) + "\n", os.path.join(output_dir, "results.json"))
+        atomic_write_text(table, os.path.join(output_dir, "results.md"))

@@ -1,0 +1,49 @@
+"""Evaluate a D-LLM checkpoint (or the dense base model) on the paper's benchmarks.
+
+    torchrun --nproc_per_node 1 evaluate.py --datasets demo,piqa --output_dir results/demo-dllm
+    torchrun --nproc_per_node 1 evaluate.py --dense --datasets demo,piqa --output_dir results/demo-dense
+
+With no path flags it evaluates the shipped demo model with the shipped demo adapter. Writes
+results.md and results.json to --output_dir once every dataset is done.
+"""
+from typing import Optional
+
+import fire
+
+from dllm.data import TASK_METRIC
+from dllm.errors import InputError, run_cli
+from dllm.evaluate import Evaluator, write_results
+from dllm.generation import DEMO_ADAPTER, DEMO_ARGS, DEMO_BASE, DEMO_TOKENIZER, Llama
+
+
+def main(
+    llama_ckpt_dir: str = DEMO_BASE,
+    dynamic_ckpt_dir: Optional[str] = DEMO_ADAPTER,
+    model_args_path: Optional[str] = DEMO_ARGS,
+    tokenizer_path: str = DEMO_TOKENIZER,
+    dataset_path: str = "datasets",
+    datasets="demo",
+    dense: bool = False,
+    output_dir: str = "results/eval",
+    n_shot: int = 0,
+    max_seq_len: int = 512,
+    batch_size: int = 8,
+    max_gen_len: int = 32,
+    execute_threshold: Optional[float] = None,
+    model_parallel_size: Optional[int] = None,
+    seed: int = 1,
+):
+    names = [d.strip() for d in datasets.split(",")] if isinstance(datasets, str) else [str(d) for d in datasets]
+    unknown = [n for n in names if n not in TASK_METRIC]
+    if unknown or not names:
+        raise InputError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(TASK_METRIC))}")
+    generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
+                            batch_size * 4, model_parallel_size, seed, dense, execute_threshold)
+    evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)
+    rows = [row for name in names for row in evaluator.evaluate(name)]
+    label = "dense" if dense or not dynamic_ckpt_dir else f"D-LLM ({dynamic_ckpt_dir})"
+    write_results(rows, output_dir, f"{label}, {n_shot}-shot")
+
+
+if __name__ == "__main__":
+    run_cli(fire.Fire, main)

@@ -114,7 +114,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
                 model.routing = policy
                 seconds, (act, cache) = timed(lambda: run_prefill(model, prompt), device)
                 keep_best(best[name], "prefill_s", seconds)
-                record[name]["prefill"] = (act, cache.bytes_kept())
+                record[name]["prefill"] = (act, cache.bytes_kept(), cache.bytes_allocated())
                 for b, dprompt in decode_prompts.items():
                     seconds, act, cache = run_decode(model, dprompt, decode_steps, vocab_size)
                     keep_best(best[name], f"decode{b}_s", seconds)
@@ -123,7 +123,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
     rows = []
     dense = best["dense"]
     for name in policies:
-        act, kv_bytes = record[name]["prefill"]
+        act, kv_bytes, kv_allocated = record[name]["prefill"]
         row = {
             "config": name,
             "exec_share_routed": float(act[..., start_layer:].mean()),
@@ -132,6 +132,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
             "kv_ratio": kv_ratio(act),
             "kv_bytes": kv_bytes,
             "kv_bytes_ratio": kv_bytes / record["dense"]["prefill"][1],
+            "kv_bytes_allocated": kv_allocated,
             "prefill_tok_s": prompt_len / best[name]["prefill_s"],
         }
         row["prefill_speedup"] = dense["prefill_s"] / best[name]["prefill_s"]

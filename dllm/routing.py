@@ -48,12 +48,10 @@ class Decision:
 
     weight: [b, s] float, 1 = execute; carries the router's gradient in training.
     mask:   [b, s] bool, the tokens that execute (and so keep K/V at this block).
-    prob:   [b, s] fp32 p(execute) from the router, or None for policies without one.
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
-    prob: Optional[torch.Tensor] = None
 
 
 class DenseRouting:
@@ -89,7 +87,7 @@ class DLLMRouting:
         else:
             mask = (prob >= self.threshold) | reserved
             weight = mask.float()
-        return Decision(weight, mask, prob)
+        return Decision(weight, mask)
 
 
 class FixedRouting:

@@ -38,7 +38,7 @@ def main(
     if unknown or not names:
         raise InputError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(TASK_METRIC))}")
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
-                            batch_size * 4, model_parallel_size, seed, dense, execute_threshold)
+                            batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)
     rows = [row for name in names for row in evaluator.evaluate(name)]
     label = "dense" if dense or not dynamic_ckpt_dir else f"D-LLM ({dynamic_ckpt_dir})"

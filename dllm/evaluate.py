@@ -98,7 +98,10 @@ class Evaluator:
         self.max_gen_len = max_gen_len
         self.n_shot = n_shot
         self.dataset_path = dataset_path
-        self.routed = not isinstance(self.model.routing, DenseRouting)
+
+    @property
+    def routed(self) -> bool:
+        return not isinstance(self.model.routing, DenseRouting)
 
     def records(self, name: str) -> List[Record]:
         if name not in TASK_METRIC:
@@ -127,9 +130,11 @@ class Evaluator:
         seqs, starts = [], []
         for prompt, continuation in zip(prompts, continuations):
             prompt_ids = self.tokenizer.encode(prompt, bos=True, eos=False)
-            full = self.tokenizer.encode(prompt + continuation, bos=True, eos=True)[: self.args.max_seq_len]
-            seqs.append(full)
-            starts.append(min(len(prompt_ids), len(full) - 1))
+            full = self.tokenizer.encode(prompt + continuation, bos=True, eos=True)
+            # too long: drop the prompt's start (as generation does), never the scored tokens
+            cut = max(0, len(full) - self.args.max_seq_len)
+            seqs.append(full[cut:])
+            starts.append(max(1, min(len(prompt_ids), len(full) - 1) - cut))
         width = max(len(s) for s in seqs)
         device = self.generator.device
         tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -60,16 +60,23 @@ def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float
     return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]
 
 
-def _loader(dataset, batch_size, shuffle, seed, num_workers, drop_last):
+def train_loader(dataset, batch_size, seed, num_workers):
+    """Shuffled per epoch (set_epoch), a disjoint share per data-parallel rank."""
     sampler = DistributedSampler(
-        dataset, num_replicas=distributed.dp_size(), rank=distributed.dp_rank(), shuffle=shuffle, seed=seed,
-        drop_last=drop_last,
+        dataset, num_replicas=distributed.dp_size(), rank=distributed.dp_rank(), shuffle=True, seed=seed,
+        drop_last=True,
     )
     # its own generator: worker seeding must not draw from the global RNG that resume restores
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def val_loader(dataset, batch_size, num_workers):
+    """Every record exactly once across ranks (no padding repeats), so metrics equal a 1-process run."""
+    shard = Subset(dataset, range(distributed.dp_rank(), len(dataset), distributed.dp_size()))
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
 
 
 def trim_padding(batch):
@@ -117,6 +124,7 @@ class Trainer:
         self.args = args
         self.device = distributed.setup(args.model_parallel_size)
         self.main = distributed.is_main()
+        checkpoint.base_shard_path(args.llama_model_path)  # a missing model says so before anything else
         tokenizer = Tokenizer(args.tokenizer_path)
         overrides = dict(
             max_seq_len=args.max_seq_len, max_batch_size=args.batch_size, lora_rank=args.lora_rank,
@@ -143,13 +151,13 @@ class Trainer:
 
         train_records = load_records(args.dataset_path, args.dataset_name, "train")
         val_records = load_records(args.dataset_path, args.dataset_name, "test")
-        self.train_loader = _loader(
+        self.train_loader = train_loader(
             Indexed(InstructionDataset(train_records, tokenizer, args.max_seq_len, args.seed)),
-            args.batch_size, True, args.seed, args.num_workers, drop_last=True,
+            args.batch_size, args.seed, args.num_workers,
         )
-        self.val_loader = _loader(
-            Indexed(InstructionDataset(val_records, tokenizer, args.max_seq_len, args.seed)),
-            args.batch_size, False, args.seed, args.num_workers, drop_last=False,
+        self.val_loader = val_loader(
+            Indexed(InstructionDataset(val_records, tokenizer, args.max_seq_len, args.seed)), args.batch_size,
+            args.num_workers,
         )
         if len(self.train_loader) < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(train_records)} training records give fewer batches than --accum_iter")
@@ -189,6 +197,8 @@ class Trainer:
         """Adapter + optimizer + RNG of every rank; the collectives run on all ranks, rank 0 writes."""
         adapter = checkpoint.adapter_state_dict(self.model)
         state = {"optimizer": _to_cpu(self.optimizer.state_dict()), "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         states = [state]
         if dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
@@ -211,9 +221,10 @@ class Trainer:
         own = states[dist.get_rank()]
         self.optimizer.load_state_dict(own["optimizer"])
         torch.set_rng_state(own["rng"])
+        if "cuda_rng" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], self.device)
+        # a save on an epoch's last step resumes into that epoch: it still validates and saves
         self.start_epoch, self.start_step = ckpt["epoch"], ckpt["step"]
-        if self.start_step >= len(self.train_loader):
-            self.start_epoch, self.start_step = self.start_epoch + 1, 0
         self.log(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_step}")
 
     def check_finite(self, loss: torch.Tensor, indices, epoch: int, step: int):

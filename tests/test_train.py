@@ -189,7 +189,7 @@ def _step_record(record):
 @pytest.mark.parametrize("stop_at, resumes_at", [
     ((0, 4), (0, 4)),  # mid-epoch 0
     ((1, 4), (1, 4)),  # mid-epoch 1, after an epoch-end save
-    ((0, 8), (1, 0)),  # the mid-epoch save at the last step of epoch 0
+    ((0, 8), (0, 8)),  # the save at the last step of epoch 0: resumes to validate and save epoch 0
 ], ids=["epoch0-step4", "epoch1-step4", "epoch0-last-step"])
 def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, resumes_at):
     out = tmp_path / "run_b"

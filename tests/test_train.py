@@ -432,11 +432,11 @@ def test_malformed_record_names_file_index_and_field(tiny, tmp_path, capsys):
 def test_missing_model_directory(tiny, tmp_path, capsys):
     missing = str(tmp_path / "no-such-model")
     line = one_line_error(capsys, train_argv(missing, tiny["data"], str(tmp_path / "out")))
-    assert missing in line
-    # with the tokenizer given elsewhere, params.json is what is missing
+    assert line == f"error: checkpoint directory not found: {missing}"
+    # the directory is named first even when the tokenizer is given elsewhere
     line = one_line_error(capsys, train_argv(missing, tiny["data"], str(tmp_path / "out"),
                                              tokenizer_path=os.path.join(tiny["base"], "tokenizer.model")))
-    assert line == f"error: model args file not found: {os.path.join(missing, 'params.json')}"
+    assert line == f"error: checkpoint directory not found: {missing}"
 
 
 def test_model_directory_without_shards(tiny, tmp_path, capsys):

@@ -151,14 +151,15 @@ class Trainer:
 
         train_records = load_records(args.dataset_path, args.dataset_name, "train")
         val_records = load_records(args.dataset_path, args.dataset_name, "test")
-        self.train_loader = train_loader(
-            Indexed(InstructionDataset(train_records, tokenizer, args.max_seq_len, args.seed)),
-            args.batch_size, args.seed, args.num_workers,
-        )
-        self.val_loader = val_loader(
-            Indexed(InstructionDataset(val_records, tokenizer, args.max_seq_len, args.seed)), args.batch_size,
-            args.num_workers,
-        )
+        tokenised = {
+            split: Indexed(InstructionDataset(
+                tqdm(records, desc=f"tokenise {split}", disable=not self.main, leave=False),
+                tokenizer, args.max_seq_len, args.seed,
+            ))
+            for split, records in (("train", train_records), ("test", val_records))
+        }
+        self.train_loader = train_loader(tokenised["train"], args.batch_size, args.seed, args.num_workers)
+        self.val_loader = val_loader(tokenised["test"], args.batch_size, args.num_workers)
         if len(self.train_loader) < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(train_records)} training records give fewer batches than --accum_iter")
 

@@ -181,6 +181,7 @@ def atomic_save(obj, path: str):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shared artefacts
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -195,6 +196,7 @@ def atomic_write_text(text: str, path: str):
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 1 example.py --instructs "['Tell me about alpacas.']"
 
 With no path flags it runs the shipped demo model (assets/tiny-llama2) with the shipped demo
-adapter (assets/tiny-dllm).
+adapter (assets/tiny-dllm). Prompts use the Alpaca template (`--prompt_path` picks another
+prompt.json, e.g. datasets/demo/prompt.json, the one the demo adapter was trained with);
+`--inputs` fills the template's Input section.
 """
 import os
 from typing import List, Optional
@@ -29,6 +31,8 @@ def main(
     model_args_path: Optional[str] = DEMO_ARGS,
     tokenizer_path: str = DEMO_TOKENIZER,
     instructs: Optional[List[str]] = None,
+    inputs: Optional[List[str]] = None,
+    prompt_path: str = PROMPT_PATH,
     temperature: float = 0.1,
     top_p: float = 0.75,
     max_seq_len: int = 512,
@@ -40,12 +44,16 @@ def main(
     seed: int = 1,
 ):
     instructs = DEFAULT_INSTRUCTS if instructs is None else instructs
-    if isinstance(instructs, str) or not all(isinstance(x, str) for x in instructs):
-        raise InputError("--instructs takes a list of strings, e.g. --instructs \"['Tell me about alpacas.']\"")
+    inputs = [""] * len(instructs) if inputs is None else inputs
+    for flag, values in (("instructs", instructs), ("inputs", inputs)):
+        if isinstance(values, str) or not all(isinstance(x, str) for x in values):
+            raise InputError(f"--{flag} takes a list of strings, e.g. --{flag} \"['Tell me about alpacas.']\"")
+    if len(inputs) != len(instructs):
+        raise InputError(f"--inputs has {len(inputs)} entries for {len(instructs)} --instructs")
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             max_batch_size, model_parallel_size, seed, dense, execute_threshold)
-    templates = Templates(PROMPT_PATH, read_json(PROMPT_PATH))
-    prompts = [instruction_prompt(templates, instruct, "") for instruct in instructs]
+    templates = Templates(prompt_path, read_json(prompt_path))
+    prompts = [instruction_prompt(templates, instruct, text) for instruct, text in zip(instructs, inputs)]
     results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     stats = generator.last_stats
     for row, (instruct, result) in enumerate(zip(instructs, results)):

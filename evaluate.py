@@ -41,7 +41,7 @@ def main(
                             batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)
     rows = [row for name in names for row in evaluator.evaluate(name)]
-    label = "dense" if dense or not dynamic_ckpt_dir else f"D-LLM ({dynamic_ckpt_dir})"
+    label = f"dense base model ({llama_ckpt_dir})" if dense or not dynamic_ckpt_dir else f"D-LLM ({dynamic_ckpt_dir})"
     write_results(rows, output_dir, f"{label}, {n_shot}-shot")
 
 

@@ -69,8 +69,11 @@ class Llama:
     ) -> "Llama":
         """Load the base checkpoint and the D-LLM adapter (a directory or one file), merge LoRA.
 
-        Without an adapter, or with `dense`, every block executes: the plain Llama-2 model.
+        Without an adapter, or with `dense` (which ignores the adapter), every block executes: the
+        plain base model, the reference D-LLM is measured against.
         """
+        if dense:
+            dynamic_ckpt_dir = None
         device = distributed.setup(model_parallel_size)
         torch.manual_seed(seed)
         tokenizer = Tokenizer(tokenizer_path)
@@ -88,7 +91,7 @@ class Llama:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, dtype)
         model.merge_lora()
-        if dense or not dynamic_ckpt_dir:
+        if not dynamic_ckpt_dir:
             model.routing = DenseRouting()
         return Llama(model.eval(), tokenizer)
 

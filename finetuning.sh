@@ -35,7 +35,7 @@ SAVE_FREQ=${SAVE_FREQ:-1}
 BLR=${BLR:-9e-3}
 LR=${LR:-}                                # absolute lr, overrides BLR when set
 MIN_LR=${MIN_LR:-0.0}
-ROUTER_LR=${ROUTER_LR:-2e-2}              # empty: routers use LR (the reference)
+ROUTER_LR=${ROUTER_LR-2e-2}               # set empty (ROUTER_LR=) for the reference: routers use LR
 ROUTER_BIAS=${ROUTER_BIAS:-"0.1 2.0"}     # initial [skip, execute] logit bias of the routers
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.02}
 SEED=${SEED:-0}

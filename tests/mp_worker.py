@@ -19,7 +19,26 @@ from dllm.model import Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting, FixedRouting  # noqa: E402
 
 
+@torch.no_grad()
+def inference_probes(model, tokens, masks):
+    """Logits of both paths (eval: real skipping; train: masked) under D-LLM, fixed and dense routing."""
+    results = {}
+    model.eval()
+    model.routing = DLLMRouting(model.params.dynamic_reserve_initials)
+    results["eval_dllm"], results["eval_dllm_activation"] = model(tokens)
+    model.routing = FixedRouting(masks)
+    results["eval_fixed"], _ = model(tokens)
+    model.train()
+    model.routing = DenseRouting()
+    results["train_dense"], _ = model(tokens)
+    model.routing = FixedRouting(masks)
+    results["train_fixed"], _ = model(tokens)
+    return results
+
+
 def training_probe(model, tokens, seed):
+    """One training forward/backward (Gumbel routing, LoRA dropout 0.3, RNG seeded): logits,
+    activation and the full (gathered over model-parallel ranks) router and LoRA gradients."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.3
@@ -72,18 +91,7 @@ def main(ckpt_dir, adapter_path, inputs_path, out_path):
 
     # gathered from the shards (a collective: every rank calls it)
     gathered = adapter_state_dict(model)
-    results = {}
-    with torch.no_grad():
-        model.eval()
-        model.routing = DLLMRouting(args.dynamic_reserve_initials)
-        results["eval_dllm"], results["eval_dllm_activation"] = model(tokens)
-        model.routing = FixedRouting(masks)
-        results["eval_fixed"], _ = model(tokens)
-        model.train()
-        model.routing = DenseRouting()
-        results["train_dense"], _ = model(tokens)
-        model.routing = FixedRouting(masks)
-        results["train_fixed"], _ = model(tokens)
+    results = inference_probes(model, tokens, masks)
 
     # one training forward/backward with Gumbel routing and LoRA dropout, the RNG seeded the same
     # on every rank (and as in the single process): same decisions, same (gathered) gradients

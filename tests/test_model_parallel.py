@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_args
 from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, atomic_save, save_meta_checkpoint
 from dllm.model import Transformer
-from dllm.routing import DenseRouting, DLLMRouting, FixedRouting
+from mp_worker import inference_probes, training_probe
 from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,37 +40,15 @@ def test_model_parallel_2_matches_single_process(tmp_path):
     tokens = torch.randint(0, args.vocab_size, (b, s), generator=torch.Generator().manual_seed(32))
     g = torch.Generator().manual_seed(33)
     masks = {i: torch.rand(b, s, generator=g) < 0.6 for i in range(args.dynamic_start_layer, args.n_layers)}
-    expected = {}
-    with torch.no_grad():
-        model.eval()
-        model.routing = DLLMRouting(args.dynamic_reserve_initials)
-        expected["eval_dllm"], expected["eval_dllm_activation"] = model(tokens)
-        routed = expected["eval_dllm_activation"][:, args.dynamic_reserve_initials:, args.dynamic_start_layer:]
-        assert 0 < routed.mean() < 1, "some tokens should skip and some execute"
-        model.routing = FixedRouting(masks)
-        expected["eval_fixed"], _ = model(tokens)
-        model.train()
-        model.routing = DenseRouting()
-        expected["train_dense"], _ = model(tokens)
-        model.routing = FixedRouting(masks)
-        expected["train_fixed"], _ = model(tokens)
+    expected = inference_probes(model, tokens, masks)
+    routed = expected["eval_dllm_activation"][:, args.dynamic_reserve_initials:, args.dynamic_start_layer:]
+    assert 0 < routed.mean() < 1, "some tokens should skip and some execute"
 
     # training: Gumbel routing and LoRA dropout, seeded identically; gradients of routers and LoRA
     seed = 34
-    model.set_adapter_trainable(True)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.3
-    model.train()
-    model.routing = DLLMRouting(args.dynamic_reserve_initials)
-    torch.manual_seed(seed)
-    logits, activation = model(tokens)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()) + activation.mean()
-    loss.backward()
-    expected["train_dllm"], expected["train_dllm_activation"] = logits.detach(), activation.detach()
-    expected_grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    expected["train_dllm"], expected["train_dllm_activation"], expected_grads = training_probe(model, tokens, seed)
     assert len(expected_grads) == len(adapter_state_dict(model))
-    routed = activation[:, args.dynamic_reserve_initials:, args.dynamic_start_layer:]
+    routed = expected["train_dllm_activation"][:, args.dynamic_reserve_initials:, args.dynamic_start_layer:]
     assert 0 < routed.mean() < 1
 
     # the D-LLM settings are not part of a Meta params.json: pass them as overrides

@@ -6,7 +6,6 @@ blends `w * block(x) + (1 - w) * x`, so the router's straight-through gradient e
 through at the cost of the router, and leave no K/V behind (see kv_cache.py).
 """
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple

@@ -6,7 +6,6 @@ are written atomically.
 """
 import contextlib
 import json
-import math
 import os
 import time
 import torch

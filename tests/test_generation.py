@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_args
-from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, atomic_save, save_meta_checkpoint
+from dllm.checkpoint import adapter_state_dict, atomic_save, save_meta_checkpoint
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.model import Transformer

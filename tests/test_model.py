@@ -13,7 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import tiny_args
 from dllm.model import Transformer, is_adapter_key

@@ -6,6 +6,7 @@
 With no path flags it evaluates the shipped demo model with the shipped demo adapter. Writes
 results.md and results.json to --output_dir once every dataset is done.
 """
+import os
 from typing import Optional
 
 import fire
@@ -13,7 +14,7 @@ import fire
 from dllm.data import TASK_METRIC
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import Evaluator, write_results
-from dllm.generation import DEMO_ADAPTER, DEMO_ARGS, DEMO_BASE, DEMO_TOKENIZER, Llama
+from dllm.generation import DEMO_ADAPTER, DEMO_ARGS, DEMO_BASE, DEMO_TOKENIZER, ROOT, Llama
 
 
 def main(
@@ -21,7 +22,7 @@ def main(
     dynamic_ckpt_dir: Optional[str] = DEMO_ADAPTER,
     model_args_path: Optional[str] = DEMO_ARGS,
     tokenizer_path: str = DEMO_TOKENIZER,
-    dataset_path: str = "datasets",
+    dataset_path: str = os.path.join(ROOT, "datasets"),
     datasets="demo",
     dense: bool = False,
     output_dir: str = "results/eval",

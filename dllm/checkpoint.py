@@ -79,6 +79,11 @@ def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
         raise InputError(f"{path}: not a valid params.json ({e})") from None
 
 
+def shard_count(ckpt_dir: str) -> int:
+    """How many consolidated.NN.pth shards a Meta checkpoint directory holds (0 if none)."""
+    return len(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+
+
 def base_shard_path(ckpt_dir: str) -> str:
     """The consolidated.NN.pth of this model-parallel rank; the shard count must equal the MP size."""
     if not os.path.isdir(ckpt_dir):

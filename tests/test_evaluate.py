@@ -21,6 +21,7 @@ from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 from test_generation import make_generator, write_demo_like
+from test_model_parallel import free_port
 from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,8 +295,8 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, tokenizer_path):
     assert len(runs[0]) == 3
 
 
-def run_evaluate(tmp_path, base, dataset_path, datasets, out, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--llama_ckpt_dir", str(base),
+def run_evaluate(tmp_path, base, dataset_path, datasets, out, *extra, launcher=()):
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "evaluate.py"), "--llama_ckpt_dir", str(base),
            "--dynamic_ckpt_dir", str(tmp_path / "adapter.pth"), "--model_args_path", str(tmp_path / "args.json"),
            "--tokenizer_path", str(base / "tokenizer.model"), "--dataset_path", str(dataset_path),
            "--datasets", datasets, "--output_dir", str(out), "--batch_size", "2", "--max_gen_len", "3", *extra]
@@ -333,3 +334,23 @@ def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_pa
     # a piqa record whose label names no option: named by file and index
     (data / "piqa" / "test.json").write_text(json.dumps([PIQA[0], dict(PIQA[1], label=5)]))
     fails("piqa", os.path.join(str(data), "piqa", "test.json"), "record 1")
+
+
+def test_data_parallel_evaluation_equals_one_process(tmp_path, tokenizer_path):
+    """torchrun with 2 processes on a 1-shard checkpoint: model parallel 1, records split over 2
+    data-parallel ranks, sums all-reduced; the table equals the one-process table."""
+    _, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
+    data = tmp_path / "data"
+    write_dataset(data, "alpaca", ALPACA[:3])
+    write_dataset(data, "piqa", PIQA[:3])
+    single = run_evaluate(tmp_path, base, data, "alpaca,piqa", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    double = run_evaluate(tmp_path, base, data, "alpaca,piqa", tmp_path / "two", launcher=launcher)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [(r["dataset"], r["metric"], r["n"]) for r in two] == [(r["dataset"], r["metric"], r["n"]) for r in one]
+    for a, b in zip(one, two):
+        for key in ("value", "flops_ratio", "kv_ratio"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (a, b)

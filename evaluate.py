@@ -11,7 +11,7 @@ from typing import Optional
 
 import fire
 
-from dllm.checkpoint import shard_count
+from dllm.checkpoint import shard_files
 from dllm.data import TASK_METRIC
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import Evaluator, write_results
@@ -40,7 +40,7 @@ def main(
     if unknown or not names:
         raise InputError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(TASK_METRIC))}")
     # model parallel over the checkpoint's shards; the remaining processes split the records
-    model_parallel_size = model_parallel_size or max(1, shard_count(llama_ckpt_dir))
+    model_parallel_size = model_parallel_size or max(1, len(shard_files(llama_ckpt_dir)))
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)

@@ -9,7 +9,7 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -79,16 +79,16 @@ def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
         raise InputError(f"{path}: not a valid params.json ({e})") from None
 
 
-def shard_count(ckpt_dir: str) -> int:
-    """How many consolidated.NN.pth shards a Meta checkpoint directory holds (0 if none)."""
-    return len(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+def shard_files(ckpt_dir: str) -> List[str]:
+    """A Meta checkpoint directory's consolidated.NN.pth shards, in rank order."""
+    return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
 
 
 def base_shard_path(ckpt_dir: str) -> str:
     """The consolidated.NN.pth of this model-parallel rank; the shard count must equal the MP size."""
     if not os.path.isdir(ckpt_dir):
         raise InputError(f"checkpoint directory not found: {ckpt_dir}")
-    shards = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    shards = shard_files(ckpt_dir)
     if not shards:
         raise InputError(f"no consolidated.*.pth files in {ckpt_dir}")
     if len(shards) != distributed.mp_size():

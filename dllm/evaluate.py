@@ -67,9 +67,9 @@ class Tally:
     def add_routing(self, args, activation: torch.Tensor, token_mask: torch.Tensor, routed: bool):
         self.flops += flops.forward_flops(args, activation, token_mask, routed)
         self.flops_dense += flops.forward_flops(args, torch.ones_like(activation), token_mask, routed=False)
-        mask = token_mask.detach().cpu().double()
-        self.kv_kept += float(((activation.detach().cpu() > 0.5).double() * mask[..., None]).sum())
-        self.kv_dense += float(mask.sum()) * activation.shape[2]
+        kept, dense = flops.kv_pairs(activation, token_mask)
+        self.kv_kept += kept
+        self.kv_dense += dense
 
     def all_reduce(self, device) -> "Tally":
         values = torch.tensor(list(asdict(self).values()), dtype=torch.float64, device=device)

@@ -7,7 +7,7 @@ token; the LM head for every token. The dense reference counts the same tokens w
 executed, every key kept, and no routers.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -34,15 +34,20 @@ def token_flops(args: ModelArgs) -> TokenFlops:
     )
 
 
+def _masked(executed: torch.Tensor, token_mask: Optional[torch.Tensor]):
+    """executed as 0/1 doubles on the CPU with padded tokens zeroed, and the [b, T] token mask."""
+    mask = torch.ones(executed.shape[:2]) if token_mask is None else token_mask.detach().cpu()
+    mask = mask.double()
+    return (executed.detach().cpu() > 0.5).double() * mask[..., None], mask
+
+
 def forward_flops(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
                   routed: bool = True) -> float:
     """executed: [b, T, n_layers] (1 = token ran the block), whole sequences from position 0;
     token_mask: [b, T], 1 for real tokens (right padding is left out). `routed=False` leaves out
     the routers (the plain model)."""
     f = token_flops(args)
-    mask = torch.ones(executed.shape[:2]) if token_mask is None else token_mask.detach().cpu()
-    mask = mask.double()
-    executed = (executed.detach().cpu() > 0.5).double() * mask[..., None]
+    executed, mask = _masked(executed, token_mask)
     keys_seen = executed.cumsum(1)  # kept keys at or before each position, per row and block
     total = (executed.sum() * (f.qkvo + f.ffn) + (executed * keys_seen).sum() * f.attn_per_key).item()
     n_tokens = mask.sum().item()
@@ -57,8 +62,12 @@ def flops_ratio(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[to
     return forward_flops(args, executed, token_mask, routed) / dense
 
 
+def kv_pairs(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> Tuple[float, float]:
+    """(kept, dense) (token, block) K/V pairs: what the evicting cache holds and a dense one would."""
+    executed, mask = _masked(executed, token_mask)
+    return executed.sum().item(), mask.sum().item() * executed.shape[2]
+
+
 def kv_ratio(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> float:
-    """Kept (token, block) K/V pairs over a dense cache's."""
-    mask = torch.ones(executed.shape[:2]) if token_mask is None else token_mask.detach().cpu()
-    kept = ((executed.detach().cpu() > 0.5).double() * mask.double()[..., None]).sum()
-    return float(kept / (mask.double().sum() * executed.shape[2]))
+    kept, dense = kv_pairs(executed, token_mask)
+    return kept / dense

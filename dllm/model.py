@@ -327,14 +327,16 @@ class Transformer(nn.Module):
         logits, activation = self(examples)
         label_weight = label_masks[:, 1:].float()
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
-        c_loss = (ce * label_weight.flatten()).sum() / label_weight.sum().clamp(min=1)
+        n_labels = label_weight.sum()
+        c_loss = (ce * label_weight.flatten()).sum() / n_labels.clamp(min=1)
         token_weight = example_masks.float().clone()
         token_weight[:, : self.params.dynamic_reserve_initials] = 0
         ratio = activation.mean(-1)
-        n_tokens = token_weight.sum().clamp(min=1)
-        a_loss = ((ratio - self.params.dynamic_active_target).abs() * token_weight).sum() / n_tokens
-        act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens).item()
-        return c_loss, a_loss, {"act_ratio": act_ratio}
+        n_tokens = token_weight.sum()
+        a_loss = ((ratio - self.params.dynamic_active_target).abs() * token_weight).sum() / n_tokens.clamp(min=1)
+        act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens.clamp(min=1)).item()
+        # the counts the means are over, so callers can average across batches and ranks
+        return c_loss, a_loss, {"act_ratio": act_ratio, "n_labels": n_labels.item(), "n_tokens": n_tokens.item()}
 
     def merge_lora(self):
         for layer in self.layers:

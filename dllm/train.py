@@ -109,13 +109,12 @@ def validate(model: Transformer, loader, device) -> dict:
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
         batch = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
         c_loss, a_loss, metrics = model.compute_loss(*batch)
-        n_label = float(label_masks[:, 1:].sum())
-        n_tokens = float(example_masks[:, model.params.dynamic_reserve_initials:].sum())
-        for k, v in enumerate((c_loss.item() * n_label, n_label, a_loss.item() * n_tokens, metrics["act_ratio"] * n_tokens, n_tokens)):
-            sums[k] += v
+        n_labels, n_tokens = metrics["n_labels"], metrics["n_tokens"]
+        batch_sums = (c_loss.item() * n_labels, n_labels, a_loss.item() * n_tokens, metrics["act_ratio"] * n_tokens, n_tokens)
+        sums = [total + value for total, value in zip(sums, batch_sums)]
     model.train()
-    c, n_label, a, act, n_tokens = _dp_sum(sums, device)
-    return {"val_c_loss": c / max(n_label, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
+    c, n_labels, a, act, n_tokens = _dp_sum(sums, device)
+    return {"val_c_loss": c / max(n_labels, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
 
 
 class Trainer:

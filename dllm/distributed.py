@@ -18,6 +18,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def base_dtype(device: torch.device) -> torch.dtype:
+    """Frozen base weights: bf16 on CUDA, fp32 on the CPU (routers and LoRA stay fp32 anyway)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def setup(model_parallel_size: int = None) -> torch.device:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and fairscale model parallel.
 

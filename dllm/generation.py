@@ -88,8 +88,7 @@ class Llama:
             args.vocab_size = tokenizer.n_words
         if args.vocab_size != tokenizer.n_words:
             raise InputError(f"{tokenizer_path}: {tokenizer.n_words} words but the model's vocab_size is {args.vocab_size}")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, dtype)
+        model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
         if not dynamic_ckpt_dir:
             model.routing = DenseRouting()

@@ -347,11 +347,3 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             p.requires_grad_(is_adapter_key(name) or not adapter_only)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def cast_base(self, dtype: torch.dtype):
-        """Base weights to `dtype` (bf16 on CUDA); routers and LoRA stay fp32."""
-        for name, p in self.named_parameters():
-            if not is_adapter_key(name):
-                p.data = p.data.to(dtype)
-        return self
-

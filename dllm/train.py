@@ -135,16 +135,17 @@ class Trainer:
             self.model_args.vocab_size = tokenizer.n_words
         # adapters start identical on every rank; noise (Gumbel, dropout) differs across data-parallel ranks
         torch.manual_seed(args.seed)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = checkpoint.build_model(self.model_args, args.llama_model_path, None, self.device, dtype)
+        self.model = checkpoint.build_model(
+            self.model_args, args.llama_model_path, None, self.device, distributed.base_dtype(self.device)
+        )
         torch.manual_seed(args.seed + distributed.dp_rank())
-        n_trainable = self.model.set_adapter_trainable(True)
-        if args.dense:
+        self.model.set_adapter_trainable(True)
+        if args.dense:  # routers unused: frozen, so DDP expects no gradient for them
             self.model.routing = DenseRouting()
             for layer in self.model.layers:
                 if layer.router is not None:
                     layer.router.requires_grad_(False)
-            n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in self.model.parameters()):,}")
 
         train_records = load_records(args.dataset_path, args.dataset_name, "train")
@@ -227,11 +228,12 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {self.start_epoch}, step {self.start_step}")
 
     def check_finite(self, loss: torch.Tensor, indices, epoch: int, step: int):
-        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+        finite = bool(torch.isfinite(loss).item())
+        bad = torch.tensor([0.0 if finite else 1.0], device=self.device)
         if dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            where = f"examples {indices.tolist()}" if not torch.isfinite(loss).item() else "another rank's examples"
+            where = "another rank's examples" if finite else f"examples {indices.tolist()}"
             raise InputError(
                 f"non-finite loss at epoch {epoch} step {step} on {where} of "
                 f"{os.path.join(self.args.dataset_path, self.args.dataset_name, 'train.json')}; "

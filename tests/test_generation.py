@@ -227,3 +227,15 @@ def test_example_py_reports_bad_flags(tmp_path, tokenizer_path):
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "blocks executed:" in ok.stdout and "KV cache kept:" in ok.stdout
+
+
+def test_chat_completion_formats_dialogs(tokenizer_path):
+    generator = make_generator(tokenizer_path)
+    dialogs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox"}],
+               [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]]
+    out = generator.chat_completion(dialogs, temperature=0.0, max_gen_len=4)
+    assert [o["generation"]["role"] for o in out] == ["assistant", "assistant"]
+    expected = generator.tokenizer.encode("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nThe quick brown fox [/INST]", bos=True, eos=False)
+    assert generator._encode_dialog(dialogs[0]) == expected
+    with pytest.raises(InputError, match="last message of a dialog must be from the user"):
+        generator.chat_completion([[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]])

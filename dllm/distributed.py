@@ -3,6 +3,7 @@
 fairscale's parallel layers need an initialised model-parallel group even for one process, so a
 plain `python` run gets a one-process group of its own instead of an error.
 """
+import atexit
 import os
 
 import torch
@@ -36,6 +37,8 @@ def setup(model_parallel_size: int = None) -> torch.device:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # a process group still alive at interpreter exit can abort the process (gloo's threads)
+        atexit.register(teardown)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     world = dist.get_world_size()
@@ -50,6 +53,11 @@ def setup(model_parallel_size: int = None) -> torch.device:
             f"{fs_init.get_model_parallel_world_size()}, asked for {mp_size}"
         )
     return device
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mp_rank() -> int:

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 1 evaluate.py --datasets demo,piqa --output_dir results/demo-dllm
     torchrun --nproc_per_node 1 evaluate.py --dense --datasets demo,piqa --output_dir results/demo-dense
 
-With no path flags it evaluates the shipped demo model with the shipped demo adapter. Writes
+With no path flags it evaluates the shipped demo model with the shipped demo adapter; another base
+model (Meta or Hugging Face directory) is evaluated dense unless `--dynamic_ckpt_dir` is given. Writes
 results.md and results.json to --output_dir once every dataset is done.
 """
 import os
@@ -11,19 +12,23 @@ from typing import Optional
 
 import fire
 
-from dllm.checkpoint import shard_files
+from dllm.checkpoint import default_model_parallel_size
 from dllm.data import TASK_METRIC
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import Evaluator, write_results
-from dllm.generation import DEMO_ADAPTER, DEMO_ARGS, DEMO_BASE, DEMO_TOKENIZER, ROOT, Llama
+from dllm.generation import Llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_BASE = os.path.join(HERE, "assets", "tiny-llama2")
+DEMO_ADAPTER = os.path.join(HERE, "assets", "tiny-dllm", "checkpoint.pth")
 
 
 def main(
     llama_ckpt_dir: str = DEMO_BASE,
-    dynamic_ckpt_dir: Optional[str] = DEMO_ADAPTER,
-    model_args_path: Optional[str] = DEMO_ARGS,
-    tokenizer_path: str = DEMO_TOKENIZER,
-    dataset_path: str = os.path.join(ROOT, "datasets"),
+    dynamic_ckpt_dir: Optional[str] = None,
+    model_args_path: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    dataset_path: str = os.path.join(HERE, "datasets"),
     datasets="demo",
     dense: bool = False,
     output_dir: str = "results/eval",
@@ -40,7 +45,9 @@ def main(
     if unknown or not names:
         raise InputError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(TASK_METRIC))}")
     # model parallel over the checkpoint's shards; the remaining processes split the records
-    model_parallel_size = model_parallel_size or max(1, len(shard_files(llama_ckpt_dir)))
+    model_parallel_size = model_parallel_size or default_model_parallel_size(llama_ckpt_dir)
+    if dynamic_ckpt_dir is None and os.path.abspath(llama_ckpt_dir) == DEMO_BASE:
+        dynamic_ckpt_dir = DEMO_ADAPTER  # the demo model comes with its adapter; other models run dense
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)

@@ -3,9 +3,14 @@
     torchrun --nproc_per_node 1 example.py --instructs "['Tell me about alpacas.']"
 
 With no path flags it runs the shipped demo model (assets/tiny-llama2) with the shipped demo
-adapter (assets/tiny-dllm). Prompts use the Alpaca template (`--prompt_path` picks another
+adapter (assets/tiny-dllm); another base model (Meta or Hugging Face directory) runs dense unless
+`--dynamic_ckpt_dir` names an adapter trained on it. Prompts use the Alpaca template (`--prompt_path` picks another
 prompt.json, e.g. datasets/demo/prompt.json, the one the demo adapter was trained with);
-`--inputs` fills the template's Input section.
+`--inputs` fills the template's Input section. `--chat` sends each instruction as a user turn in
+the model's own chat template instead (for instruction-tuned models such as SmolLM2):
+
+    torchrun --nproc_per_node 1 example.py --llama_ckpt_dir models/smollm2 --chat \
+        --instructs "['What is the capital of France?']"
 """
 import os
 from typing import List, Optional
@@ -14,9 +19,12 @@ import fire
 
 from dllm.data import Templates, instruction_prompt, read_json
 from dllm.errors import InputError, run_cli
-from dllm.generation import DEMO_ADAPTER, DEMO_ARGS, DEMO_BASE, DEMO_TOKENIZER, ROOT, Llama
+from dllm.generation import Llama
 
-PROMPT_PATH = os.path.join(ROOT, "datasets", "alpaca", "prompt.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_BASE = os.path.join(HERE, "assets", "tiny-llama2")
+DEMO_ADAPTER = os.path.join(HERE, "assets", "tiny-dllm", "checkpoint.pth")
+PROMPT_PATH = os.path.join(HERE, "datasets", "alpaca", "prompt.json")
 DEFAULT_INSTRUCTS = [
     "Tell me about alpacas.",
     "Tell me about the president of Mexico in 2019.",
@@ -27,12 +35,13 @@ DEFAULT_INSTRUCTS = [
 
 def main(
     llama_ckpt_dir: str = DEMO_BASE,
-    dynamic_ckpt_dir: Optional[str] = DEMO_ADAPTER,
-    model_args_path: Optional[str] = DEMO_ARGS,
-    tokenizer_path: str = DEMO_TOKENIZER,
+    dynamic_ckpt_dir: Optional[str] = None,
+    model_args_path: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     instructs: Optional[List[str]] = None,
     inputs: Optional[List[str]] = None,
     prompt_path: str = PROMPT_PATH,
+    chat: bool = False,
     temperature: float = 0.1,
     top_p: float = 0.75,
     max_seq_len: int = 512,
@@ -50,15 +59,24 @@ def main(
             raise InputError(f"--{flag} takes a list of strings, e.g. --{flag} \"['Tell me about alpacas.']\"")
     if len(inputs) != len(instructs):
         raise InputError(f"--inputs has {len(inputs)} entries for {len(instructs)} --instructs")
+    if dynamic_ckpt_dir is None and os.path.abspath(llama_ckpt_dir) == DEMO_BASE:
+        dynamic_ckpt_dir = DEMO_ADAPTER  # the demo model comes with its adapter; other models run dense
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             max_batch_size, model_parallel_size, seed, dense, execute_threshold)
-    templates = Templates(prompt_path, read_json(prompt_path))
-    prompts = [instruction_prompt(templates, instruct, text) for instruct, text in zip(instructs, inputs)]
-    results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    if chat:
+        dialogs = [[{"role": "user", "content": f"{instruct}\n\n{text}" if text else instruct}]
+                   for instruct, text in zip(instructs, inputs)]
+        results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        answers = [result["generation"]["content"] for result in results]
+    else:
+        templates = Templates(prompt_path, read_json(prompt_path))
+        prompts = [instruction_prompt(templates, instruct, text) for instruct, text in zip(instructs, inputs)]
+        results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        answers = [result["generation"] for result in results]
     stats = generator.last_stats
-    for row, (instruct, result) in enumerate(zip(instructs, results)):
+    for row, (instruct, answer) in enumerate(zip(instructs, answers)):
         print(f"### Instruction: {instruct}")
-        print(f"### Response: {result['generation'].strip()}")
+        print(f"### Response: {answer.strip()}")
         print(
             f"[blocks executed: {100 * stats.exec_share(row):.1f}% of {stats.n_layers} per token | "
             f"KV cache kept: {stats.kv_bytes(row) / 1024:.1f} KiB of {stats.kv_bytes_dense(row) / 1024:.1f} KiB dense]\n"

@@ -1,6 +1,5 @@
 """Fine-tune D-LLM routers and LoRA on a frozen Llama checkpoint. Usually started by finetuning.sh."""
 import argparse
-import os
 
 from dllm.errors import run_cli
 from dllm.train import train
@@ -9,9 +8,11 @@ from dllm.train import train
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     # paths (official names)
-    p.add_argument("--llama_model_path", required=True, help="Meta-layout checkpoint directory")
-    p.add_argument("--llama_param_path", default=None, help="params.json (default: in --llama_model_path)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: in --llama_model_path)")
+    p.add_argument("--llama_model_path", required=True, help="base checkpoint directory, Meta or Hugging Face layout")
+    p.add_argument("--llama_param_path", default=None,
+                   help="params.json or config.json (default: the one in --llama_model_path)")
+    p.add_argument("--tokenizer_path", default=None,
+                   help="tokenizer.model or tokenizer.json (default: the one in --llama_model_path)")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="alpaca")
     p.add_argument("--output_dir", default="./output")
@@ -45,10 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--model_parallel_size", type=int, default=1)
     p.add_argument("--log_freq", type=int, default=10, help="log.jsonl line every this many steps")
     p.add_argument("--save_steps", type=int, default=0, help="also save NAME-last.pth every this many steps")
-    args = p.parse_args(argv)
-    args.llama_param_path = args.llama_param_path or os.path.join(args.llama_model_path, "params.json")
-    args.tokenizer_path = args.tokenizer_path or os.path.join(args.llama_model_path, "tokenizer.model")
-    return args
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL_PATH=${MODEL_PATH:-assets/tiny-llama2}
-MODEL_PARAM_PATH=${MODEL_PARAM_PATH:-$MODEL_PATH/params.json}
-TOKENIZER_PATH=${TOKENIZER_PATH:-$MODEL_PATH/tokenizer.model}
+MODEL_PATH=${MODEL_PATH:-assets/tiny-llama2}  # Meta (params.json) or Hugging Face (config.json) directory
+MODEL_PARAM_PATH=${MODEL_PARAM_PATH:-}     # empty: the params.json / config.json in MODEL_PATH
+TOKENIZER_PATH=${TOKENIZER_PATH:-}         # empty: the tokenizer.model / tokenizer.json in MODEL_PATH
 DATASET_PATH=${DATASET_PATH:-datasets}
 DATASET_NAME=${DATASET_NAME:-demo}
 OUTPUT_PATH=${OUTPUT_PATH:-output/tiny-dllm}
@@ -44,13 +44,15 @@ RESUME=${RESUME:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}                # e.g. "--dense" for the routers-off comparison
 
 optional=()
+[ -n "$MODEL_PARAM_PATH" ] && optional+=(--llama_param_path "$MODEL_PARAM_PATH")
+[ -n "$TOKENIZER_PATH" ] && optional+=(--tokenizer_path "$TOKENIZER_PATH")
 [ -n "$LR" ] && optional+=(--lr "$LR")
 [ -n "$ROUTER_LR" ] && optional+=(--router_lr "$ROUTER_LR")
 [ -n "$RESUME" ] && optional+=(--resume "$RESUME")
 
 # shellcheck disable=SC2086
 torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" finetuning.py \
-    --llama_model_path "$MODEL_PATH" --llama_param_path "$MODEL_PARAM_PATH" --tokenizer_path "$TOKENIZER_PATH" \
+    --llama_model_path "$MODEL_PATH" \
     --dataset_path "$DATASET_PATH" --dataset_name "$DATASET_NAME" \
     --output_dir "$OUTPUT_PATH" --model_save_name "$MODEL_SAVE_NAME" \
     --model_parallel_size "$MODEL_PARALLEL_SIZE" --max_seq_len "$MAX_SEQ_LEN" --lora_rank "$LORA_RANK" \

@@ -1,6 +1,8 @@
-"""Meta-layout base checkpoints, D-LLM adapter checkpoints, and their checks.
+"""Base checkpoints (Meta or Hugging Face layout), D-LLM adapter checkpoints, and their checks.
 
-Base: `params.json` + `consolidated.NN.pth` (one shard per model-parallel rank) + `tokenizer.model`.
+Base, Meta layout: `params.json` + `consolidated.NN.pth` (one shard per model-parallel rank) +
+`tokenizer.model`. Base, Hugging Face layout: `config.json` + `*.safetensors` (or legacy
+`pytorch_model*.bin`) + `tokenizer.json`, renamed and RoPE-permuted on load (hf_checkpoint.py).
 Adapter (official layout): a file holding {"epoch", "model": {router and LoRA tensors}, ...}.
 Every file goes through `torch.load(weights_only=True)`: a checkpoint cannot run code.
 """
@@ -13,10 +15,12 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
-from dllm import distributed
+from dllm import distributed, hf_checkpoint
 from dllm.errors import InputError
-from dllm.model import ModelArgs, Transformer, is_adapter_key
+from dllm.model import META_LLAMA3_ROPE_SCALING, ModelArgs, Transformer, is_adapter_key
 
 # tensors that Meta's checkpoints carry but the model recomputes
 IGNORED_KEYS = {"rope.freqs"}
@@ -27,8 +31,12 @@ BASE_PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "mu
                    "ffn_dim_multiplier", "norm_eps", "rope_theta")
 
 
-def shard_dim(name: str):
-    """The dimension a tensor is split along across model-parallel ranks, or None if replicated."""
+def shard_dim(name: str, tied_embeddings: bool = False):
+    """The dimension a tensor is split along across model-parallel ranks, or None if replicated.
+
+    A tied embedding is split by vocabulary, like the output projection it doubles as."""
+    if name == "tok_embeddings.weight" and tied_embeddings:
+        return 0
     if name.endswith(COLUMN_PARALLEL):
         return 0
     if name.endswith(ROW_PARALLEL):
@@ -36,11 +44,21 @@ def shard_dim(name: str):
     return None
 
 
-def shard_state_dict(state_dict: Dict[str, torch.Tensor], mp_size: int, rank: int) -> Dict[str, torch.Tensor]:
+def shard_state_dict(state_dict: Dict[str, torch.Tensor], mp_size: int, rank: int,
+                     tied_embeddings: bool = False) -> Dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state_dict.items():
-        dim = shard_dim(name)
+        dim = shard_dim(name, tied_embeddings)
         out[name] = tensor if dim is None else tensor.chunk(mp_size, dim)[rank].clone()
+    return out
+
+
+def unshard_state_dict(shards: List[Dict[str, torch.Tensor]], tied_embeddings: bool = False) -> Dict[str, torch.Tensor]:
+    """The inverse of shard_state_dict: model-parallel shards concatenated into full tensors."""
+    out = {}
+    for name, tensor in shards[0].items():
+        dim = shard_dim(name, tied_embeddings)
+        out[name] = tensor if dim is None or len(shards) == 1 else torch.cat([s[name] for s in shards], dim)
     return out
 
 
@@ -67,21 +85,62 @@ def _check_state_dict(obj: dict, path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def checkpoint_layout(ckpt_dir: str) -> str:
+    """"meta" or "hf", from the files the directory holds."""
+    if not os.path.isdir(ckpt_dir):
+        raise InputError(f"checkpoint directory not found: {ckpt_dir}")
+    if os.path.isfile(os.path.join(ckpt_dir, "params.json")) or shard_files(ckpt_dir):
+        return "meta"
+    if hf_checkpoint.is_hf_dir(ckpt_dir):
+        return "hf"
+    raise InputError(f"{ckpt_dir}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a "
+                     f"Hugging Face one (config.json + *.safetensors)")
+
+
+def params_file(ckpt_dir: str) -> str:
+    """Where a base checkpoint keeps its model args: params.json (Meta) or config.json (Hugging Face)."""
+    return os.path.join(ckpt_dir, "params.json" if checkpoint_layout(ckpt_dir) == "meta" else "config.json")
+
+
 def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
-    path = ckpt_dir_or_file
-    if os.path.isdir(path):
-        path = os.path.join(path, "params.json")
+    """Model args from a Meta params.json or a Hugging Face config.json (a file, or found in a directory)."""
+    path = params_file(ckpt_dir_or_file) if os.path.isdir(ckpt_dir_or_file) else ckpt_dir_or_file
     if not os.path.isfile(path):
         raise InputError(f"model args file not found: {path}")
     try:
+        if os.path.basename(path) == "config.json":
+            config = hf_checkpoint.read_config(os.path.dirname(path))
+            return ModelArgs.from_dict(hf_checkpoint.config_to_params(config, path), **overrides)
         return ModelArgs.from_json(path, **overrides)
-    except (json.JSONDecodeError, TypeError) as e:
-        raise InputError(f"{path}: not a valid params.json ({e})") from None
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: not a valid {os.path.basename(path)} ({e})") from None
+
+
+def meta_params(args: ModelArgs) -> dict:
+    """The params.json of a Meta-layout base: Meta's keys, plus the others where not the default."""
+    params = {k: v for k, v in args.to_dict().items() if k in BASE_PARAM_KEYS}
+    derived = ModelArgs(**{k: params[k] for k in BASE_PARAM_KEYS})
+    if args.head_dim != derived.head_dim:
+        params["head_dim"] = args.head_dim
+    if args.ffn_hidden_dim != derived.ffn_hidden_dim:
+        params["hidden_dim"] = args.ffn_hidden_dim
+    if args.tie_word_embeddings:
+        params["tie_word_embeddings"] = True
+    if args.rope_scaling == META_LLAMA3_ROPE_SCALING:
+        params["use_scaled_rope"] = True
+    elif args.rope_scaling is not None:
+        params["rope_scaling"] = args.rope_scaling
+    return params
 
 
 def shard_files(ckpt_dir: str) -> List[str]:
     """A Meta checkpoint directory's consolidated.NN.pth shards, in rank order."""
     return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+
+
+def default_model_parallel_size(ckpt_dir: str) -> int:
+    """A Meta checkpoint runs with one rank per shard; a Hugging Face one is split on load, so 1."""
+    return max(1, len(shard_files(ckpt_dir))) if checkpoint_layout(ckpt_dir) == "meta" else 1
 
 
 def base_shard_path(ckpt_dir: str) -> str:
@@ -125,9 +184,46 @@ def load_into(model: Transformer, state_dict: Dict[str, torch.Tensor], path: str
                 own[name].copy_(tensor)
 
 
+def check_base(ckpt_dir: str):
+    """The base weights exist for this rank: a missing model says so before anything else loads."""
+    if checkpoint_layout(ckpt_dir) == "meta":
+        base_shard_path(ckpt_dir)
+    else:
+        hf_checkpoint.weight_files(ckpt_dir)
+
+
+def read_hf_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face checkpoint, under its Hugging Face name."""
+    state_dict = {}
+    for path in hf_checkpoint.weight_files(ckpt_dir):
+        if path.endswith(".safetensors"):
+            try:
+                state_dict.update(load_safetensors(path))
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+        else:
+            state_dict.update(_check_state_dict(load_file(path), path))
+    return state_dict
+
+
+def read_base(ckpt_dir: str, args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """The whole base model in this code's names and layout, from either checkpoint layout."""
+    if checkpoint_layout(ckpt_dir) == "hf":
+        return hf_checkpoint.hf_to_meta(read_hf_weights(ckpt_dir), args, ckpt_dir)
+    shards = [_check_state_dict(load_file(path), path) for path in shard_files(ckpt_dir)]
+    if not shards:
+        raise InputError(f"no consolidated.*.pth files in {ckpt_dir}")
+    return unshard_state_dict(shards, args.tie_word_embeddings)
+
+
 def load_base(model: Transformer, ckpt_dir: str):
-    path = base_shard_path(ckpt_dir)
-    load_into(model, _check_state_dict(load_file(path), path), path, adapter=False)
+    if checkpoint_layout(ckpt_dir) == "meta":
+        path = base_shard_path(ckpt_dir)
+        load_into(model, _check_state_dict(load_file(path), path), path, adapter=False)
+        return
+    full = read_base(ckpt_dir, model.params)
+    local = shard_state_dict(full, distributed.mp_size(), distributed.mp_rank(), model.params.tie_word_embeddings)
+    load_into(model, local, ckpt_dir, adapter=False)
 
 
 def adapter_file(path: str) -> str:
@@ -139,6 +235,15 @@ def adapter_file(path: str) -> str:
         return files[-1]
     if not os.path.isfile(path):
         raise InputError(f"adapter checkpoint not found: {path}")
+    return path
+
+
+def adapter_params_path(adapter: str) -> str:
+    """The params.json a training run writes next to its checkpoints: the adapter's model args."""
+    directory = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
+    path = os.path.join(directory, "params.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{adapter}: no params.json next to the adapter; give its model args with --model_args_path")
     return path
 
 
@@ -214,10 +319,15 @@ def save_meta_checkpoint(model: Transformer, out_dir: str, dtype: torch.dtype = 
 
     Takes a model built with model-parallel size 1 (the full tensors)."""
     full = {k: v.detach().to(dtype).cpu() for k, v in model.state_dict().items() if not is_adapter_key(k)}
+    write_meta_shards(full, model.params, out_dir, mp_size)
+
+
+def write_meta_shards(full: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str, mp_size: int = 1):
+    """Full base tensors -> `consolidated.NN.pth` for `mp_size` ranks and the params.json."""
     for rank in range(mp_size):
-        atomic_save(shard_state_dict(full, mp_size, rank), os.path.join(out_dir, f"consolidated.{rank:02d}.pth"))
-    params = {k: v for k, v in model.params.to_dict().items() if k in BASE_PARAM_KEYS}
-    atomic_write_text(json.dumps(params, indent=2) + "\n", os.path.join(out_dir, "params.json"))
+        shard = shard_state_dict(full, mp_size, rank, args.tie_word_embeddings)
+        atomic_save(shard, os.path.join(out_dir, f"consolidated.{rank:02d}.pth"))
+    atomic_write_text(json.dumps(meta_params(args), indent=2) + "\n", os.path.join(out_dir, "params.json"))
 
 
 
@@ -242,10 +352,20 @@ def build_model(args: ModelArgs, llama_ckpt_dir: str, adapter_path: str = None, 
 
 def check_args_match(args: ModelArgs, base: ModelArgs, args_path: str, base_path: str):
     """The adapter's model args must describe the same base architecture as the checkpoint's."""
-    for key in BASE_PARAM_KEYS:
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "head_dim",
+                "ffn_hidden_dim", "tie_word_embeddings", "rope_scaling"):
         if key == "vocab_size" and base.vocab_size == -1:
             continue
         if getattr(args, key) != getattr(base, key):
             raise InputError(
                 f"{args_path}: {key}={getattr(args, key)} but the base model's {base_path} has {getattr(base, key)}"
             )
+
+
+def check_vocab(args: ModelArgs, tokenizer, tokenizer_path: str):
+    """Every token id must have an embedding row; Meta checkpoints leave vocab_size to the tokenizer."""
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    if tokenizer.n_words > args.vocab_size:
+        raise InputError(f"{tokenizer_path}: {tokenizer.n_words} tokens but the model's vocab_size is "
+                         f"{args.vocab_size} (the tokenizer does not belong to this model)")

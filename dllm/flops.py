@@ -24,11 +24,12 @@ class TokenFlops:
 
 
 def token_flops(args: ModelArgs) -> TokenFlops:
+    q_dim = args.n_heads * args.head_dim  # equals dim unless the checkpoint sets head_dim
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     return TokenFlops(
-        qkvo=2 * args.dim * (2 * args.dim + 2 * kv_dim),
+        qkvo=2 * args.dim * (2 * q_dim + 2 * kv_dim),
         ffn=2 * 3 * args.dim * args.ffn_hidden_dim,
-        attn_per_key=2 * 2 * args.dim,
+        attn_per_key=2 * 2 * q_dim,
         router=2 * (args.dim * args.dynamic_router_hdim + args.dynamic_router_hdim * 2),
         lm_head=2 * args.dim * args.vocab_size,
     )

@@ -1,25 +1,16 @@
 """Meta's Llama generation API on the D-LLM model, with real skipping and the evicting KV cache."""
-import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Collection, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from dllm import checkpoint, distributed
+from dllm.chat import ChatFormat
 from dllm.errors import InputError
 from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_BASE = os.path.join(ROOT, "assets", "tiny-llama2")
-DEMO_ADAPTER = os.path.join(ROOT, "assets", "tiny-dllm", "checkpoint.pth")
-DEMO_ARGS = os.path.join(ROOT, "assets", "tiny-dllm", "params.json")
-DEMO_TOKENIZER = os.path.join(DEMO_BASE, "tokenizer.model")
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 @dataclass
@@ -56,10 +47,10 @@ class RoutingStats:
 class Llama:
     @staticmethod
     def build(
-        llama_ckpt_dir: str = DEMO_BASE,
-        dynamic_ckpt_dir: Optional[str] = DEMO_ADAPTER,
-        model_args_path: Optional[str] = DEMO_ARGS,
-        tokenizer_path: str = DEMO_TOKENIZER,
+        llama_ckpt_dir: str,
+        dynamic_ckpt_dir: Optional[str] = None,
+        model_args_path: Optional[str] = None,
+        tokenizer_path: Optional[str] = None,
         max_seq_len: int = 512,
         max_batch_size: int = 8,
         model_parallel_size: Optional[int] = None,
@@ -67,7 +58,10 @@ class Llama:
         dense: bool = False,
         execute_threshold: Optional[float] = None,
     ) -> "Llama":
-        """Load the base checkpoint and the D-LLM adapter (a directory or one file), merge LoRA.
+        """Load the base checkpoint (Meta or Hugging Face layout) and the D-LLM adapter (a directory
+        or one file), merge LoRA. The tokenizer is found in `llama_ckpt_dir` unless `tokenizer_path`
+        is given; the adapter's model args in the `params.json` next to it unless `model_args_path`
+        is given.
 
         Without an adapter, or with `dense` (which ignores the adapter), every block executes: the
         plain base model, the reference D-LLM is measured against.
@@ -76,18 +70,16 @@ class Llama:
             dynamic_ckpt_dir = None
         device = distributed.setup(model_parallel_size)
         torch.manual_seed(seed)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = Tokenizer(tokenizer_path or llama_ckpt_dir)
         base_args = checkpoint.load_params(llama_ckpt_dir)
         sizes = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, execute_threshold=execute_threshold)
-        if dynamic_ckpt_dir and model_args_path:
+        if dynamic_ckpt_dir:
+            model_args_path = model_args_path or checkpoint.adapter_params_path(dynamic_ckpt_dir)
             args = checkpoint.load_params(model_args_path, **sizes)
-            checkpoint.check_args_match(args, base_args, model_args_path, os.path.join(llama_ckpt_dir, "params.json"))
+            checkpoint.check_args_match(args, base_args, model_args_path, checkpoint.params_file(llama_ckpt_dir))
         else:
             args = checkpoint.load_params(llama_ckpt_dir, lora_rank=0, **sizes)
-        if args.vocab_size == -1:
-            args.vocab_size = tokenizer.n_words
-        if args.vocab_size != tokenizer.n_words:
-            raise InputError(f"{tokenizer_path}: {tokenizer.n_words} words but the model's vocab_size is {args.vocab_size}")
+        checkpoint.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
         model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
         if not dynamic_ckpt_dir:
@@ -101,7 +93,7 @@ class Llama:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output.weight.device
+        return self.model.tok_embeddings.weight.device
 
     def _check_batch(self, prompt_tokens: List[List[int]]):
         params = self.model.params
@@ -123,22 +115,26 @@ class Llama:
         logprobs: bool = False,
         actprobs: bool = True,
         echo: bool = False,
+        stop_ids: Optional[Collection[int]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]], Optional[List[List[float]]]]:
         """Meta's loop over a fresh evicting cache. actprobs: per returned token, the share of
-        blocks it executed. `self.last_stats` keeps what this call executed and kept."""
+        blocks it executed. A row ends at the first of `stop_ids` (default: the tokenizer's).
+        `self.last_stats` keeps what this call executed and kept."""
         self._check_batch(prompt_tokens)
+        stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         bsz, n_layers = len(prompt_tokens), self.model.n_layers
         min_prompt_len = min(len(t) for t in prompt_tokens)
         max_prompt_len = max(len(t) for t in prompt_tokens)
         total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
-        pad_id = self.tokenizer.pad_id
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        # from the lengths, not `tokens != pad_id`: a chat prompt may hold the pad token itself
+        input_text_mask = torch.zeros(bsz, total_len, dtype=torch.bool, device=self.device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+            input_text_mask[k, : len(t)] = True
         token_logprobs = torch.zeros(bsz, total_len, device=self.device)
         activation = torch.zeros(bsz, total_len, n_layers, device=self.device)
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        input_text_mask = tokens != pad_id
         cache = self.model.new_cache(bsz)
 
         def step(begin: int, end: int) -> torch.Tensor:
@@ -158,7 +154,7 @@ class Llama:
                 token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
                 )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & (next_token == self.tokenizer.eos_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
             prev_pos = cur_pos
             if all(eos_reached):
                 break
@@ -167,12 +163,14 @@ class Llama:
         step(prev_pos, fed)
 
         executed = activation.sum(-1)
+        stop_set = set(stop.tolist())
         out_tokens, out_logprobs, out_actprobs, lengths = [], [], [], []
         for i, toks in enumerate(tokens[:, :fed].tolist()):
             start = 0 if echo else len(prompt_tokens[i])
             end = min(len(prompt_tokens[i]) + max_gen_len, fed)
-            if self.tokenizer.eos_id in toks[start:end]:
-                end = start + toks[start:end].index(self.tokenizer.eos_id)
+            stops = [j for j in range(len(prompt_tokens[i]), end) if toks[j] in stop_set]
+            if stops:
+                end = stops[0]
             out_tokens.append(toks[start:end])
             out_logprobs.append(token_logprobs[i, start:end].tolist())
             out_actprobs.append((executed[i, start:end] / n_layers).tolist())
@@ -205,31 +203,17 @@ class Llama:
 
     def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False):
-        """Llama-2 chat format: [INST] ... [/INST] turns, an optional system message in the first."""
+        """Dialogs in the model's own chat template (Llama-2's [INST] format when it has none);
+        generation stops at the template's end-of-turn token."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self._encode_dialog(d) for d in dialogs]
-        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True)
+        chat = ChatFormat(self.tokenizer)
+        prompt_tokens = [chat.encode_dialog(d) for d in dialogs]
+        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, stop_ids=chat.stop_ids)
         return [
             {"generation": {"role": "assistant", "content": c.pop("generation")}, **c}
             for c in self._completions(*result, logprobs)
         ]
-
-    def _encode_dialog(self, dialog: List[dict]) -> List[int]:
-        if dialog and dialog[0]["role"] == "system":
-            dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
-        if [m["role"] for m in dialog[::2]] != ["user"] * len(dialog[::2]) or any(
-            m["role"] != "assistant" for m in dialog[1::2]
-        ):
-            raise InputError("a dialog alternates user and assistant turns (an optional system message first)")
-        if dialog[-1]["role"] != "user":
-            raise InputError("the last message of a dialog must be from the user")
-        tokens = []
-        for prompt, answer in zip(dialog[::2], dialog[1::2]):
-            text = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
-            tokens += self.tokenizer.encode(text, bos=True, eos=True)
-        tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-        return tokens
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:

@@ -6,16 +6,21 @@ blends `w * block(x) + (1 - w) * x`, so the router's straight-through gradient e
 through at the cost of the router, and leave no K/V behind (see kv_cache.py).
 """
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
+)
+from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, gather_from_model_parallel_region
 from torch import nn
 
 from dllm import distributed
+from dllm.errors import InputError
 from dllm.kv_cache import KVCache, LayerKVCache
 from dllm.routing import Decision, DLLMRouting, RMSNorm, Router
 
@@ -31,6 +36,11 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Llama-3 and Hugging Face checkpoints (None/False: Llama-2's derived values)
+    head_dim: Optional[int] = None  # dim // n_heads unless given
+    hidden_dim: Optional[int] = None  # the FFN width as stored (HF intermediate_size); else rounded from dim
+    tie_word_embeddings: bool = False  # the output projection is the embedding matrix
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     max_batch_size: int = 32
     max_seq_len: int = 2048
     # D-LLM (official names)
@@ -52,10 +62,12 @@ class ModelArgs:
         if not isinstance(params, dict):
             raise TypeError(f"expected a JSON object, got {type(params).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(set(params) - known - {"use_scaled_rope"})
         if unknown:
             print(f"warning: ignoring unknown model args {unknown}", file=sys.stderr)
         merged = {k: v for k, v in params.items() if k in known}
+        if params.get("use_scaled_rope") and merged.get("rope_scaling") is None:
+            merged["rope_scaling"] = dict(META_LLAMA3_ROPE_SCALING)  # Meta's Llama-3.1 params.json
         merged.update({k: v for k, v in overrides.items() if v is not None})
         if "dynamic_router_bias" in merged:
             merged["dynamic_router_bias"] = tuple(merged["dynamic_router_bias"])
@@ -71,20 +83,46 @@ class ModelArgs:
         out["dynamic_router_bias"] = list(self.dynamic_router_bias)
         return out
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ("llama3", "default"):
+                raise ValueError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3)")
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+# what Meta's params.json means by "use_scaled_rope": true (Llama-3.1)
+META_LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_scaled_freqs(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3.1 long-context RoPE: low frequencies divided by `factor`, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
+                         rope_scaling: Optional[dict] = None) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
+        freqs = llama3_scaled_freqs(freqs, rope_scaling)
     angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -270,22 +308,39 @@ def is_adapter_key(name: str) -> bool:
     return ".router." in name or ".lora_" in name
 
 
+def check_model_parallel_split(params: ModelArgs, mp_size: int):
+    """Heads, KV heads and the vocabulary are split across model-parallel ranks: each must divide."""
+    counts = (("n_heads", params.n_heads), ("n_kv_heads", params.n_kv_heads or params.n_heads),
+              ("vocab_size", params.vocab_size))
+    for name, count in counts:
+        if count % mp_size:
+            raise InputError(f"{name}={count} does not divide by the model-parallel size {mp_size}; "
+                             f"use a model-parallel size that divides it")
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, init_weights: bool = True):
         """`init_weights=False` skips random initialisation when a checkpoint will be loaded."""
         super().__init__()
         if not torch.distributed.is_initialized() or not distributed.fs_init.model_parallel_is_initialized():
             distributed.setup()
+        check_model_parallel_split(params, distributed.mp_size())
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
         init_method = _normal_init if init_weights else _no_init
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
+        if params.tie_word_embeddings:
+            # split by vocabulary, so each rank's embedding shard is its shard of the output projection
+            self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
+            self.output = None
+        else:
+            self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
+            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
         self.layers = nn.ModuleList(TransformerBlock(i, params, init_method) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
         # a plain attribute, not a buffer: Module.to(dtype) would drop the imaginary part
-        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta)
+        self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta,
+                                              params.rope_scaling)
         self.routing = DLLMRouting(params.dynamic_reserve_initials, params.gumbel_tau, params.execute_threshold)
 
     def new_cache(self, batch: int) -> KVCache:
@@ -315,8 +370,14 @@ class Transformer(nn.Module):
             kv = None if cache is None else cache.layers[layer.layer_id]
             h, decision = layer(h, positions, self.freqs_cis, self.routing, kv)
             activation.append(torch.ones(b, s, device=h.device) if decision is None else decision.weight.float())
-        logits = self.output(self.norm(h)).float()
-        return logits, torch.stack(activation, -1)
+        return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1)
+
+    def project_vocab(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection; tied models use the embedding matrix itself (one tensor, no copy)."""
+        if self.output is not None:
+            return self.output(h)
+        local = F.linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
+        return gather_from_model_parallel_region(local)
 
     def compute_loss(self, examples, labels, example_masks, label_masks):
         """The D-LLM objective's pieces: CE on response tokens and the L1 execution-rate loss.

@@ -122,17 +122,16 @@ class Trainer:
         self.args = args
         self.device = distributed.setup(args.model_parallel_size)
         self.main = distributed.is_main()
-        checkpoint.base_shard_path(args.llama_model_path)  # a missing model says so before anything else
-        tokenizer = Tokenizer(args.tokenizer_path)
+        checkpoint.check_base(args.llama_model_path)  # a missing model says so before anything else
+        tokenizer = Tokenizer(args.tokenizer_path or args.llama_model_path)
         overrides = dict(
             max_seq_len=args.max_seq_len, max_batch_size=args.batch_size, lora_rank=args.lora_rank,
             dynamic_active_target=args.dynamic_active_target, dynamic_start_layer=args.dynamic_start_layer,
             dynamic_router_hdim=args.dynamic_router_hdim, dynamic_reserve_initials=args.dynamic_reserve_initials,
             dynamic_router_bias=args.router_bias, gumbel_tau=args.gumbel_tau,
         )
-        self.model_args = checkpoint.load_params(args.llama_param_path, **overrides)
-        if self.model_args.vocab_size == -1:
-            self.model_args.vocab_size = tokenizer.n_words
+        self.model_args = checkpoint.load_params(args.llama_param_path or args.llama_model_path, **overrides)
+        checkpoint.check_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_model_path)
         # adapters start identical on every rank; noise (Gumbel, dropout) differs across data-parallel ranks
         torch.manual_seed(args.seed)
         self.model = checkpoint.build_model(

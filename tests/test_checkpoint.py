@@ -71,9 +71,17 @@ def test_missing_checkpoint_directory(tmp_path):
     assert missing in _one_line(e) and "not found" in str(e.value)
 
 
-def test_missing_params_json(tmp_path):
+def test_directory_of_neither_layout(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(InputError) as e:
         load_params(str(tmp_path))
+    assert _one_line(e) == (f"{tmp_path}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a "
+                            f"Hugging Face one (config.json + *.safetensors)")
+
+
+def test_missing_params_json_file(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_params(str(tmp_path / "params.json"))
     assert _one_line(e) == f"model args file not found: {tmp_path / 'params.json'}"
 
 
@@ -325,12 +333,20 @@ def test_model_args_accept_meta_params_json(params, ffn, capsys, tmp_path):
 
 
 def test_model_args_ignore_unknown_keys_with_a_warning(capsys):
-    args = ModelArgs.from_dict(META_LLAMA3_8B)
+    args = ModelArgs.from_dict({**META_LLAMA2_70B, "moe_num_experts": 8})
     err = capsys.readouterr().err
-    assert "warning: ignoring unknown model args ['use_scaled_rope']" in err
-    assert args.rope_theta == 500000.0 and args.n_kv_heads == 8
+    assert "warning: ignoring unknown model args ['moe_num_experts']" in err
+    assert args.n_kv_heads == 8
+    ModelArgs.from_dict(META_LLAMA3_8B)
     ModelArgs.from_dict(META_LLAMA2_7B)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_meta_use_scaled_rope_means_llama3_scaling_with_metas_constants():
+    args = ModelArgs.from_dict(META_LLAMA3_8B)
+    assert args.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert ModelArgs.from_dict(META_LLAMA2_7B).rope_scaling is None
 
 
 def test_model_args_round_trip_through_json():

@@ -15,6 +15,7 @@ from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.model import Transformer
 from dllm.routing import DenseRouting
+from dllm.chat import ChatFormat
 from dllm.tokenizer import Tokenizer
 from test_model import randomize
 from test_model_parallel import free_port
@@ -235,7 +236,8 @@ def test_chat_completion_formats_dialogs(tokenizer_path):
                [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]]
     out = generator.chat_completion(dialogs, temperature=0.0, max_gen_len=4)
     assert [o["generation"]["role"] for o in out] == ["assistant", "assistant"]
-    expected = generator.tokenizer.encode("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nThe quick brown fox [/INST]", bos=True, eos=False)
-    assert generator._encode_dialog(dialogs[0]) == expected
+    chat = ChatFormat(generator.tokenizer)
+    tokens, _, _ = generator.generate([chat.encode_dialog(d) for d in dialogs], 4, temperature=0.0, stop_ids=chat.stop_ids)
+    assert [o["generation"]["content"] for o in out] == [generator.tokenizer.decode(t) for t in tokens]
     with pytest.raises(InputError, match="last message of a dialog must be from the user"):
         generator.chat_completion([[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]])

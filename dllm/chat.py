@@ -59,7 +59,8 @@ class ChatFormat:
         """Llama-2 chat: [INST] ... [/INST] turns, each exchange between bos and eos, an optional
         system message inside the first."""
         if len(dialog) > 1 and dialog[0]["role"] == "system":
-            dialog = [{"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
+            system, first = dialog[0]["content"], dialog[1]
+            dialog = [{"role": first["role"], "content": B_SYS + system + E_SYS + first["content"]}] + dialog[2:]
         if [m["role"] for m in dialog[::2]] != ["user"] * len(dialog[::2]) or any(
             m["role"] != "assistant" for m in dialog[1::2]
         ):

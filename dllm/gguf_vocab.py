@@ -19,6 +19,8 @@ from dllm.errors import InputError
 
 # llama.cpp's token types
 CONTROL, USER_DEFINED = 3, 4
+SPECIAL_TOKEN_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                      "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -34,7 +36,10 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN35_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -61,16 +66,16 @@ def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: str):
         tokenizer = byte_level_bpe(tokens, merges, field(reader, "tokenizer.ggml.pre"))
         spelled = set(bytes_to_unicode().values())
     else:
-        tokenizer = sentencepiece_bpe(tokens, merges or merges_from_scores(tokens, field(reader, "tokenizer.ggml.scores")))
+        merges = merges or merges_from_scores(tokens, field(reader, "tokenizer.ggml.scores"))
+        tokenizer = sentencepiece_bpe(tokens, merges)
         spelled = None
 
-    named = {name: field(reader, f"tokenizer.ggml.{key}_token_id")
-             for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
-    named = {f"{name}_token": tokens[i] for name, i in named.items() if i is not None}
+    named = {name: tokens[i] for name, key in SPECIAL_TOKEN_KEYS.items() if (i := field(reader, key)) is not None}
     # a control token outside the byte alphabet is a llama.cpp mislabel in a byte-level vocabulary
     control = [t for t, token_type in zip(tokens, token_types)
                if token_type == CONTROL and (spelled is None or set(t) <= spelled)]
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control + list(named.values())])
+    specials = control + list(named.values())
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     vocab = tokenizer.get_vocab()
     user_defined = [t for t, token_type in zip(tokens, token_types) if token_type == USER_DEFINED and t in vocab]
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
@@ -102,7 +107,7 @@ def field(reader: gguf.GGUFReader, key: str, default=None):
 
 def bytes_to_unicode() -> Dict[int, str]:
     """GPT-2's spelling of each byte as a printable character, the alphabet of byte-level vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -111,8 +116,10 @@ def byte_level_bpe(tokens: List[str], merges: List[Tuple[str, str]], pre: Option
     """GPT-2 style: tokens spelled in the byte alphabet (one that is not is respelled), BPE over bytes."""
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="",
+                                     fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS.get(pre)
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

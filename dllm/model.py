@@ -312,10 +312,10 @@ def check_model_parallel_split(params: ModelArgs, mp_size: int):
     """Heads, KV heads and the vocabulary are split across model-parallel ranks: each must divide."""
     counts = (("n_heads", params.n_heads), ("n_kv_heads", params.n_kv_heads or params.n_heads),
               ("vocab_size", params.vocab_size))
-    for name, count in counts:
-        if count % mp_size:
-            raise InputError(f"{name}={count} does not divide by the model-parallel size {mp_size}; "
-                             f"use a model-parallel size that divides it")
+    bad = [f"{name}={count}" for name, count in counts if count % mp_size]
+    if bad:
+        raise InputError(f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not divide by the "
+                         f"model-parallel size {mp_size}; use a model-parallel size that divides it")
 
 
 class Transformer(nn.Module):

@@ -15,15 +15,16 @@ class Tokenizer:
     `path` is a `tokenizer.model`, a `tokenizer.json`, or a model directory holding one of them
     (`tokenizer.json` first, as transformers prefers it). Beyond Meta's API: `unk_id`, `stop_ids`,
     the ids that end generation, `special_ids`, the ids of special tokens, `chat_template`, the
-    model's Jinja chat template or None, and `token_text(id)`, one token as the vocabulary spells it.
-    Ids a model has no token for are -1.
+    model's Jinja chat template or None, `adds_bos` (see below) and `token_text(id)`, one token as
+    the vocabulary spells it. Ids a model has no token for are -1.
 
     `encode(s, bos=True, ...)` puts bos in front only where the model's own convention does
     (SentencePiece: always; tokenizer.json: `add_bos_token` in tokenizer_config.json, else the
-    post-processor's template), because a model that never saw a leading bos in training (SmolLM2)
-    should not get one: `encode(s, True, False)` equals transformers' `tok(s)["input_ids"]` and
-    `encode(s, False, False)` equals `tok(s, add_special_tokens=False)["input_ids"]`. Special tokens
-    written in the text of a tokenizer.json model are encoded as their ids, as transformers does.
+    post-processor's template), so that a prompt starts the way it did when the model was trained and
+    evaluated with its own tokenizer (SmolLM2's adds none): `encode(s, True, False)` equals
+    transformers' `tok(s)["input_ids"]` and `encode(s, False, False)` equals
+    `tok(s, add_special_tokens=False)["input_ids"]`. Special tokens written in the text of a
+    tokenizer.json model are encoded as their ids, as transformers does.
     """
 
     def __init__(self, path: str):
@@ -107,11 +108,13 @@ class HuggingFaceBackend:
         directory = os.path.dirname(file)
         config = read_json(os.path.join(directory, "tokenizer_config.json"))
         # generation_config.json is what transformers' generate() follows, so its ids come first
-        model_configs = [read_json(os.path.join(directory, name)) for name in ("generation_config.json", "config.json")]
+        model_configs = [read_json(os.path.join(directory, name))
+                         for name in ("generation_config.json", "config.json")]
         self.n_words = max(self.model.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             self._special_id(name, config, model_configs) for name in ("bos", "eos", "pad", "unk"))
-        self.stop_ids = frozenset({self.eos_id} | {i for c in model_configs for i in as_ids(c.get("eos_token_id"))}) - {-1}
+        config_eos_ids = {i for c in model_configs for i in as_ids(c.get("eos_token_id"))}
+        self.stop_ids = frozenset({self.eos_id} | config_eos_ids) - {-1}
         self.special_ids = frozenset(i for i, token in self.model.get_added_tokens_decoder().items() if token.special)
         self.chat_template = read_chat_template(directory, config)
         adds_bos = config.get("add_bos_token")
@@ -151,7 +154,8 @@ def read_chat_template(directory: str, config: dict) -> Optional[str]:
             return f.read()
     template = config.get("chat_template")
     if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     return template if isinstance(template, str) else None
 
 

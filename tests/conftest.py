@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random model configuration and a tokenizer trained in a second."""
 import importlib.util
 import os
+import socket
 
 import pytest
 import sentencepiece as spm
@@ -33,6 +34,20 @@ def tokenizer_path(tmp_path_factory):
     return prefix + ".model"
 
 
+def subprocess_env() -> dict:
+    """For a child python or torchrun: one thread, the repository importable, no inherited torchrun world."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32,
                 dynamic_router_hdim=16, dynamic_start_layer=1, max_seq_len=64, lora_dropout=0.0)
@@ -58,3 +73,27 @@ def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> str:
     directory = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
     write_tokenizer_files(gguf.GGUFReader(smollm2_gguf), directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
+    """SmolLM2 converted from its GGUF to the Hugging Face layout in fp32 (the dequantized values, exactly)."""
+    import torch
+
+    from dllm.convert import convert
+
+    directory = str(tmp_path_factory.mktemp("smollm2") / "hf")
+    convert(smollm2_gguf, directory, "hf", dtype=torch.float32)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def transformers_smollm2(smollm2_gguf):
+    """The independent oracle: transformers' own loading of the same GGUF file, fp32, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    directory, name = os.path.split(smollm2_gguf)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_args
+from conftest import free_port, tiny_args
 from dllm.checkpoint import adapter_state_dict, atomic_save, save_meta_checkpoint
 from dllm.errors import InputError
 from dllm.generation import Llama
@@ -18,7 +18,6 @@ from dllm.routing import DenseRouting
 from dllm.chat import ChatFormat
 from dllm.tokenizer import Tokenizer
 from test_model import randomize
-from test_model_parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["The quick brown fox", "She sold 48 clips in April and half as many in May. Question:", "A"]

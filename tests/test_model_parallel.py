@@ -5,13 +5,12 @@ load it (tests/mp_worker.py) and their logits must equal the single-process logi
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
-from conftest import tiny_args
+from conftest import free_port, tiny_args
 from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, atomic_save, save_meta_checkpoint
 from dllm.model import Transformer
 from mp_worker import inference_probes, training_probe
@@ -19,12 +18,6 @@ from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_model_parallel_2_matches_single_process(tmp_path):

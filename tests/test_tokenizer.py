@@ -10,7 +10,7 @@ import sentencepiece as spm
 
 from dllm.chat import ChatFormat
 from dllm.errors import InputError
-from dllm.gguf_vocab import write_tokenizer_files
+from dllm.gguf_vocab import PRE_TOKENIZER_SPLITS, merges_from_scores, write_tokenizer_files
 from dllm.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -42,7 +42,8 @@ def texts():
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
     """transformers' tokenizer for the GGUF, built from the same metadata by its own converter."""
-    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf))
+    directory, name = os.path.split(smollm2_gguf)
+    return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,21 @@ def smollm2(smollm2_tokenizer_dir):
     return Tokenizer(smollm2_tokenizer_dir)
 
 
+def assert_same_ids(ours: Tokenizer, reference, texts):
+    """With special tokens as transformers adds them (bos only by the model's convention), and without."""
+    assert reference(texts)["input_ids"] == [ours.encode(t, bos=True, eos=False) for t in texts]
+    assert reference(texts, add_special_tokens=False)["input_ids"] == [ours.encode(t, bos=False, eos=False) for t in texts]
+
+
 def test_ids_equal_transformers_gguf_tokenizer(smollm2, reference, texts):
-    assert reference(texts)["input_ids"] == [smollm2.encode(t, bos=True, eos=False) for t in texts]
-    assert reference(texts, add_special_tokens=False)["input_ids"] == [smollm2.encode(t, bos=False, eos=False) for t in texts]
+    assert_same_ids(smollm2, reference, texts)
+
+
+def test_pre_tokenizer_rules_are_transformers_table():
+    """The split regex per `tokenizer.ggml.pre` is transformers' (its other entries have no test file here)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
 
 
 def test_decode_inverts_encode(smollm2, texts):
@@ -61,8 +74,8 @@ def test_decode_inverts_encode(smollm2, texts):
 
 def test_special_ids_and_sizes_follow_the_gguf(smollm2, reference):
     assert smollm2.n_words == len(reference)
-    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == tuple(
-        reference.convert_tokens_to_ids(t) for t in (reference.bos_token, reference.eos_token, reference.pad_token))
+    named = (reference.bos_token, reference.eos_token, reference.pad_token)
+    assert (smollm2.bos_id, smollm2.eos_id, smollm2.pad_id) == tuple(reference.convert_tokens_to_ids(named))
     assert smollm2.encode("Hi", bos=False, eos=True)[-1] == smollm2.eos_id
 
 
@@ -71,8 +84,9 @@ DIALOGS = [
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
     [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "And 3 + 3? 🤔\n  Show <|im_end|> work."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
-     {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}, {"role": "user", "content": "日本語"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A"},
+     {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"},
+     {"role": "assistant", "content": "D"}, {"role": "user", "content": "日本語"}],
 ]
 
 
@@ -95,7 +109,7 @@ def copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, tokenizer_config: dict,
     return Tokenizer(str(tmp_path))
 
 
-# ChatML written with indented blocks and a tojson call: rendering must trim blocks and not escape HTML as transformers
+# ChatML with indented blocks and a tojson call: blocks are trimmed and HTML is not escaped, as in transformers
 MULTILINE_TEMPLATE = """{%- for message in messages %}
     {%- if loop.first and message['role'] != 'system' %}
 <|im_start|>system
@@ -125,7 +139,8 @@ def test_chat_template_inside_tokenizer_config(smollm2_tokenizer_dir, tmp_path, 
 def test_end_of_turn_token_found_from_the_template_not_eos(smollm2_tokenizer_dir, smollm2, tmp_path):
     """eos here is <|endoftext|>; <|im_end|> still ends a turn because the template writes it after a reply."""
     template = open(os.path.join(smollm2_tokenizer_dir, "chat_template.jinja")).read()
-    tokenizer = copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, {"eos_token": "<|endoftext|>", "chat_template": template})
+    config = {"eos_token": "<|endoftext|>", "chat_template": template}
+    tokenizer = copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, config)
     end_of_text, end_of_turn = (smollm2.encode(t, bos=False, eos=False)[0] for t in ("<|endoftext|>", "<|im_end|>"))
     assert tokenizer.stop_ids == {end_of_text}
     assert ChatFormat(tokenizer).stop_ids == {end_of_text, end_of_turn}
@@ -134,8 +149,9 @@ def test_end_of_turn_token_found_from_the_template_not_eos(smollm2_tokenizer_dir
 def test_ids_from_model_configs_when_tokenizer_config_has_none(smollm2_tokenizer_dir, tmp_path):
     """Without tokens in tokenizer_config.json: generation_config.json first, then config.json; every id of an
     eos_token_id list stops generation."""
-    tokenizer = copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, {}, generation_config={"eos_token_id": [5, 7]},
-                                    config={"bos_token_id": 3, "eos_token_id": 9, "pad_token_id": None})
+    tokenizer = copy_tokenizer_json(
+        smollm2_tokenizer_dir, tmp_path, {}, generation_config={"eos_token_id": [5, 7]},
+        config={"bos_token_id": 3, "eos_token_id": 9, "pad_token_id": None})
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (3, 5, -1)
     assert tokenizer.stop_ids == {5, 7, 9}
     assert tokenizer.chat_template is None
@@ -144,11 +160,14 @@ def test_ids_from_model_configs_when_tokenizer_config_has_none(smollm2_tokenizer
 def test_bos_from_post_processor_when_config_is_silent(smollm2_tokenizer_dir, tmp_path):
     """A tokenizer.json whose post-processor writes bos (Llama-3's layout): encode(bos=True) puts it first."""
     data = json.load(open(os.path.join(smollm2_tokenizer_dir, "tokenizer.json")))
-    data["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
-                                                                        {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [], "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}}}
+    bos = "<|im_start|>"
+    data["post_processor"] = {
+        "type": "TemplateProcessing", "pair": [],
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {bos: {"id": bos, "ids": [data["model"]["vocab"][bos]], "tokens": [bos]}},
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos}))
     tokenizer = Tokenizer(str(tmp_path / "tokenizer.json"))
     assert tokenizer.encode("Hi", bos=True, eos=False) == [tokenizer.bos_id] + tokenizer.encode("Hi", bos=False, eos=False)
 
@@ -186,12 +205,23 @@ def test_llama_gguf_tokenizer_equals_transformers(llama_gguf, tmp_path, texts):
     """SentencePiece-style BPE with byte fallback, merges derived from the scores (in the same order), bos first."""
     write_tokenizer_files(gguf.GGUFReader(llama_gguf), str(tmp_path))
     ours = Tokenizer(str(tmp_path))
-    reference = transformers.AutoTokenizer.from_pretrained(os.path.dirname(llama_gguf), gguf_file=os.path.basename(llama_gguf))
+    directory, name = os.path.split(llama_gguf)
+    reference = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     written = json.loads((tmp_path / "tokenizer.json").read_text())
     assert written["model"] == json.loads(reference.backend_tokenizer.to_str())["model"]
-    assert reference(texts)["input_ids"] == [ours.encode(t, bos=True, eos=False) for t in texts]
-    assert reference(texts, add_special_tokens=False)["input_ids"] == [ours.encode(t, bos=False, eos=False) for t in texts]
-    assert [reference.decode(ours.encode(t, False, False)) for t in texts] == [ours.decode(ours.encode(t, False, False)) for t in texts]
+    assert_same_ids(ours, reference, texts)
+    ids = [ours.encode(t, bos=False, eos=False) for t in texts]
+    assert [ours.decode(i) for i in ids] == [reference.decode(i) for i in ids]
+
+
+def test_merges_from_scores_rank_like_transformers():
+    """Ties in token score: longer left piece first, then transformers' order."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    tokens = ["a", "b", "c", "ab", "bc", "ca", "abc", "cab", "bca"]
+    scores = [0.0, 0.0, 0.0, -1.0, -1.0, -1.0, -2.0, -2.0, -3.0]
+    expected = generate_merges({t: i for i, t in enumerate(tokens)}, dict(zip(tokens, scores)))
+    assert merges_from_scores(tokens, scores) == expected
 
 
 def test_unsupported_gguf_tokenizer_model(tmp_path):
@@ -219,9 +249,9 @@ def test_sentencepiece_keeps_meta_conventions(tokenizer_path, tmp_path):
 def test_llama2_format_without_template(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
     chat = ChatFormat(tokenizer)
-    system_first = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox"}]
-    expected = tokenizer.encode("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nThe quick brown fox [/INST]", bos=True, eos=False)
-    assert chat.encode_dialog(system_first) == expected
+    system_first = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick fox"}]
+    expected = "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nThe quick fox [/INST]"
+    assert chat.encode_dialog(system_first) == tokenizer.encode(expected, bos=True, eos=False)
     turns = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]
     assert chat.encode_dialog(turns) == (tokenizer.encode("[INST] A [/INST] B ", bos=True, eos=True)
                                          + tokenizer.encode("[INST] C [/INST]", bos=True, eos=False))
@@ -253,8 +283,8 @@ def test_malformed_dialog(smollm2, tokenizer_path, dialog):
 
 
 def test_template_raising_is_an_input_error(smollm2_tokenizer_dir, tmp_path):
-    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
-                "{{ m['content'] }}{% endfor %}")
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
+                "{% endif %}{{ m['content'] }}{% endfor %}")
     chat = ChatFormat(copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, {"chat_template": template}))
     with pytest.raises(InputError, match="rejects the dialog: no system messages"):
         chat.encode_dialog(DIALOGS[1])

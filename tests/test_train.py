@@ -20,13 +20,13 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import finetuning
-from conftest import tiny_args
+from conftest import free_port, subprocess_env, tiny_args
 from dllm import checkpoint, schedule
 from dllm.checkpoint import atomic_save, read_adapter
 from dllm.errors import run_cli
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
-from train_utils import BATCH, N_TRAIN, ROOT, free_port, make_base, make_dataset, read_log, subprocess_env, train_argv
+from train_utils import BATCH, N_TRAIN, ROOT, make_base, make_dataset, read_log, train_argv
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 8 with one process

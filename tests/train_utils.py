@@ -80,18 +80,3 @@ def train_argv(base: str, data: str, out: str, *extra: str, **options) -> list:
 def read_log(out: str) -> list:
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

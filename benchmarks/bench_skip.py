@@ -7,6 +7,8 @@ the best of `repeats` is kept, so machine noise hits both alike.
 
     python benchmarks/bench_skip.py                      # CPU, fp32, dim 2048, 8 layers
     python benchmarks/bench_skip.py --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16   # GPU
+    python benchmarks/bench_skip.py --llama_ckpt_dir models/smollm2 --decode_batches "(1,)" \
+        --out benchmarks/results/bench_smollm2_cpu.json   # a real base (Meta or HF layout), random routers
 """
 import json
 import os
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dllm import distributed  # noqa: E402
+from dllm import checkpoint, distributed  # noqa: E402
 from dllm.flops import flops_ratio, kv_ratio  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
@@ -81,18 +83,25 @@ def run_decode(model, prompt, steps, vocab):
 
 def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, router_hdim=512,
          start_layer=2, prompt_len=512, decode_prompt_len=128, decode_steps=32, decode_batches=(1, 8),
-         shares=(0.25, 0.5, 0.75), repeats=3, dtype="float32", seed=0,
+         shares=(0.25, 0.5, 0.75), repeats=3, dtype="float32", seed=0, llama_ckpt_dir=None,
          out="benchmarks/results/bench_skip_cpu.json"):
+    """With `llama_ckpt_dir` the base weights and shape come from that checkpoint (routers stay random)."""
     device = distributed.setup()
     torch.manual_seed(seed)
-    args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                     dynamic_router_hdim=router_hdim, dynamic_start_layer=start_layer, lora_rank=0,
-                     max_seq_len=prompt_len + decode_steps + decode_prompt_len, max_batch_size=max(decode_batches))
+    sizes = dict(dynamic_router_hdim=router_hdim, dynamic_start_layer=start_layer, lora_rank=0,
+                 max_seq_len=prompt_len + decode_steps + decode_prompt_len, max_batch_size=max(decode_batches))
     torch_dtype = getattr(torch, dtype)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    model = Transformer(args).to(device).eval()
-    torch.set_default_dtype(previous)
+    if llama_ckpt_dir:
+        args = checkpoint.load_params(llama_ckpt_dir, **sizes)
+        model = checkpoint.build_model(args, llama_ckpt_dir, None, device, torch_dtype).eval()
+        dim, n_layers, n_heads, vocab_size = args.dim, args.n_layers, args.n_heads, args.vocab_size
+    else:
+        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                         **sizes)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)
+        model = Transformer(args).to(device).eval()
+        torch.set_default_dtype(previous)
     for layer in model.layers:
         if layer.router is not None:
             torch.nn.init.normal_(layer.router.linear_2.weight, std=0.5)
@@ -147,7 +156,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
             row[f"decode{b}_kv_bytes_ratio"] = dbytes / record["dense"][f"decode{b}"][1]
         rows.append(row)
 
-    meta = {"device": device_name(device), "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
+    meta = {"device": device_name(device), "model": llama_ckpt_dir or "random weights", "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
             "vocab_size": vocab_size, "router_hdim": router_hdim, "start_layer": start_layer,
             "prompt_len": prompt_len, "decode_prompt_len": decode_prompt_len, "decode_steps": decode_steps,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -169,7 +178,7 @@ def device_name(device) -> str:
 
 
 def print_table(rows, meta, decode_batches):
-    print(f"\n{meta['device']}, {meta['dtype']}, dim {meta['dim']}, {meta['n_layers']} layers, "
+    print(f"\n{meta['model']}, {meta['device']}, {meta['dtype']}, dim {meta['dim']}, {meta['n_layers']} layers, "
           f"prompt {meta['prompt_len']}, decode {meta['decode_steps']} tokens after {meta['decode_prompt_len']}")
     head = ["config", "exec(routed)", "FLOPs ratio", "ideal x", "KV bytes ratio", "prefill tok/s", "prefill x", "% ideal"]
     for b in decode_batches:

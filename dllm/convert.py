@@ -24,7 +24,6 @@ from dllm.model import ModelArgs, check_model_parallel_split
 # files that travel with the weights unchanged (tokenizers, chat template, token ids)
 COMPANION_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
-GGUF_SUFFIX = ".gguf"
 
 
 @dataclass
@@ -38,7 +37,9 @@ class Source:
 
 def read_source(src: str) -> Source:
     """A GGUF file, a Hugging Face directory or a Meta directory (any number of shards)."""
-    if src.endswith(GGUF_SUFFIX) or os.path.isfile(src):
+    if not os.path.exists(src):
+        raise InputError(f"{src} not found (expected a GGUF file, or a Hugging Face or Meta checkpoint directory)")
+    if os.path.isfile(src):
         args, state_dict, reader = gguf_checkpoint.read_gguf(src)
         extra = {k: gguf_checkpoint.field(reader, key) for k, key in (
             ("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),

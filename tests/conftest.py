@@ -8,6 +8,9 @@ import sentencepiece as spm
 
 from dllm.model import ModelArgs
 
+# transformers (the tests' oracle) reads this when first imported: no hub lookups, ever
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Llama's SentencePiece conventions (OFFLINE.md)
@@ -93,7 +96,6 @@ def transformers_smollm2(smollm2_gguf):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
     directory, name = os.path.split(smollm2_gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)

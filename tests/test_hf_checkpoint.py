@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from conftest import tiny_args
 from dllm import checkpoint
@@ -11,8 +12,6 @@ from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.model import ModelArgs, Transformer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
 
 # Llama-3.1's shape in miniature: a 128k vocabulary, GQA 4:1, rope_theta 5e5 and "llama3" rope scaling
 # whose context (1024) puts the head's four frequencies in all three bands (kept, smoothed, divided)

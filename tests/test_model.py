@@ -7,9 +7,7 @@
 - Training: only routers and LoRA receive gradients and change; the base stays bit-identical.
 """
 import inspect
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

@@ -16,7 +16,6 @@ from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.model import Transformer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = [
     "The capital of France is",
@@ -221,3 +220,26 @@ def test_kv_heads_that_do_not_split_are_one_line(smollm2_4_layers, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert lines and lines[0] == ("error: n_heads=9 and n_kv_heads=3 do not divide by the model-parallel size 2; "
                                   "use a model-parallel size that divides it")
+
+
+def test_fine_tune_on_a_hugging_face_base_keeps_embeddings_tied(smollm2_4_layers, tmp_path):
+    """finetuning.py takes a Hugging Face directory as it is (tokenizer.json, config.json); the adapter
+    it writes loads with Llama.build; the tied embedding is frozen and stays one tensor."""
+    import finetuning
+    from dllm.train import Trainer
+    from train_utils import make_dataset, read_log, train_argv
+
+    out = tmp_path / "run"
+    trainer = Trainer(finetuning.parse_args(train_argv(smollm2_4_layers, make_dataset(str(tmp_path / "data")),
+                                                       str(out), epochs=1, dynamic_router_hdim=8)))
+    embedding = trainer.model.tok_embeddings.weight
+    before = embedding.detach().clone()
+    assert trainer.model.output is None and not embedding.requires_grad
+    trainer.train()
+    assert torch.equal(embedding, before)
+    assert all(torch.isfinite(torch.tensor(r["c_loss"])) for r in read_log(str(out)) if "c_loss" in r)
+    generator = Llama.build(smollm2_4_layers, str(out / "checkpoint-0.pth"), max_seq_len=64, max_batch_size=2)
+    assert generator.model.layers[-1].router is not None
+    tokens, _, _ = generator.generate([generator.tokenizer.encode("Once upon a time", bos=True, eos=False)], 4,
+                                      temperature=0.0, stop_ids=())
+    assert len(tokens[0]) == 4

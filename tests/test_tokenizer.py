@@ -7,13 +7,13 @@ import shutil
 import gguf
 import pytest
 import sentencepiece as spm
+import transformers
 
 from dllm.chat import ChatFormat
 from dllm.errors import InputError
 from dllm.gguf_vocab import PRE_TOKENIZER_SPLITS, merges_from_scores, write_tokenizer_files
 from dllm.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 FRAGMENTS = [
     "Hello, world!", "The quick brown fox jumps over the lazy dog.", "I'm sure they'll say it's fine, don't you?",

@@ -99,7 +99,7 @@ def transformers_greedy(reference, tokens, n_new):
     out = reference(torch.tensor([tokens]), use_cache=True)
     generated = [int(out.logits[0, -1].argmax())]
     for _ in range(n_new - 1):
-        out = reference(torch.tensor([generated[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        out = reference(torch.tensor([generated[-1:]]), cache=out.cache, use_cache=True)
         generated.append(int(out.logits[0, -1].argmax()))
     return generated
 

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import fire
 
+from dllm.chat import ChatFormat
 from dllm.data import Templates, instruction_prompt, read_json
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
@@ -69,7 +70,7 @@ def main(
         results = generator.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         answers = [result["generation"]["content"] for result in results]
     else:
-        templates = Templates(prompt_path, read_json(prompt_path))
+        templates = Templates(prompt_path, read_json(prompt_path), ChatFormat(generator.tokenizer))
         prompts = [instruction_prompt(templates, instruct, text) for instruct, text in zip(instructs, inputs)]
         results = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         answers = [result["generation"] for result in results]

@@ -6,7 +6,7 @@ handler per dataset maps a raw record to a `Record` (prompt text, target respons
 evaluation the options and the gold answer).
 
 Response formats (what the model is trained to produce, and what answer extraction parses):
-- alpaca, demo: the record's `output`; samsum: the `summary`. Scored by perplexity.
+- alpaca, demo, smol: the record's `output`; samsum: the `summary`. Scored by perplexity.
 - gsm8k, mawps: the worked solution, then a last line `The answer is N`, so the response ends
   with the final number. N is the gold number normalised: commas dropped, a float with an integral
   value written as an integer ("1,200" -> "1200", "12.0" -> "12", "0.75" stays). Extract the last
@@ -31,7 +31,7 @@ import torch
 
 from dllm.errors import InputError
 
-TASK_METRIC = {"alpaca": "ppl", "samsum": "ppl", "demo": "ppl", "gsm8k": "math", "mawps": "math",
+TASK_METRIC = {"alpaca": "ppl", "samsum": "ppl", "demo": "ppl", "smol": "ppl", "gsm8k": "math", "mawps": "math",
                "boolq": "choice", "piqa": "choice", "siqa": "choice", "obqa": "choice", "mmlu": "choice"}
 SPLITS = ("train", "test")
 
@@ -50,11 +50,29 @@ class RecordError(ValueError):
 
 
 class Templates:
-    """The templates of one prompt.json; a template naming an unknown field is the file's fault."""
+    """The templates of one prompt.json; a template naming an unknown field is the file's fault.
 
-    def __init__(self, path: str, templates: Dict[str, str]):
+    A prompt.json with `"format": "chat"` fills the user's message with its templates and wraps it
+    in the model's own chat template (`chat`, a ChatFormat), so a chat model is fine-tuned and
+    evaluated on exactly the prompts it answers in chat.
+    """
+
+    def __init__(self, path: str, templates: Dict[str, str], chat=None):
         self.path = path
         self.templates = templates
+        self.chat = chat
+        if self.is_chat and (chat is None or chat.template is None):
+            raise InputError(f"{path}: a chat-format dataset needs a model whose tokenizer has a chat template")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.templates.get("format") == "chat"
+
+    def wrap(self, text: str) -> str:
+        """The prompt the model sees: the filled text, or for chat datasets that text as a user turn."""
+        if not self.is_chat:
+            return text
+        return self.chat.render([{"role": "user", "content": text}], add_generation_prompt=True)
 
     def fill(self, key: str, **fields) -> str:
         if key not in self.templates:
@@ -97,8 +115,8 @@ def normalise_number(text: str, name: str) -> str:
 def instruction_prompt(templates: Templates, instruction: str, input_text: str) -> str:
     """Alpaca's rule: the with-input template only when the input is non-empty."""
     if input_text.strip():
-        return templates.fill("prompt_input", instruction=instruction, input=input_text)
-    return templates.fill("prompt_no_input", instruction=instruction)
+        return templates.wrap(templates.fill("prompt_input", instruction=instruction, input=input_text))
+    return templates.wrap(templates.fill("prompt_no_input", instruction=instruction))
 
 
 def math_response(solution: str, answer: str) -> str:
@@ -191,7 +209,7 @@ def mmlu_record(raw: dict, templates: Templates) -> Record:
 
 
 HANDLERS: Dict[str, Callable[[dict, Templates], Record]] = {
-    "alpaca": alpaca_record, "demo": alpaca_record, "samsum": samsum_record,
+    "alpaca": alpaca_record, "demo": alpaca_record, "smol": alpaca_record, "samsum": samsum_record,
     "gsm8k": gsm8k_record, "mawps": mawps_record,
     "boolq": boolq_record, "piqa": piqa_record, "siqa": siqa_record, "obqa": obqa_record, "mmlu": mmlu_record,
 }
@@ -207,8 +225,9 @@ def read_json(path: str):
         raise InputError(f"{path}: invalid JSON: {e}") from None
 
 
-def load_records(dataset_path: str, name: str, split: str) -> List[Record]:
-    """The records of `dataset_path/name/split.json`, prompts filled from `prompt.json`."""
+def load_records(dataset_path: str, name: str, split: str, chat=None) -> List[Record]:
+    """The records of `dataset_path/name/split.json`, prompts filled from `prompt.json` (and put in
+    the model's chat template by `chat`, a ChatFormat, where prompt.json says "format": "chat")."""
     if name not in HANDLERS:
         raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(HANDLERS))}")
     if split not in SPLITS:
@@ -223,7 +242,7 @@ def load_records(dataset_path: str, name: str, split: str) -> List[Record]:
         raise InputError(f"{path}: expected a JSON list of records")
     if not raws:
         raise InputError(f"{path}: no records")
-    handler, templates, records = HANDLERS[name], Templates(prompt_path, templates), []
+    handler, templates, records = HANDLERS[name], Templates(prompt_path, templates, chat), []
     for index, raw in enumerate(raws):
         try:
             if not isinstance(raw, dict):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dllm import distributed, flops
+from dllm.chat import ChatFormat
 from dllm.checkpoint import atomic_write_text
 from dllm.data import TASK_METRIC, Record, load_records
 from dllm.errors import InputError
@@ -106,9 +107,10 @@ class Evaluator:
     def records(self, name: str) -> List[Record]:
         if name not in TASK_METRIC:
             raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(TASK_METRIC))}")
-        records = load_records(self.dataset_path, name, "test")
+        chat = ChatFormat(self.tokenizer)
+        records = load_records(self.dataset_path, name, "test", chat)
         if self.n_shot:
-            shots = load_records(self.dataset_path, name, "train")[: self.n_shot]
+            shots = load_records(self.dataset_path, name, "train", chat)[: self.n_shot]
             prefix = "".join(s.prompt + s.response + "\n\n" for s in shots)
             records = [Record(prefix + r.prompt, r.response, r.choices, r.option_texts, r.answer) for r in records]
         metric = TASK_METRIC[name]

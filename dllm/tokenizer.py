@@ -44,7 +44,8 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         assert type(s) is str
         tokens = self._backend.encode(s)
-        if bos and self.adds_bos:
+        # a chat template may write bos itself (Llama-3): a sequence starts with one, never two
+        if bos and self.adds_bos and tokens[:1] != [self.bos_id]:
             tokens = [self.bos_id] + tokens
         if eos:
             tokens = tokens + [self.eos_id]

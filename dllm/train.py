@@ -17,6 +17,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from dllm import checkpoint, distributed, schedule
+from dllm.chat import ChatFormat
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.model import Transformer
@@ -147,8 +148,9 @@ class Trainer:
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in self.model.parameters()):,}")
 
-        train_records = load_records(args.dataset_path, args.dataset_name, "train")
-        val_records = load_records(args.dataset_path, args.dataset_name, "test")
+        chat = ChatFormat(tokenizer)
+        train_records = load_records(args.dataset_path, args.dataset_name, "train", chat)
+        val_records = load_records(args.dataset_path, args.dataset_name, "test", chat)
         tokenised = {
             split: Indexed(InstructionDataset(
                 tqdm(records, desc=f"tokenise {split}", disable=not self.main, leave=False),

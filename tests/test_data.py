@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from dllm.chat import ChatFormat
 from dllm.data import TASK_METRIC, InstructionDataset, Record, load_records
 from dllm.errors import InputError
 from dllm.tokenizer import Tokenizer
@@ -21,8 +22,11 @@ def tokenizer(tokenizer_path):
     return Tokenizer(tokenizer_path)
 
 
+CHAT_DATASETS = ("smol",)
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.parametrize("name", sorted(TASK_METRIC))
+@pytest.mark.parametrize("name", sorted(set(TASK_METRIC) - set(CHAT_DATASETS)))
 def test_shipped_samples_load(name, split):
     records = load_records(DATASETS, name, split)
     assert len(records) >= 8
@@ -167,3 +171,22 @@ def test_template_with_unknown_field(tmp_path):
     write_dataset(tmp_path, "piqa", {"prompt": "{goal} {colour}"}, [PIQA])
     with pytest.raises(InputError, match=r"prompt\.json: template 'prompt' cannot be filled: KeyError 'colour'"):
         load_records(str(tmp_path), "piqa", "train")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_chat_dataset_prompts_are_the_models_chat_prompts(split, smollm2_tokenizer_dir):
+    """datasets/smol ("format": "chat"): each prompt encodes to exactly what chat_completion sends."""
+    tokenizer = Tokenizer(smollm2_tokenizer_dir)
+    chat = ChatFormat(tokenizer)
+    raws = json.load(open(os.path.join(DATASETS, "smol", f"{split}.json")))
+    records = load_records(DATASETS, "smol", split, chat)
+    assert len(records) == len(raws) >= 100
+    for raw, record in zip(raws[:50], records[:50]):
+        user = f"{raw['instruction']}\n\n{raw['input']}" if raw["input"] else raw["instruction"]
+        assert tokenizer.encode(record.prompt, bos=True, eos=False) == chat.encode_dialog([{"role": "user", "content": user}])
+        assert record.response == raw["output"]
+
+
+def test_chat_dataset_needs_a_chat_template(tokenizer):
+    with pytest.raises(InputError, match="a chat-format dataset needs a model whose tokenizer has a chat template"):
+        load_records(DATASETS, "smol", "test", ChatFormat(tokenizer))

@@ -10,8 +10,8 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -126,9 +126,9 @@ class Evaluator:
         for start in tqdm(range(0, len(items), self.batch_size), desc=desc, disable=not distributed.is_main(), leave=False):
             yield items[start : start + self.batch_size]
 
-    def _score(self, prompts: List[str], continuations: List[str], tally: Tally) -> Tuple[List[float], List[float]]:
-        """Teacher-forced log-likelihood (and token count) of each continuation after its prompt,
-        eos included, in one right-padded forward."""
+    def _score(self, prompts: List[str], continuations: List[str], tally: Tally):
+        """Teacher-forced log-likelihood, token count and top-1 hits (argmax = the next token) of each
+        continuation after its prompt, eos included, in one right-padded forward."""
         seqs, starts = [], []
         for prompt, continuation in zip(prompts, continuations):
             prompt_ids = self.tokenizer.encode(prompt, bos=True, eos=False)
@@ -151,7 +151,8 @@ class Evaluator:
         target = torch.zeros_like(mask[:, 1:])
         for i, (s, start) in enumerate(zip(seqs, starts)):
             target[i, start - 1 : len(s) - 1] = 1
-        return (logp * target).sum(1).tolist(), target.sum(1).tolist()
+        top1 = (logits[:, :-1].argmax(-1) == tokens[:, 1:]).float() * target
+        return (logp * target).sum(1).tolist(), target.sum(1).tolist(), top1.sum(1).tolist()
 
     def _generate(self, prompts: List[str], tally: Tally) -> List[str]:
         tokens = [self.tokenizer.encode(p, bos=True, eos=False)[-(self.args.max_seq_len - 1):] for p in prompts]
@@ -161,12 +162,16 @@ class Evaluator:
         return [self.tokenizer.decode(t) for t in out]
 
     def perplexity(self, name: str, records: List[Record]) -> List[Row]:
-        tally = Tally()
+        """Perplexity of the responses, and top-1 agreement: the share of response tokens that are the
+        model's argmax given the reference prefix (on a self-distilled set, agreement with the teacher)."""
+        tally, hits = Tally(), 0.0
         for batch in self._batches(records, f"{name} ppl"):
-            logp, count = self._score([r.prompt for r in batch], [r.response for r in batch], tally)
+            logp, count, top1 = self._score([r.prompt for r in batch], [r.response for r in batch], tally)
             tally.value_num -= sum(logp)
             tally.value_den += sum(count)
-        return [self._row(name, "ppl", tally, transform=lambda ce: math.exp(ce))]
+            hits += sum(top1)
+        return [self._row(name, "ppl", tally, transform=lambda ce: math.exp(ce)),
+                self._row(name, "top-1 agreement", replace(tally, value_num=hits))]
 
     def math_accuracy(self, name: str, records: List[Record]) -> List[Row]:
         tally = Tally()
@@ -185,7 +190,7 @@ class Evaluator:
         for batch in self._batches(records, f"{name} loglik"):
             prompts = [r.prompt for r in batch for _ in r.option_texts]
             options = [o for r in batch for o in r.option_texts]
-            scores, _ = self._score(prompts, options, loglik)
+            scores, _, _ = self._score(prompts, options, loglik)
             at = 0
             for record in batch:
                 own = scores[at : at + len(record.option_texts)]

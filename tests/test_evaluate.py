@@ -121,7 +121,7 @@ def by_hand_ppl(generator, records):
     """One forward per record: CE over the response tokens (eos included); the routing of every
     token for the FLOPs and KV ratios."""
     model, tok = generator.model, generator.tokenizer
-    ce_sum, count, num, den, kept, pairs = 0.0, 0, 0.0, 0.0, 0.0, 0
+    ce_sum, count, hits, num, den, kept, pairs = 0.0, 0, 0, 0.0, 0.0, 0.0, 0
     for r in records:
         tokens = tok.encode(r.prompt + r.response, bos=True, eos=True)
         start = len(tok.encode(r.prompt, bos=True, eos=False))
@@ -131,22 +131,25 @@ def by_hand_ppl(generator, records):
         ce = F.cross_entropy(logits[0, start - 1 : -1], torch.tensor(tokens[start:]), reduction="sum")
         ce_sum += float(ce)
         count += len(tokens) - start
+        hits += int((logits[0, start - 1 : -1].argmax(-1) == torch.tensor(tokens[start:])).sum())
         routed = not isinstance(model.routing, DenseRouting)
         num += flops.forward_flops(model.params, activation, routed=routed)
         den += flops.forward_flops(model.params, torch.ones_like(activation), routed=False)
         kept += float(activation.sum())
         pairs += activation.shape[1] * activation.shape[2]
-    return math.exp(ce_sum / count), count, num / den, kept / pairs
+    return math.exp(ce_sum / count), count, hits / count, num / den, kept / pairs
 
 
 def test_perplexity_equals_by_hand_loop(tmp_path, tokenizer_path):
     root = write_dataset(tmp_path, "alpaca", ALPACA)
     generator = long_generator(tokenizer_path)
     evaluator = Evaluator(generator, batch_size=3, max_gen_len=4, n_shot=0, dataset_path=str(root))
-    (row,) = evaluator.evaluate("alpaca")
-    ppl, count, flops_ratio, kv_ratio = by_hand_ppl(generator, load_records(str(root), "alpaca", "test"))
+    row, agreement = evaluator.evaluate("alpaca")
+    ppl, count, top1, flops_ratio, kv_ratio = by_hand_ppl(generator, load_records(str(root), "alpaca", "test"))
     assert (row.dataset, row.metric, row.n) == ("alpaca", "ppl", count)
     assert row.value == pytest.approx(ppl, rel=1e-4)
+    assert (agreement.metric, agreement.n, agreement.flops_ratio) == ("top-1 agreement", count, row.flops_ratio)
+    assert agreement.value == pytest.approx(top1, abs=1e-12)
     assert row.flops_ratio == pytest.approx(flops_ratio, rel=1e-9)
     assert row.kv_ratio == pytest.approx(kv_ratio, rel=1e-9)
     assert 0 < row.kv_ratio < 1 and 0 < row.flops_ratio < 1, "random routers skip some tokens"
@@ -157,7 +160,7 @@ def test_flops_ratio_dense_routed_and_threshold(tmp_path, tokenizer_path):
     generator = long_generator(tokenizer_path)
 
     def ppl_row():
-        (row,) = Evaluator(generator, 4, 4, 0, str(root)).evaluate("alpaca")
+        row, _ = Evaluator(generator, 4, 4, 0, str(root)).evaluate("alpaca")
         return row
 
     routed = ppl_row()
@@ -186,7 +189,7 @@ def test_ppl_longer_than_max_seq_len_scores_response_or_fails(tmp_path, tokenize
     assert len(tok.encode(record.prompt, bos=True, eos=False)) > generator.model.params.max_seq_len
     evaluator = Evaluator(generator, 2, 4, 0, str(root))
     try:
-        (row,) = evaluator.evaluate("alpaca")
+        row, _ = evaluator.evaluate("alpaca")
     except InputError as e:
         assert "max_seq_len" in str(e)
         return
@@ -203,7 +206,7 @@ def test_loglik_longer_than_max_seq_len_scores_options_or_fails(tmp_path, tokeni
     assert len(generator.tokenizer.encode(record.prompt, bos=True, eos=False)) > generator.model.params.max_seq_len
     evaluator = Evaluator(generator, 2, 2, 0, str(root))
     try:
-        scores, counts = evaluator._score([record.prompt] * 2, record.option_texts, Tally())
+        scores, counts, _ = evaluator._score([record.prompt] * 2, record.option_texts, Tally())
     except InputError as e:
         assert "max_seq_len" in str(e)
         return
@@ -291,7 +294,7 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, tokenizer_path):
         evaluator = Evaluator(generator, 2, 3, 0, str(root))
         runs.append([r for name in ("alpaca", "piqa") for r in evaluator.evaluate(name)])
     assert runs[0] == runs[1]
-    assert len(runs[0]) == 3
+    assert len(runs[0]) == 4
 
 
 def run_evaluate(tmp_path, base, dataset_path, datasets, out, *extra, launcher=()):
@@ -314,8 +317,9 @@ def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_pa
     ok = run_evaluate(tmp_path, base, data, "alpaca,piqa", out)
     assert ok.returncode == 0, ok.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["dataset"], r["metric"]) for r in rows] == [("alpaca", "ppl"), ("piqa", "acc (generate)"), ("piqa", "acc (loglik)")]
-    assert (out / "results.md").read_text().count("\n| ") == 4  # header + 3 rows
+    assert [(r["dataset"], r["metric"]) for r in rows] == [("alpaca", "ppl"), ("alpaca", "top-1 agreement"),
+                                                           ("piqa", "acc (generate)"), ("piqa", "acc (loglik)")]
+    assert (out / "results.md").read_text().count("\n| ") == 5  # header + 4 rows
 
     def fails(datasets, *message):
         target = tmp_path / f"out-{datasets.replace(',', '-')}"

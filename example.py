@@ -11,6 +11,9 @@ the model's own chat template instead (for instruction-tuned models such as Smol
 
     torchrun --nproc_per_node 1 example.py --llama_ckpt_dir models/smollm2 --chat \
         --instructs "['What is the capital of France?']"
+
+`--html PATH` writes a page showing which blocks each token executed (open it offline, hover or
+click a token); `--png PATH` draws the token x block grid.
 """
 import os
 from typing import List, Optional
@@ -21,6 +24,8 @@ from dllm.chat import ChatFormat
 from dllm.data import Templates, instruction_prompt, read_json
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
+from dllm.plots import routing_grid_figure, save_png
+from dllm.token_view import sequences_from_generation, write_html
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_BASE = os.path.join(HERE, "assets", "tiny-llama2")
@@ -52,6 +57,8 @@ def main(
     execute_threshold: Optional[float] = None,
     model_parallel_size: Optional[int] = None,
     seed: int = 1,
+    html: Optional[str] = None,
+    png: Optional[str] = None,
 ):
     instructs = DEFAULT_INSTRUCTS if instructs is None else instructs
     inputs = [""] * len(instructs) if inputs is None else inputs
@@ -82,6 +89,11 @@ def main(
             f"[blocks executed: {100 * stats.exec_share(row):.1f}% of {stats.n_layers} per token | "
             f"KV cache kept: {stats.kv_bytes(row) / 1024:.1f} KiB of {stats.kv_bytes_dense(row) / 1024:.1f} KiB dense]\n"
         )
+    sequences = sequences_from_generation(generator) if html or png else []
+    if html:
+        write_html(sequences, html)
+    if png:
+        save_png(routing_grid_figure(sequences), png)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ class RoutingStats:
     lengths: List[int]  # per row, the tokens up to the end of its output
     pair_bytes: int  # one token's K and V at one block
     cache_bytes_kept: int  # the whole batch's cache as it ended (every token fed, past eos too)
+    tokens: List[List[int]]  # per row, its prompt and output, `lengths[row]` tokens
+    prompt_lengths: List[int]
 
     @property
     def n_layers(self) -> int:
@@ -164,7 +166,7 @@ class Llama:
 
         executed = activation.sum(-1)
         stop_set = set(stop.tolist())
-        out_tokens, out_logprobs, out_actprobs, lengths = [], [], [], []
+        out_tokens, out_logprobs, out_actprobs, lengths, fed_tokens = [], [], [], [], []
         for i, toks in enumerate(tokens[:, :fed].tolist()):
             start = 0 if echo else len(prompt_tokens[i])
             end = min(len(prompt_tokens[i]) + max_gen_len, fed)
@@ -175,7 +177,9 @@ class Llama:
             out_logprobs.append(token_logprobs[i, start:end].tolist())
             out_actprobs.append((executed[i, start:end] / n_layers).tolist())
             lengths.append(end)
-        self.last_stats = RoutingStats(activation[:, :fed].cpu(), lengths, cache.pair_bytes(), cache.bytes_kept())
+            fed_tokens.append(toks[:end])
+        self.last_stats = RoutingStats(activation[:, :fed].cpu(), lengths, cache.pair_bytes(), cache.bytes_kept(),
+                                       fed_tokens, [len(t) for t in prompt_tokens])
         return out_tokens, out_logprobs if logprobs else None, out_actprobs if actprobs else None
 
     def _completions(self, generation_tokens, generation_logprobs, generation_actprobs, logprobs: bool):

@@ -1,0 +1,197 @@
+"""The lm-evaluation-harness model `dllm`: the harness's requests on the real-skipping path (eval
+mode forwards and `Llama.generate`), batched, with the FLOPs and KV ratios they cost.
+
+    python -m tools.run_lm_eval --model dllm \
+        --model_args base=assets/tiny-llama2,adapter=assets/tiny-dllm/checkpoint.pth,execute_threshold=0.5 \
+        --tasks TASK --batch_size 8
+
+lm-eval is an optional extra (`pip install -r requirements-lm-eval.txt`). The harness has no plugin
+hook for models, so it knows `dllm` only once this module is imported; tools/run_lm_eval.py does
+that and then runs the harness's own command line.
+
+Scoring is evaluate.py's: the context with bos, the continuation's tokens as the ones that follow
+the context's tokens in the encoding of context + continuation, teacher forced in one right-padded
+forward (evaluate.py also scores an eos after the continuation; the harness asks for the
+continuation alone). The measured ratios, per request type, are logged after each call and
+written into the harness's results under config.dllm_routing.
+"""
+import logging
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import lm_eval.models  # noqa: F401 -- the harness's own models first: it loads them only into an empty registry
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from dllm.errors import InputError
+from dllm.evaluate import Tally
+from dllm.generation import Llama
+
+logger = logging.getLogger("lm_eval.dllm")  # in the harness's log, which shows lm_eval.* only
+
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
+
+
+@register_model("dllm")
+class DLLMHarnessModel(LM):
+    def __init__(self, base: str, adapter: Optional[str] = None, dense: bool = False,
+                 execute_threshold: Optional[float] = None, tokenizer: Optional[str] = None,
+                 max_seq_len: int = 512, batch_size: Union[int, str] = 8, max_gen_toks: int = 256,
+                 seed: int = 1, device: Optional[str] = None, max_batch_size: Optional[int] = None):
+        """`base` and `adapter` as for Llama.build (`dense` ignores the adapter). `device` and
+        `max_batch_size` come from the harness's flags and are not used: dllm computes on CUDA when
+        there is one, else the CPU, in batches of `batch_size`."""
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise InputError(f"batch_size {batch_size!r}: dllm takes a positive whole number (no 'auto')")
+        generator = Llama.build(base, adapter, tokenizer_path=tokenizer, max_seq_len=max_seq_len,
+                                max_batch_size=int(batch_size), seed=seed, dense=dense,
+                                execute_threshold=execute_threshold)
+        if dist.get_world_size() > 1:
+            raise InputError("the dllm harness model runs in one process (plain python, not torchrun)")
+        self._attach(generator, int(batch_size), max_gen_toks)
+
+    @classmethod
+    def from_generator(cls, generator: Llama, batch_size: int = 8, max_gen_toks: int = 256) -> "DLLMHarnessModel":
+        """Around a model already built (tests, notebooks)."""
+        self = cls.__new__(cls)
+        self._attach(generator, batch_size, max_gen_toks)
+        return self
+
+    def _attach(self, generator: Llama, batch_size: int, max_gen_toks: int):
+        LM.__init__(self)
+        self.generator, self.batch_size, self.max_gen_toks = generator, batch_size, max_gen_toks
+        self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.max_seq_len = self.model.params.max_seq_len
+        # what a text with no bos of its own is conditioned on (the harness's convention)
+        self.prefix_id = self.tokenizer.bos_id if self.tokenizer.adds_bos else self.tokenizer.eos_id
+        self.tallies: Dict[str, Tally] = {}
+
+    def routing_ratios(self) -> Dict[str, dict]:
+        """Per request type: FLOPs and KV ratios against the dense model on the same tokens."""
+        return {
+            kind: {"flops_ratio": t.flops / max(t.flops_dense, 1), "kv_ratio": t.kv_kept / max(t.kv_dense, 1),
+                   "requests": int(t.value_den)}
+            for kind, t in self.tallies.items()
+        }
+
+    def get_model_info(self) -> dict:
+        """The harness puts this into its results' config: the ratios next to the scores."""
+        return {"dllm_routing": self.routing_ratios()}
+
+    def _count(self, kind: str, n_requests: int):
+        self.tallies[kind].value_den += n_requests
+        r = self.routing_ratios()[kind]
+        logger.info("dllm %s: FLOPs ratio %.3f, KV ratio %.3f over %d requests", kind, r["flops_ratio"],
+                    r["kv_ratio"], r["requests"])
+
+    # ------------------------------------------------------------------ scoring
+
+    def _encode_pair(self, context: str, continuation: str) -> Tuple[List[int], int]:
+        """(tokens, index of the first scored token), as evaluate.py encodes a prompt and response."""
+        context_ids = self.tokenizer.encode(context, bos=True, eos=False)
+        whole = self.tokenizer.encode(context + continuation, bos=True, eos=False)
+        if not context_ids:  # a tokenizer without bos and an empty context
+            context_ids, whole = [self.prefix_id], [self.prefix_id] + whole
+        return whole, min(len(context_ids), len(whole) - 1)
+
+    def _score(self, pairs: List[Tuple[List[int], int]], kind: str, disable_tqdm: bool) -> List[Tuple[float, bool]]:
+        """(sum of log p, greedy?) of tokens[start:] given what precedes them, longest first in batches.
+        Too long: the start is dropped (never a scored token), as evaluate.py does."""
+        tally = self.tallies.setdefault(kind, Tally())
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
+        device = self.generator.device
+        for at in tqdm(range(0, len(order), self.batch_size), desc=f"dllm {kind}", disable=disable_tqdm, leave=False):
+            batch = order[at : at + self.batch_size]
+            seqs, starts = [], []
+            for i in batch:
+                tokens, start = pairs[i]
+                cut = max(0, len(tokens) - (self.max_seq_len + 1))  # the last token is only a target
+                seqs.append(tokens[cut:])
+                starts.append(max(1, start - cut))
+            width = max(len(s) for s in seqs) - 1
+            inputs = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+            mask = torch.zeros(len(seqs), width, device=device)
+            for row, s in enumerate(seqs):
+                inputs[row, : len(s) - 1] = torch.tensor(s[:-1], device=device)
+                mask[row, : len(s) - 1] = 1
+            with torch.inference_mode():
+                logits, activation = self.model(inputs)
+            tally.add_routing(self.model.params, activation, mask, self.model.routing)
+            logp = F.log_softmax(logits, dim=-1)
+            for row, (i, s, start) in enumerate(zip(batch, seqs, starts)):
+                target = torch.tensor(s[start:], device=device)
+                rows = logp[row, start - 1 : len(s) - 1]
+                results[i] = (rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all()))
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
+        out = self._score([self._encode_pair(*r.args) for r in requests], "loglikelihood", disable_tqdm)
+        self._count("loglikelihood", len(requests))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """Each text in windows of max_seq_len predictions after `prefix_id` (the harness's rule)."""
+        windows, owner = [], []
+        for i, r in enumerate(requests):
+            tokens = self.tokenizer.encode(r.args[0], bos=False, eos=False)
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_seq_len, context_len=1)):
+                windows.append((context + continuation, len(context)))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logp, _) in zip(owner, self._score(windows, "loglikelihood_rolling", disable_tqdm)):
+            totals[i] += logp
+        self._count("loglikelihood_rolling", len(requests))
+        return totals
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
+        """Greedy unless do_sample; runs to eos or max_gen_toks, then the text is cut at the first
+        stop string (the FLOPs count the tokens generated past it)."""
+        tally = self.tallies.setdefault("generate_until", Tally())
+        groups: Dict[str, List[int]] = {}
+        for i, r in enumerate(requests):
+            unknown = set(r.args[1]) - set(GEN_KWARGS)
+            if unknown:
+                raise InputError(f"generation kwargs {sorted(unknown)} not supported; dllm takes {', '.join(GEN_KWARGS)}")
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        out: List[Optional[str]] = [None] * len(requests)
+        for indices in groups.values():
+            kwargs = requests[indices[0]].args[1]
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else until
+            max_gen = kwargs.get("max_gen_toks", self.max_gen_toks)
+            sample = kwargs.get("do_sample", False)
+            temperature = kwargs.get("temperature", 1.0) if sample else 0.0
+            for at in tqdm(range(0, len(indices), self.batch_size), desc="dllm generate_until", disable=disable_tqdm, leave=False):
+                batch = indices[at : at + self.batch_size]
+                keep = max(1, self.max_seq_len - max_gen)  # the context's end, with room to generate
+                prompts = [self.tokenizer.encode(requests[i].args[0], bos=True, eos=False)[-keep:] for i in batch]
+                tokens, _, _ = self.generator.generate(prompts, max_gen, temperature, kwargs.get("top_p", 1.0), actprobs=False)
+                stats = self.generator.last_stats
+                tally.add_routing(self.model.params, stats.activation, stats.token_mask, self.model.routing)
+                for i, prompt, t in zip(batch, prompts, tokens):
+                    out[i] = cut_at_stops(self._continuation_text(prompt, t), until)
+        self._count("generate_until", len(requests))
+        return out
+
+
+    def _continuation_text(self, prompt: List[int], generated: List[int]) -> str:
+        """The text the tokens add after the prompt: decoded alone, SentencePiece would drop a
+        leading space that the continuation has."""
+        before, whole = self.tokenizer.decode(prompt), self.tokenizer.decode(prompt + generated)
+        return whole[len(before):] if whole.startswith(before) else self.tokenizer.decode(generated)
+
+
+def cut_at_stops(text: str, until: List[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text

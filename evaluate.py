@@ -1,4 +1,5 @@
-"""Evaluate a D-LLM checkpoint (or the dense base model) on the paper's benchmarks.
+"""Evaluate an adapter (D-LLM or any routing policy, as its params.json says) or the dense base
+model on the paper's benchmarks.
 
     torchrun --nproc_per_node 1 evaluate.py --datasets demo,piqa --output_dir results/demo-dllm
     torchrun --nproc_per_node 1 evaluate.py --dense --datasets demo,piqa --output_dir results/demo-dense
@@ -52,7 +53,8 @@ def main(
                             batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)
     rows = [row for name in names for row in evaluator.evaluate(name)]
-    label = f"dense base model ({llama_ckpt_dir})" if dense or not dynamic_ckpt_dir else f"D-LLM ({dynamic_ckpt_dir})"
+    routing = generator.model.routing.label
+    label = f"dense base model ({llama_ckpt_dir})" if dense or not dynamic_ckpt_dir else f"{routing} ({dynamic_ckpt_dir})"
     write_results(rows, output_dir, f"{label}, {n_shot}-shot")
 
 

@@ -2,6 +2,7 @@
 import argparse
 
 from dllm.errors import run_cli
+from dllm.routing import POLICIES
 from dllm.train import train
 
 
@@ -42,7 +43,15 @@ def parse_args(argv=None):
     p.add_argument("--router_lr", type=float, default=None, help="absolute lr for routers (default: same as lr)")
     p.add_argument("--router_bias", type=float, nargs=2, default=(0.1, 2.0), help="initial [skip, execute] bias")
     p.add_argument("--gumbel_tau", type=float, default=1.0)
-    p.add_argument("--dense", action="store_true", help="routers off: LoRA-only fine-tune, every block executes")
+    p.add_argument("--routing", default="dllm", choices=list(POLICIES),
+                   help="which tokens run which block: dllm (D-LLM routers), mod (Mixture-of-Depths), static "
+                        "(the blocks in --static_skip_layers pruned), early_exit (Ada-Infer-style exit classifiers), "
+                        "dense (LoRA only, every block runs); saved in the adapter's params.json")
+    p.add_argument("--static_skip_layers", type=int, nargs="*", default=[],
+                   help="--routing static: the blocks every token skips (tools/rank_blocks.py ranks them)")
+    p.add_argument("--calibration_batches", type=int, default=8,
+                   help="early_exit: its threshold is fit on this many training batches so the executed share "
+                        "meets --dynamic_active_target")
     p.add_argument("--model_parallel_size", type=int, default=1)
     p.add_argument("--log_freq", type=int, default=10, help="log.jsonl line every this many steps")
     p.add_argument("--save_steps", type=int, default=0, help="also save NAME-last.pth every this many steps")

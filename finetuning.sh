@@ -20,6 +20,8 @@ NPROC=${NPROC:-1}                         # processes (data parallel x model par
 MODEL_PARALLEL_SIZE=${MODEL_PARALLEL_SIZE:-1}
 MASTER_PORT=${MASTER_PORT:-29501}
 
+ROUTING=${ROUTING:-dllm}                   # dllm | mod | static | early_exit | dense (LoRA only)
+STATIC_SKIP_LAYERS=${STATIC_SKIP_LAYERS:-} # ROUTING=static: the blocks to prune, e.g. "3 5" (tools/rank_blocks.py)
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-128}
 LORA_RANK=${LORA_RANK:-8}
 DYNAMIC_ACTIVE_TARGET=${DYNAMIC_ACTIVE_TARGET:-0.5}
@@ -41,7 +43,7 @@ WEIGHT_DECAY=${WEIGHT_DECAY:-0.02}
 SEED=${SEED:-0}
 NUM_WORKERS=${NUM_WORKERS:-0}
 RESUME=${RESUME:-}
-EXTRA_ARGS=${EXTRA_ARGS:-}                # e.g. "--dense" for the routers-off comparison
+EXTRA_ARGS=${EXTRA_ARGS:-}                # more finetuning.py flags, e.g. "--log_freq 50"
 
 optional=()
 [ -n "$MODEL_PARAM_PATH" ] && optional+=(--llama_param_path "$MODEL_PARAM_PATH")
@@ -49,13 +51,15 @@ optional=()
 [ -n "$LR" ] && optional+=(--lr "$LR")
 [ -n "$ROUTER_LR" ] && optional+=(--router_lr "$ROUTER_LR")
 [ -n "$RESUME" ] && optional+=(--resume "$RESUME")
+# shellcheck disable=SC2206
+[ -n "$STATIC_SKIP_LAYERS" ] && optional+=(--static_skip_layers $STATIC_SKIP_LAYERS)
 
 # shellcheck disable=SC2086
 torchrun --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" finetuning.py \
     --llama_model_path "$MODEL_PATH" \
     --dataset_path "$DATASET_PATH" --dataset_name "$DATASET_NAME" \
     --output_dir "$OUTPUT_PATH" --model_save_name "$MODEL_SAVE_NAME" \
-    --model_parallel_size "$MODEL_PARALLEL_SIZE" --max_seq_len "$MAX_SEQ_LEN" --lora_rank "$LORA_RANK" \
+    --routing "$ROUTING" --model_parallel_size "$MODEL_PARALLEL_SIZE" --max_seq_len "$MAX_SEQ_LEN" --lora_rank "$LORA_RANK" \
     --dynamic_active_target "$DYNAMIC_ACTIVE_TARGET" --dynamic_router_hdim "$DYNAMIC_ROUTER_HDIM" \
     --dynamic_start_layer "$DYNAMIC_START_LAYER" --dynamic_reserve_initials "$DYNAMIC_RESERVE_INITIALS" \
     --lambda_active "$LAMBDA_ACTIVE" --batch_size "$BATCH_SIZE" --accum_iter "$ACCUM_ITER" --epochs "$EPOCHS" \

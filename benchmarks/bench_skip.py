@@ -31,19 +31,19 @@ class CalibratedRouting(DLLMRouting):
     """D-LLM inference routing with a per-block threshold, set the first time a block is seen so
     that a fraction `share` of those tokens executes it (p(execute) >= threshold, as in D-LLM)."""
 
-    def __init__(self, share: float, reserve_initials: int):
-        super().__init__(reserve_initials)
+    def __init__(self, share: float, args: ModelArgs):
+        super().__init__(args)
         self.share = share
         self.thresholds = {}
 
-    def decide(self, block, x, positions):
+    def decide(self, block, x, positions, state):
         if block.router is not None:
             if block.layer_id not in self.thresholds:
                 logits = block.router(x)
                 margin = (logits[..., 1] - logits[..., 0]).flatten()
                 self.thresholds[block.layer_id] = torch.sigmoid(torch.quantile(margin, 1.0 - self.share)).item()
             self.threshold = self.thresholds[block.layer_id]
-        return super().decide(block, x, positions)
+        return super().decide(block, x, positions, state)
 
 
 def sync(device):
@@ -111,7 +111,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
     policies = {"dense": DenseRouting()}
     with torch.inference_mode():
         for share in shares:
-            policy = CalibratedRouting(share, args.dynamic_reserve_initials)
+            policy = CalibratedRouting(share, args)
             model.routing = policy
             run_prefill(model, prompt)  # calibrates every router on the prompt
             policies[f"dllm@{share:.2f}"] = policy
@@ -137,7 +137,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
             "config": name,
             "exec_share_routed": float(act[..., start_layer:].mean()),
             "exec_share_all": float(act.mean()),
-            "flops_ratio": flops_ratio(args, act, routed=name != "dense"),
+            "flops_ratio": flops_ratio(args, act, routing=policies[name]),
             "kv_ratio": kv_ratio(act),
             "kv_bytes": kv_bytes,
             "kv_bytes_ratio": kv_bytes / record["dense"]["prefill"][1],
@@ -148,7 +148,7 @@ def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, ro
         row["prefill_of_ideal"] = row["prefill_speedup"] * row["flops_ratio"]
         for b in decode_batches:
             dact, dbytes = record[name][f"decode{b}"]
-            decode_ratio = flops_ratio(args, dact, routed=name != "dense")
+            decode_ratio = flops_ratio(args, dact, routing=policies[name])
             row[f"decode{b}_tok_s"] = b * decode_steps / best[name][f"decode{b}_s"]
             row[f"decode{b}_speedup"] = dense[f"decode{b}_s"] / best[name][f"decode{b}_s"]
             row[f"decode{b}_flops_ratio"] = decode_ratio

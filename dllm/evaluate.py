@@ -65,9 +65,9 @@ class Tally:
     kv_kept: float = 0.0
     kv_dense: float = 0.0
 
-    def add_routing(self, args, activation: torch.Tensor, token_mask: torch.Tensor, routed: bool):
-        self.flops += flops.forward_flops(args, activation, token_mask, routed)
-        self.flops_dense += flops.forward_flops(args, torch.ones_like(activation), token_mask, routed=False)
+    def add_routing(self, args, activation: torch.Tensor, token_mask: torch.Tensor, routing: DenseRouting):
+        self.flops += flops.forward_flops(args, activation, token_mask, routing)
+        self.flops_dense += flops.forward_flops(args, torch.ones_like(activation), token_mask)
         kept, dense = flops.kv_pairs(activation, token_mask)
         self.kv_kept += kept
         self.kv_dense += dense
@@ -99,10 +99,6 @@ class Evaluator:
         self.max_gen_len = max_gen_len
         self.n_shot = n_shot
         self.dataset_path = dataset_path
-
-    @property
-    def routed(self) -> bool:
-        return not isinstance(self.model.routing, DenseRouting)
 
     def records(self, name: str) -> List[Record]:
         if name not in TASK_METRIC:
@@ -146,7 +142,7 @@ class Evaluator:
             mask[i, : len(s)] = 1
         with torch.inference_mode():
             logits, activation = self.model(tokens)
-        tally.add_routing(self.args, activation, mask, self.routed)
+        tally.add_routing(self.args, activation, mask, self.model.routing)
         logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
         target = torch.zeros_like(mask[:, 1:])
         for i, (s, start) in enumerate(zip(seqs, starts)):
@@ -158,7 +154,7 @@ class Evaluator:
         tokens = [self.tokenizer.encode(p, bos=True, eos=False)[-(self.args.max_seq_len - 1):] for p in prompts]
         out, _, _ = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
         stats = self.generator.last_stats
-        tally.add_routing(self.args, stats.activation, stats.token_mask, self.routed)
+        tally.add_routing(self.args, stats.activation, stats.token_mask, self.model.routing)
         return [self.tokenizer.decode(t) for t in out]
 
     def perplexity(self, name: str, records: List[Record]) -> List[Row]:

@@ -2,9 +2,10 @@
 
 Counted (2 FLOPs per multiply-add): q/k/v/o projections and the FFN for each executed (token,
 block); attention scores and the weighted sum over the keys that token actually attends (its own
-row's kept keys at that block, up to its position); the router of every routed block for every
-token; the LM head for every token. The dense reference counts the same tokens with every block
-executed, every key kept, and no routers.
+row's kept keys at that block, up to its position); the routing policy's own cost (its `cost`:
+D-LLM's router at every routed block for every token, MoD's router and predictor, early exit's
+classifier up to the exit); the LM head for every token. The dense reference counts the same tokens
+with every block executed, every key kept, and no routing.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -12,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from dllm.model import ModelArgs
+from dllm.routing import DenseRouting
 
 
 @dataclass
@@ -19,7 +21,6 @@ class TokenFlops:
     qkvo: int
     ffn: int
     attn_per_key: int
-    router: int
     lm_head: int
 
 
@@ -30,7 +31,6 @@ def token_flops(args: ModelArgs) -> TokenFlops:
         qkvo=2 * args.dim * (2 * q_dim + 2 * kv_dim),
         ffn=2 * 3 * args.dim * args.ffn_hidden_dim,
         attn_per_key=2 * 2 * q_dim,
-        router=2 * (args.dim * args.dynamic_router_hdim + args.dynamic_router_hdim * 2),
         lm_head=2 * args.dim * args.vocab_size,
     )
 
@@ -43,24 +43,24 @@ def _masked(executed: torch.Tensor, token_mask: Optional[torch.Tensor]):
 
 
 def forward_flops(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                  routed: bool = True) -> float:
+                  routing: Optional[DenseRouting] = None) -> float:
     """executed: [b, T, n_layers] (1 = token ran the block), whole sequences from position 0;
-    token_mask: [b, T], 1 for real tokens (right padding is left out). `routed=False` leaves out
-    the routers (the plain model)."""
+    token_mask: [b, T], 1 for real tokens (right padding is left out); routing: the policy that
+    decided, whose own cost is added (None: the plain model)."""
     f = token_flops(args)
     executed, mask = _masked(executed, token_mask)
     keys_seen = executed.cumsum(1)  # kept keys at or before each position, per row and block
     total = (executed.sum() * (f.qkvo + f.ffn) + (executed * keys_seen).sum() * f.attn_per_key).item()
     n_tokens = mask.sum().item()
-    if routed:
-        total += n_tokens * max(0, executed.shape[2] - args.dynamic_start_layer) * f.router
+    if routing is not None:
+        total += routing.cost(executed, mask)
     return total + n_tokens * f.lm_head
 
 
 def flops_ratio(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                routed: bool = True) -> float:
-    dense = forward_flops(args, torch.ones_like(executed), token_mask, routed=False)
-    return forward_flops(args, executed, token_mask, routed) / dense
+                routing: Optional[DenseRouting] = None) -> float:
+    dense = forward_flops(args, torch.ones_like(executed), token_mask)
+    return forward_flops(args, executed, token_mask, routing) / dense
 
 
 def kv_pairs(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> Tuple[float, float]:

@@ -9,7 +9,6 @@ from dllm import checkpoint, distributed
 from dllm.chat import ChatFormat
 from dllm.errors import InputError
 from dllm.model import Transformer
-from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
 
@@ -60,10 +59,10 @@ class Llama:
         dense: bool = False,
         execute_threshold: Optional[float] = None,
     ) -> "Llama":
-        """Load the base checkpoint (Meta or Hugging Face layout) and the D-LLM adapter (a directory
-        or one file), merge LoRA. The tokenizer is found in `llama_ckpt_dir` unless `tokenizer_path`
-        is given; the adapter's model args in the `params.json` next to it unless `model_args_path`
-        is given.
+        """Load the base checkpoint (Meta or Hugging Face layout) and the adapter (a directory or one
+        file), merge LoRA. The tokenizer is found in `llama_ckpt_dir` unless `tokenizer_path` is
+        given; the adapter's model args, its routing policy included, in the `params.json` next to it
+        unless `model_args_path` is given.
 
         Without an adapter, or with `dense` (which ignores the adapter), every block executes: the
         plain base model, the reference D-LLM is measured against.
@@ -80,12 +79,10 @@ class Llama:
             args = checkpoint.load_params(model_args_path, **sizes)
             checkpoint.check_args_match(args, base_args, model_args_path, checkpoint.params_file(llama_ckpt_dir))
         else:
-            args = checkpoint.load_params(llama_ckpt_dir, lora_rank=0, **sizes)
+            args = checkpoint.load_params(llama_ckpt_dir, lora_rank=0, routing="dense", **sizes)
         checkpoint.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
         model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
-        if not dynamic_ckpt_dir:
-            model.routing = DenseRouting()
         return Llama(model.eval(), tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):

@@ -1,9 +1,11 @@
 """D-LLM on the Llama-2 architecture: one model definition for training and inference.
 
-Training (`model.train()`) computes every token in every block, masks skipped tokens' keys and
-blends `w * block(x) + (1 - w) * x`, so the router's straight-through gradient exists. Inference
-(`model.eval()`) gathers the executing tokens of each block and runs only those; the others pass
-through at the cost of the router, and leave no K/V behind (see kv_cache.py).
+Which tokens run which block is the routing policy's (routing.py: D-LLM, MoD, static pruning,
+early exit, dense), chosen by `ModelArgs.routing`. Training (`model.train()`) computes every token
+in every block, masks skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
+gradient exists. Inference (`model.eval()`) gathers the executing tokens of each block and runs only
+those, blended by the same weight; the others pass through at the cost of the policy, and leave no
+K/V behind (see kv_cache.py).
 """
 import json
 import math
@@ -22,7 +24,7 @@ from torch import nn
 from dllm import distributed
 from dllm.errors import InputError
 from dllm.kv_cache import KVCache, LayerKVCache
-from dllm.routing import Decision, DLLMRouting, RMSNorm, Router
+from dllm.routing import Decision, DenseRouting, RMSNorm, make_routing
 
 
 @dataclass
@@ -55,6 +57,9 @@ class ModelArgs:
     dynamic_router_bias: Tuple[float, float] = (0.1, 2.0)
     gumbel_tau: float = 1.0
     execute_threshold: float = 0.5
+    # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
+    routing: str = "dllm"
+    static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips
 
     @classmethod
     def from_dict(cls, params: dict, **overrides) -> "ModelArgs":
@@ -69,8 +74,9 @@ class ModelArgs:
         if params.get("use_scaled_rope") and merged.get("rope_scaling") is None:
             merged["rope_scaling"] = dict(META_LLAMA3_ROPE_SCALING)  # Meta's Llama-3.1 params.json
         merged.update({k: v for k, v in overrides.items() if v is not None})
-        if "dynamic_router_bias" in merged:
-            merged["dynamic_router_bias"] = tuple(merged["dynamic_router_bias"])
+        for key in ("dynamic_router_bias", "static_skip_layers"):
+            if key in merged:
+                merged[key] = tuple(merged[key])
         return cls(**merged)
 
     @classmethod
@@ -81,6 +87,7 @@ class ModelArgs:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["dynamic_router_bias"] = list(self.dynamic_router_bias)
+        out["static_skip_layers"] = list(self.static_skip_layers)
         return out
 
     def __post_init__(self):
@@ -257,31 +264,37 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Decision.update_weight applied: 1 gives the block's output exactly, 0 its input."""
+    w = weight.unsqueeze(-1).to(x.dtype)
+    return w * out + (1 - w) * x
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs, init_method):
+    def __init__(self, layer_id: int, args: ModelArgs, init_method, routing: DenseRouting):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args, init_method)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim, init_method)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.router = None
-        if layer_id >= args.dynamic_start_layer:
-            self.router = Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias)
+        self.router = routing.block_module(layer_id)
 
     def _ffn(self, h):
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None):
-        """Returns (output, decision). Without a cache: masked training path; with one: real skipping."""
-        decision: Optional[Decision] = routing.decide(self, x, positions)
+    def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):
+        """Returns (output, decision). Without a cache: masked training path; with one: real skipping.
+        `state` is the routing state of the whole model's forward (routing.py)."""
+        decision: Optional[Decision] = routing.decide(self, x, positions, {} if state is None else state)
         if kv is None:
+            if decision is not None and not decision.weight.requires_grad and not bool(decision.mask.any()):
+                return x, decision  # nothing executes and no gradient needs the block's output
             key_keep = None if decision is None else decision.mask
             out = self._ffn(x + self.attention.forward_masked(self.attention_norm(x), freqs_cis[positions], key_keep))
             if decision is None:
                 return out, None
-            w = decision.weight.unsqueeze(-1).to(x.dtype)
-            return w * out + (1 - w) * x, decision
+            return blend(decision.update_weight(), out, x), decision
 
         b, s, dim = x.shape
         if decision is None or bool(decision.mask.all()):
@@ -298,13 +311,17 @@ class TransformerBlock(nn.Module):
             self.attention_norm(tokens), freqs_cis[token_pos], rows, token_pos, kv
         )
         out = self._ffn(h)
+        if decision is not None:
+            weight = decision.update_weight()
+            out = blend(weight.reshape(b * s) if scatter is None else weight[scatter], out, tokens)
         if scatter is None:
             return out.view(b, s, dim), decision
         return x.index_put(scatter, out), decision
 
 
 def is_adapter_key(name: str) -> bool:
-    """Router and LoRA tensors: what D-LLM trains and what an adapter checkpoint holds."""
+    """Router (any policy's block module) and LoRA tensors: what fine-tuning trains and what an
+    adapter checkpoint holds."""
     return ".router." in name or ".lora_" in name
 
 
@@ -336,12 +353,12 @@ class Transformer(nn.Module):
         else:
             self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
             self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
-        self.layers = nn.ModuleList(TransformerBlock(i, params, init_method) for i in range(params.n_layers))
+        self.routing = make_routing(params)
+        self.layers = nn.ModuleList(TransformerBlock(i, params, init_method, self.routing) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         # a plain attribute, not a buffer: Module.to(dtype) would drop the imaginary part
         self.freqs_cis = precompute_freqs_cis(params.head_dim, params.max_seq_len * 2, params.rope_theta,
                                               params.rope_scaling)
-        self.routing = DLLMRouting(params.dynamic_reserve_initials, params.gumbel_tau, params.execute_threshold)
 
     def new_cache(self, batch: int) -> KVCache:
         attn = self.layers[0].attention
@@ -355,6 +372,11 @@ class Transformer(nn.Module):
         tokens); in training it carries the routers' gradient. In eval mode without a cache a
         throw-away cache is used, so the forward skips for real.
         """
+        logits, activation, _ = self.run(tokens, start_pos, cache)
+        return logits, activation
+
+    def run(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
+        """forward, plus the routing state it left (what the policy's aux loss reads)."""
         b, s = tokens.shape
         if self.training and cache is not None:
             raise ValueError("the KV cache is for inference; call model.eval() first")
@@ -365,12 +387,12 @@ class Transformer(nn.Module):
         self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
         h = self.tok_embeddings(tokens)
-        activation = []
+        activation, state = [], {}
         for layer in self.layers:
             kv = None if cache is None else cache.layers[layer.layer_id]
-            h, decision = layer(h, positions, self.freqs_cis, self.routing, kv)
+            h, decision = layer(h, positions, self.freqs_cis, self.routing, kv, state)
             activation.append(torch.ones(b, s, device=h.device) if decision is None else decision.weight.float())
-        return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1)
+        return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1), state
 
     def project_vocab(self, h: torch.Tensor) -> torch.Tensor:
         """The output projection; tied models use the embedding matrix itself (one tensor, no copy)."""
@@ -380,21 +402,22 @@ class Transformer(nn.Module):
         return gather_from_model_parallel_region(local)
 
     def compute_loss(self, examples, labels, example_masks, label_masks):
-        """The D-LLM objective's pieces: CE on response tokens and the L1 execution-rate loss.
+        """The objective's pieces: CE on response tokens and the routing policy's aux loss (D-LLM:
+        the L1 execution-rate loss), over real tokens past the reserved initial ones.
 
-        The rate loss is |mean over all blocks of the execute weight - target| per real token,
-        reserved initial tokens excluded; always-on blocks count as executed.
+        act_ratio is the mean over those tokens of the share of all blocks executed (always-on
+        blocks count as executed).
         """
-        logits, activation = self(examples)
+        logits, activation, state = self.run(examples)
         label_weight = label_masks[:, 1:].float()
         ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
         n_labels = label_weight.sum()
         c_loss = (ce * label_weight.flatten()).sum() / n_labels.clamp(min=1)
         token_weight = example_masks.float().clone()
         token_weight[:, : self.params.dynamic_reserve_initials] = 0
+        a_loss = self.routing.aux_loss(self, state, activation, logits, token_weight)
         ratio = activation.mean(-1)
         n_tokens = token_weight.sum()
-        a_loss = ((ratio - self.params.dynamic_active_target).abs() * token_weight).sum() / n_tokens.clamp(min=1)
         act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens.clamp(min=1)).item()
         # the counts the means are over, so callers can average across batches and ranks
         return c_loss, a_loss, {"act_ratio": act_ratio, "n_labels": n_labels.item(), "n_tokens": n_tokens.item()}
@@ -404,7 +427,11 @@ class Transformer(nn.Module):
             layer.attention.merge_lora()
 
     def set_adapter_trainable(self, adapter_only: bool = True) -> int:
-        """Freeze everything but routers and LoRA (or unfreeze all); returns the trainable count."""
+        """Freeze everything but routers and LoRA (or unfreeze all), and the blocks the policy never
+        runs (no gradient reaches them); returns the trainable count."""
         for name, p in self.named_parameters():
             p.requires_grad_(is_adapter_key(name) or not adapter_only)
+        for layer in self.layers:
+            if self.routing.always_skips(layer.layer_id):
+                layer.requires_grad_(False)
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

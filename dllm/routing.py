@@ -1,8 +1,16 @@
-"""Which tokens execute a block: the decision module and the swappable policies around it.
+"""Routing policies: which tokens execute which block, the model's one extension point.
 
-A policy looks at a block's input and returns a `Decision` (or None: every token executes, at no
-routing cost). The block has one code path that acts on a Decision, so D-LLM, dense inference and
-later baselines (MoD top-k, static pruning, early exit) differ only in the policy.
+A policy owns everything that differs between D-LLM and its baselines:
+- the module it adds to each block (`block_module`, kept as `block.router`, so every policy's
+  tensors are adapter tensors named `layers.{i}.router.*`, D-LLM's own names);
+- its decision per block, in training and in inference (`decide`: a `Decision`, or None when every
+  token executes);
+- its auxiliary loss and that loss's weight over training (`aux_loss`, `aux_weight`);
+- its own FLOPs beyond the blocks it runs (`cost`).
+What must live across the blocks of one forward (early exit's stopped tokens, the pairs an
+auxiliary loss is computed from) goes in the `state` dict the model hands to every `decide` of
+that forward. The block has one code path acting on a Decision, so a new policy is a class here and
+its name in POLICIES; `ModelArgs.routing` chooses it.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -10,6 +18,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dllm import schedule
+from dllm.errors import InputError
 
 
 class RMSNorm(nn.Module):
@@ -42,38 +53,98 @@ class Router(nn.Module):
         return self.linear_2(F.silu(self.norm(self.linear_1(x.float()))))
 
 
+def mlp_flops(*widths: int) -> int:
+    """FLOPs per token of a chain of linear layers widths[0] -> widths[1] -> ... (2 per multiply-add)."""
+    return 2 * sum(a * b for a, b in zip(widths, widths[1:]))
+
+
 @dataclass
 class Decision:
     """Per-token routing of one block.
 
-    weight: [b, s] float, 1 = execute; carries the router's gradient in training.
+    weight: [b, s] float execute weight, 1 = execute, 0 = skip; in training it may carry the
+            router's straight-through gradient (D-LLM). It is what the model reports per token and
+            block, what FLOPs, KV and the rate loss count.
     mask:   [b, s] bool, the tokens that execute (and so keep K/V at this block).
+    scale:  [b, s] float or None, a factor on the executed tokens' update (MoD's router weight).
+    The block's output is u * block(x) + (1 - u) * x with u = weight * scale (`update_weight`).
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+
+    def update_weight(self) -> torch.Tensor:
+        return self.weight if self.scale is None else self.weight * self.scale
 
 
 class DenseRouting:
-    """Every token executes every block: the plain Llama model."""
+    """Every token executes every block: the plain Llama model.
 
-    def decide(self, block, x: torch.Tensor, positions: torch.Tensor) -> Optional[Decision]:
-        return None
-
-
-class DLLMRouting:
-    """D-LLM: straight-through hard Gumbel-softmax in training, p(execute) >= threshold at inference.
-
-    Blocks without a router (below dynamic_start_layer) always execute, and so do the first
-    `reserve_initials` positions of every sequence (attention sinks).
+    Also the interface: every policy subclasses it and overrides what it does; these defaults add,
+    decide, train and cost nothing.
     """
 
-    def __init__(self, reserve_initials: int = 2, tau: float = 1.0, threshold: float = 0.5):
-        self.reserve_initials = reserve_initials
-        self.tau = tau
-        self.threshold = threshold
+    name = "dense"
+    label = "dense LoRA"
+    # True: the inference threshold is fit after training so the executed share meets the target
+    calibrates_threshold = False
 
-    def decide(self, block, x: torch.Tensor, positions: torch.Tensor) -> Optional[Decision]:
+    def __init__(self, args=None):
+        self.args = args
+
+    def block_module(self, layer_id: int) -> Optional[nn.Module]:
+        """The module this policy adds to block `layer_id` (its `router`), or None."""
+        return None
+
+    def decide(self, block, x: torch.Tensor, positions: torch.Tensor, state: dict) -> Optional[Decision]:
+        return None
+
+    def always_skips(self, layer_id: int) -> bool:
+        """A block no token ever executes: its adapter tensors would get no gradient, so they are frozen."""
+        return False
+
+    def aux_loss(self, model, state: dict, activation: torch.Tensor, logits: torch.Tensor,
+                 token_weight: torch.Tensor) -> torch.Tensor:
+        """The training loss besides CE; activation [b, s, n_layers] execute weights, token_weight
+        [b, s] 1 on real tokens past the reserved initial ones."""
+        return logits.new_zeros(())
+
+    def aux_weight(self, progress: float, lambda_active: float, epochs: float) -> float:
+        """The aux loss's weight at `progress` (fractional epochs)."""
+        return 0.0
+
+    def cost(self, executed: torch.Tensor, token_mask: torch.Tensor) -> float:
+        """FLOPs the policy spends itself (routers, predictors, classifiers); executed [b, T,
+        n_layers] 0/1 with padding zeroed, token_mask [b, T]."""
+        return 0.0
+
+
+class DLLMRouting(DenseRouting):
+    """D-LLM: a Router in every block from dynamic_start_layer on; straight-through hard
+    Gumbel-softmax in training, p(execute) >= threshold at inference.
+
+    The first `dynamic_reserve_initials` positions of every sequence always execute (attention
+    sinks). The aux loss is the rate loss |share of blocks executed - target| per token, weighted
+    by the sine-annealed lambda_t.
+    """
+
+    name = "dllm"
+    label = "D-LLM"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.reserve_initials = args.dynamic_reserve_initials
+        self.tau = args.gumbel_tau
+        self.threshold = args.execute_threshold
+
+    def block_module(self, layer_id: int) -> Optional[nn.Module]:
+        a = self.args
+        if layer_id < a.dynamic_start_layer:
+            return None
+        return Router(a.dim, a.dynamic_router_hdim, a.norm_eps, a.dynamic_router_bias)
+
+    def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
         if router is None:
             return None
@@ -89,16 +160,225 @@ class DLLMRouting:
             weight = mask.float()
         return Decision(weight, mask)
 
+    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+        ratio = activation.mean(-1)
+        gap = (ratio - self.args.dynamic_active_target).abs()
+        return (gap * token_weight).sum() / token_weight.sum().clamp(min=1)
 
-class FixedRouting:
+    def aux_weight(self, progress, lambda_active, epochs) -> float:
+        return schedule.rate_loss_weight(progress, lambda_active, epochs)
+
+    def cost(self, executed, token_mask) -> float:
+        """The router of every routed block, for every token."""
+        a = self.args
+        n_routed = max(0, executed.shape[2] - a.dynamic_start_layer)
+        return token_mask.sum().item() * n_routed * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
+
+
+class MoDRouter(nn.Module):
+    """MoD's decision module, fp32 like Router.
+
+    `linear` scores each token: the top-k execute in training, and 2 * sigmoid(score) scales the
+    executed tokens' update. `predictor_1/2` is the causal predictor, a small MLP on the detached input
+    trained to say whether the token is in the top-k; it decides at inference, where top-k over a
+    sequence is not causal.
+    """
+
+    def __init__(self, dim: int, hdim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 1, dtype=torch.float32)
+        self.predictor_1 = nn.Linear(dim, hdim, dtype=torch.float32)
+        self.predictor_2 = nn.Linear(hdim, 1, dtype=torch.float32)
+        with torch.no_grad():  # small scores: the scale starts near 1, the frozen block's own update
+            nn.init.normal_(self.linear.weight, std=1.0 / dim)
+            self.linear.bias.zero_()
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.sigmoid(self.linear(x.float()).squeeze(-1))
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictor's logit that the token is in its block's top-k."""
+        return self.predictor_2(F.silu(self.predictor_1(x.float()))).squeeze(-1)
+
+
+class MoDRouting(DenseRouting):
+    """Mixture-of-Depths (Raposo et al. 2024) on the blocks from dynamic_start_layer on.
+
+    Training: per sequence and block the k tokens with the highest router score execute, k =
+    capacity x length, with the capacity set so that the share of all blocks executed is
+    dynamic_active_target (the blocks below the start always run); the router weight scales the
+    executed tokens' update, which is how the router learns. Inference: the causal predictor decides
+    (sigmoid >= threshold), the update scaled the same way. The aux loss is the predictor's binary
+    cross-entropy against top-k membership. Choices: the router weight is 2 * sigmoid(score), not
+    MoD's raw score, which from a pretrained base would start near 0 and erase the frozen blocks;
+    k counts the batch's padded length; no reserved initial tokens (MoD has none).
+    """
+
+    name = "mod"
+    label = "MoD"
+
+    def __init__(self, args):
+        super().__init__(args)
+        routed = args.n_layers - args.dynamic_start_layer
+        self.capacity = (args.dynamic_active_target * args.n_layers - args.dynamic_start_layer) / max(routed, 1)
+        if routed <= 0 or not 0 < self.capacity <= 1:
+            raise InputError(
+                f"MoD: dynamic_active_target {args.dynamic_active_target} with {args.dynamic_start_layer} of "
+                f"{args.n_layers} blocks always run leaves a capacity of {self.capacity:.3f} for the routed "
+                f"blocks; choose a target above {args.dynamic_start_layer / args.n_layers:.3f}"
+            )
+        self.threshold = args.execute_threshold
+
+    def block_module(self, layer_id: int) -> Optional[nn.Module]:
+        if layer_id < self.args.dynamic_start_layer:
+            return None
+        return MoDRouter(self.args.dim, self.args.dynamic_router_hdim)
+
+    def decide(self, block, x, positions, state) -> Optional[Decision]:
+        router = block.router
+        if router is None:
+            return None
+        scale = router.scale(x)
+        if router.training:
+            k = max(1, round(self.capacity * x.shape[1]))
+            mask = torch.zeros_like(scale, dtype=torch.bool).scatter_(1, scale.topk(k, dim=1).indices, True)
+            state.setdefault("mod", []).append((router.predict(x.detach()), mask))
+        else:
+            mask = torch.sigmoid(router.predict(x)) >= self.threshold
+        return Decision(mask.float(), mask, scale)
+
+    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+        pairs = state.get("mod", [])
+        if not pairs:
+            return logits.new_zeros(())
+        bce = sum((F.binary_cross_entropy_with_logits(logit, target.float(), reduction="none") * token_weight).sum()
+                  for logit, target in pairs)
+        return bce / (len(pairs) * token_weight.sum().clamp(min=1))
+
+    def aux_weight(self, progress, lambda_active, epochs) -> float:
+        return 1.0  # it trains only the predictor (detached input), so a schedule would only slow it
+
+    def cost(self, executed, token_mask) -> float:
+        """The router score and the predictor of every routed block, for every token."""
+        a = self.args
+        n_routed = max(0, executed.shape[2] - a.dynamic_start_layer)
+        per_block = mlp_flops(a.dim, 1) + mlp_flops(a.dim, a.dynamic_router_hdim, 1)
+        return token_mask.sum().item() * n_routed * per_block
+
+
+class StaticRouting(DenseRouting):
+    """Static block pruning (Shortened-LLaMA, Kim et al. 2024): every token skips the blocks in
+    static_skip_layers, in training and at inference (so they keep no K/V); the rest always run.
+    tools/rank_blocks.py ranks the blocks (perplexity increase when removed, Taylor importance)."""
+
+    name = "static"
+    label = "static pruning"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.skipped = frozenset(args.static_skip_layers)
+        bad = sorted(i for i in self.skipped if not 0 <= i < args.n_layers)
+        if bad:
+            raise InputError(f"static_skip_layers {bad}: the model has blocks 0..{args.n_layers - 1}")
+
+    def decide(self, block, x, positions, state) -> Optional[Decision]:
+        if block.layer_id not in self.skipped:
+            return None
+        mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        return Decision(mask.float(), mask)
+
+    def always_skips(self, layer_id: int) -> bool:
+        return layer_id in self.skipped
+
+
+class EarlyExitRouting(DenseRouting):
+    """Early exit, Ada-Infer-style (Fan et al. 2024): from dynamic_start_layer on, a classifier on
+    each block's input says whether the token's prediction has settled; if so the token stops
+    there, skipping that block and every later one (leaving no K/V), and the head reads its hidden
+    state as it is.
+
+    Training runs every block (Ada-Infer leaves the model as it is; LoRA trains as in the dense
+    fine-tune) and trains the classifiers on the side (detached inputs): at each block the label is
+    whether the head applied to that block's input already gives the final top-1 token. The
+    threshold on p(execute) is fit after training so the executed share meets
+    dynamic_active_target (`calibrates_threshold`). Choice: the classifier is D-LLM's Router on the
+    hidden state, not Ada-Infer's SVM on LM-head features (gap, top prob): the head at every block
+    would cost more than a block on small models.
+    """
+
+    name = "early_exit"
+    label = "early exit"
+    calibrates_threshold = True
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.threshold = args.execute_threshold
+
+    def block_module(self, layer_id: int) -> Optional[nn.Module]:
+        a = self.args
+        if layer_id < a.dynamic_start_layer:
+            return None
+        return Router(a.dim, a.dynamic_router_hdim, a.norm_eps, a.dynamic_router_bias)
+
+    def decide(self, block, x, positions, state) -> Optional[Decision]:
+        router = block.router
+        if router is None:
+            return None
+        if router.training:
+            state.setdefault("early_exit", []).append((x.detach(), router(x.detach())))
+            return None
+        stopped = router(x).softmax(-1)[..., 1] < self.threshold
+        if "stopped" in state:
+            stopped = stopped | state["stopped"]
+        state["stopped"] = stopped
+        return Decision((~stopped).float(), ~stopped)
+
+    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+        pairs = state.get("early_exit", [])
+        if not pairs:
+            return logits.new_zeros(())
+        final = logits.argmax(-1)
+        total = 0.0
+        for x, router_logits in pairs:
+            with torch.no_grad():
+                go_on = model.project_vocab(model.norm(x)).argmax(-1) != final
+            ce = F.cross_entropy(router_logits.flatten(0, 1), go_on.long().flatten(), reduction="none")
+            total = total + (ce * token_weight.flatten()).sum()
+        return total / (len(pairs) * token_weight.sum().clamp(min=1))
+
+    def aux_weight(self, progress, lambda_active, epochs) -> float:
+        return 1.0  # it trains only the classifiers (detached inputs), so a schedule would only slow them
+
+    def cost(self, executed, token_mask) -> float:
+        """The classifier at each routed block a token reaches: every token reaches the first one,
+        and block l > start if it executed block l - 1."""
+        a = self.args
+        if executed.shape[2] <= a.dynamic_start_layer:
+            return 0.0
+        evaluations = token_mask.sum().item() + executed[..., a.dynamic_start_layer : -1].sum().item()
+        return evaluations * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
+
+
+class FixedRouting(DenseRouting):
     """Decisions given from outside, per layer ([b, s] bool masks): for tests and ablations."""
 
     def __init__(self, masks: dict):
+        super().__init__()
         self.masks = masks
 
-    def decide(self, block, x: torch.Tensor, positions: torch.Tensor) -> Optional[Decision]:
+    def decide(self, block, x, positions, state) -> Optional[Decision]:
         mask = self.masks.get(block.layer_id)
         if mask is None:
             return None
         mask = mask.to(x.device)
         return Decision(mask.float(), mask)
+
+
+POLICIES = {policy.name: policy for policy in (DLLMRouting, MoDRouting, StaticRouting, EarlyExitRouting, DenseRouting)}
+
+
+def make_routing(args) -> DenseRouting:
+    """The policy `args.routing` names, built from the model args."""
+    if args.routing not in POLICIES:
+        raise InputError(f"unknown routing {args.routing!r}; known: {', '.join(POLICIES)}")
+    return POLICIES[args.routing](args)

@@ -1,4 +1,5 @@
-"""D-LLM fine-tuning: routers + LoRA on a frozen base, CE + lambda_t * rate loss.
+"""Fine-tuning: the routing policy's modules + LoRA on a frozen base, CE + lambda_t * the policy's
+aux loss (D-LLM: the rate loss).
 
 Data parallel across processes (DDP over fairscale's data-parallel group) and model parallel
 within a group. Checkpoints hold only the adapter (official layout) plus what resuming needs, and
@@ -21,7 +22,6 @@ from dllm.chat import ChatFormat
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.model import Transformer
-from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
 class Indexed(Dataset):
@@ -118,6 +118,18 @@ def validate(model: Transformer, loader, device) -> dict:
     return {"val_c_loss": c / max(n_labels, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
 
 
+def calibrate_threshold(model: Transformer, loader, target: float, device, steps: int = 12) -> float:
+    """Bisection on the policy's inference threshold until the executed share on these batches
+    meets the target: for policies whose training has no signal for their compute (early exit)."""
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        model.routing.threshold = (low + high) / 2
+        ratio = validate(model, loader, device)["val_act_ratio"]
+        low, high = (model.routing.threshold, high) if ratio > target else (low, model.routing.threshold)
+    model.routing.threshold = (low + high) / 2
+    return model.routing.threshold
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -129,7 +141,8 @@ class Trainer:
             max_seq_len=args.max_seq_len, max_batch_size=args.batch_size, lora_rank=args.lora_rank,
             dynamic_active_target=args.dynamic_active_target, dynamic_start_layer=args.dynamic_start_layer,
             dynamic_router_hdim=args.dynamic_router_hdim, dynamic_reserve_initials=args.dynamic_reserve_initials,
-            dynamic_router_bias=args.router_bias, gumbel_tau=args.gumbel_tau,
+            dynamic_router_bias=args.router_bias, gumbel_tau=args.gumbel_tau, routing=args.routing,
+            static_skip_layers=args.static_skip_layers,
         )
         self.model_args = checkpoint.load_params(args.llama_param_path or args.llama_model_path, **overrides)
         checkpoint.check_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_model_path)
@@ -140,11 +153,6 @@ class Trainer:
         )
         torch.manual_seed(args.seed + distributed.dp_rank())
         self.model.set_adapter_trainable(True)
-        if args.dense:  # routers unused: frozen, so DDP expects no gradient for them
-            self.model.routing = DenseRouting()
-            for layer in self.model.layers:
-                if layer.router is not None:
-                    layer.router.requires_grad_(False)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in self.model.parameters()):,}")
 
@@ -160,6 +168,10 @@ class Trainer:
         }
         self.train_loader = train_loader(tokenised["train"], args.batch_size, args.seed, args.num_workers)
         self.val_loader = val_loader(tokenised["test"], args.batch_size, args.num_workers)
+        # the first training records, in file order: what a calibrated threshold is fit on
+        n_calibration = min(len(train_records), args.calibration_batches * args.batch_size)
+        self.calibration_loader = val_loader(Subset(tokenised["train"], range(n_calibration)), args.batch_size,
+                                             args.num_workers)
         if len(self.train_loader) < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(train_records)} training records give fewer batches than --accum_iter")
 
@@ -181,8 +193,12 @@ class Trainer:
             self.resume(args.resume)
         if self.main:
             os.makedirs(args.output_dir, exist_ok=True)
+            self.write_params()
+
+    def write_params(self):
+        if self.main:
             checkpoint.atomic_write_text(
-                json.dumps(self.model_args.to_dict(), indent=2) + "\n", os.path.join(args.output_dir, "params.json")
+                json.dumps(self.model_args.to_dict(), indent=2) + "\n", os.path.join(self.args.output_dir, "params.json")
             )
 
     def log(self, message: str):
@@ -250,6 +266,11 @@ class Trainer:
             first = self.start_step if epoch == self.start_epoch else 0
             self.optimizer.zero_grad(set_to_none=True)
             self.train_epoch(epoch, first, steps_per_epoch)
+            if self.model.routing.calibrates_threshold:
+                self.model_args.execute_threshold = calibrate_threshold(
+                    self.model, self.calibration_loader, self.model_args.dynamic_active_target, self.device)
+                self.write_params()
+                self.log(f"epoch {epoch}: execute_threshold {self.model_args.execute_threshold:.4f}")
             metrics = validate(self.model, self.val_loader, self.device)
             self.write_log({"epoch": epoch, **metrics})
             self.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -268,7 +289,7 @@ class Trainer:
             lr = schedule.learning_rate(progress, self.lr, args.min_lr, args.warmup_epochs, args.epochs)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            lam = 0.0 if args.dense else schedule.rate_loss_weight(progress, args.lambda_active, args.epochs)
+            lam = self.model.routing.aux_weight(progress, args.lambda_active, args.epochs)
             batch = [t.to(self.device) for t in trim_padding(batch)]
             boundary = (step + 1) % args.accum_iter == 0
             sync = contextlib.nullcontext() if boundary or distributed.dp_size() == 1 else self.objective.no_sync()

@@ -288,7 +288,7 @@ def test_round_trip_reproduces_logits_exactly(saved):
     with torch.no_grad():
         for m in (model, fresh):
             m.eval()
-            m.routing = DLLMRouting(args.dynamic_reserve_initials)
+            m.routing = DLLMRouting(args)
         want, want_act = model(tokens)
         got, got_act = fresh(tokens)
     assert 0 < want_act[:, 2:, 1:].mean() < 1  # the loaded routers skip some tokens

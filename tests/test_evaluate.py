@@ -132,9 +132,8 @@ def by_hand_ppl(generator, records):
         ce_sum += float(ce)
         count += len(tokens) - start
         hits += int((logits[0, start - 1 : -1].argmax(-1) == torch.tensor(tokens[start:])).sum())
-        routed = not isinstance(model.routing, DenseRouting)
-        num += flops.forward_flops(model.params, activation, routed=routed)
-        den += flops.forward_flops(model.params, torch.ones_like(activation), routed=False)
+        num += flops.forward_flops(model.params, activation, routing=model.routing)
+        den += flops.forward_flops(model.params, torch.ones_like(activation))
         kept += float(activation.sum())
         pairs += activation.shape[1] * activation.shape[2]
     return math.exp(ce_sum / count), count, hits / count, num / den, kept / pairs

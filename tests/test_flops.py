@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_args
 from dllm import flops
 from dllm.model import ModelArgs, Transformer
+from dllm.routing import DLLMRouting, mlp_flops
 from test_model import randomize
 
 
@@ -32,7 +33,7 @@ def test_token_flops_by_hand():
     assert f.qkvo == 2 * (8 * 8 + 8 * 4 + 8 * 4 + 8 * 8) == 384  # wq, wk, wv, wo
     assert f.ffn == 2 * 3 * 8 * 24 == 1152  # w1, w3: 8 -> 24, w2: 24 -> 8
     assert f.attn_per_key == 2 * (2 * 4) + 2 * (2 * 4) == 32  # q.k and p*v, 2 heads x head_dim 4 each
-    assert f.router == 2 * (8 * 4 + 4 * 2) == 80  # linear_1 8 -> 4, linear_2 4 -> 2
+    assert mlp_flops(8, 4, 2) == 2 * (8 * 4 + 4 * 2) == 80  # D-LLM's router: linear_1 8 -> 4, linear_2 4 -> 2
     assert f.lm_head == 2 * 8 * 10 == 160
 
 
@@ -49,15 +50,15 @@ def test_forward_flops_by_hand():
     lm_head = 4 * 160
     expected = 9 * block + 19 * 32 + routers + lm_head
     assert expected == 13824 + 608 + 640 + 640 == 15712
-    assert flops.forward_flops(args, EXECUTED) == expected
-    assert flops.forward_flops(args, EXECUTED, routed=False) == expected - routers
+    assert flops.forward_flops(args, EXECUTED, routing=DLLMRouting(args)) == expected
+    assert flops.forward_flops(args, EXECUTED) == expected - routers
 
     # dense: 12 pairs, 3 blocks x (1 + 2 + 3 + 4) = 30 (query, key) pairs, no routers
     dense = 12 * block + 30 * 32 + lm_head
     assert dense == 18432 + 960 + 640 == 20032
-    assert flops.forward_flops(args, torch.ones_like(EXECUTED), routed=False) == dense
-    assert flops.flops_ratio(args, EXECUTED) == pytest.approx(15712 / 20032, rel=1e-12)
-    assert flops.flops_ratio(args, EXECUTED, routed=False) == pytest.approx((15712 - 640) / 20032, rel=1e-12)
+    assert flops.forward_flops(args, torch.ones_like(EXECUTED)) == dense
+    assert flops.flops_ratio(args, EXECUTED, routing=DLLMRouting(args)) == pytest.approx(15712 / 20032, rel=1e-12)
+    assert flops.flops_ratio(args, EXECUTED) == pytest.approx((15712 - 640) / 20032, rel=1e-12)
     # executed pairs over all pairs
     assert flops.kv_ratio(EXECUTED) == pytest.approx(9 / 12, rel=1e-12)
 
@@ -65,14 +66,14 @@ def test_forward_flops_by_hand():
 def test_dense_ratio_is_one_and_routers_cost_a_little():
     args = small_args()
     ones = torch.ones(2, 5, 3)
-    assert flops.flops_ratio(args, ones, routed=False) == 1.0
-    with_routers = flops.flops_ratio(args, ones, routed=True)
+    assert flops.flops_ratio(args, ones) == 1.0
+    with_routers = flops.flops_ratio(args, ones, routing=DLLMRouting(args))
     # the routers' share: 2 routed blocks x 80 per token over the dense cost per token
-    dense = flops.forward_flops(args, ones, routed=False)
+    dense = flops.forward_flops(args, ones)
     assert with_routers == pytest.approx(1 + 2 * 5 * 2 * 80 / dense, rel=1e-12)
     assert with_routers > 1.0
     big = tiny_args(dim=512, n_heads=8, n_kv_heads=8, multiple_of=256, dynamic_router_hdim=16)
-    assert 1.0 < flops.flops_ratio(big, torch.ones(1, 16, big.n_layers), routed=True) < 1.01
+    assert 1.0 < flops.flops_ratio(big, torch.ones(1, 16, big.n_layers), routing=DLLMRouting(big)) < 1.01
     assert flops.kv_ratio(ones) == 1.0
 
 
@@ -99,12 +100,12 @@ def test_padding_contributes_nothing():
     # the padded tail's routing is garbage: whatever it is, it must not count
     other = executed.clone()
     other[1, 4:] = 1 - other[1, 4:]
-    for routed in (True, False):
-        total = flops.forward_flops(args, executed, mask, routed)
-        assert flops.forward_flops(args, other, mask, routed) == total
-        separate = flops.forward_flops(args, executed[:1], None, routed) + flops.forward_flops(args, executed[1:, :4], None, routed)
+    for routing in (DLLMRouting(args), None):
+        total = flops.forward_flops(args, executed, mask, routing)
+        assert flops.forward_flops(args, other, mask, routing) == total
+        separate = flops.forward_flops(args, executed[:1], None, routing) + flops.forward_flops(args, executed[1:, :4], None, routing)
         assert total == separate
-    dense = flops.forward_flops(args, torch.ones(1, 6, 3), routed=False) + flops.forward_flops(args, torch.ones(1, 4, 3), routed=False)
+    dense = flops.forward_flops(args, torch.ones(1, 6, 3)) + flops.forward_flops(args, torch.ones(1, 4, 3))
     assert flops.flops_ratio(args, executed, mask) == pytest.approx(flops.forward_flops(args, executed, mask) / dense, rel=1e-12)
     kept = executed[0].sum() + executed[1, :4].sum()
     assert flops.kv_ratio(executed, mask) == pytest.approx(float(kept) / ((6 + 4) * 3), rel=1e-12)
@@ -144,15 +145,16 @@ def test_measured_routing_matches_cache_and_closed_form(tokenizer_path):
                     keys = int(executed[row, : t + 1, layer].sum())
                     num += f.qkvo + f.ffn + keys * f.attn_per_key
     n_routed = L - args.dynamic_start_layer
-    num += b * T * (n_routed * f.router + f.lm_head)
+    router = mlp_flops(args.dim, args.dynamic_router_hdim, 2)
+    num += b * T * (n_routed * router + f.lm_head)
     dense = b * L * (T * (f.qkvo + f.ffn) + T * (T + 1) // 2 * f.attn_per_key) + b * T * f.lm_head
-    ratio = flops.flops_ratio(args, activation)
+    ratio = flops.flops_ratio(args, activation, routing=model.routing)
     assert ratio == pytest.approx(num / dense, rel=1e-12)
 
     # bounds from the share: every executed token attends at least itself and at most every
     # earlier position
     E = int(executed.sum())
-    fixed = b * T * (n_routed * f.router + f.lm_head)
+    fixed = b * T * (n_routed * router + f.lm_head)
     at_most_keys = sum(t + 1 for row in range(b) for t in range(T) for layer in range(L) if executed[row, t, layer])
     lower = (E * (f.qkvo + f.ffn + f.attn_per_key) + fixed) / dense
     upper = (E * (f.qkvo + f.ffn) + at_most_keys * f.attn_per_key + fixed) / dense
@@ -162,5 +164,6 @@ def test_measured_routing_matches_cache_and_closed_form(tokenizer_path):
     # matmuls dominating (wide model, same routing): ratio -> router + lm_head + share blend
     wide = dataclasses.replace(args, dim=8192, n_heads=64, n_kv_heads=64, multiple_of=256, vocab_size=320)
     fw = flops.token_flops(wide)
-    blend = (share * L * (fw.qkvo + fw.ffn) + n_routed * fw.router + fw.lm_head) / (L * (fw.qkvo + fw.ffn) + fw.lm_head)
-    assert flops.flops_ratio(wide, activation) == pytest.approx(blend, rel=2e-3)
+    router = mlp_flops(wide.dim, wide.dynamic_router_hdim, 2)
+    blend = (share * L * (fw.qkvo + fw.ffn) + n_routed * router + fw.lm_head) / (L * (fw.qkvo + fw.ffn) + fw.lm_head)
+    assert flops.flops_ratio(wide, activation, routing=DLLMRouting(wide)) == pytest.approx(blend, rel=2e-3)

@@ -150,7 +150,7 @@ def oracle_case(name):
 def test_logits_match_transformers_llama(config, mode, routing):
     model, tokens, expected = oracle_case(config)
     model.train(mode == "train")
-    model.routing = DenseRouting() if routing == "dense" else DLLMRouting(model.params.dynamic_reserve_initials)
+    model.routing = DenseRouting() if routing == "dense" else DLLMRouting(model.params)
     with torch.no_grad():
         logits, activation = model(tokens)
     assert logits.dtype == torch.float32 and logits.shape == expected.shape
@@ -383,10 +383,12 @@ def test_compute_loss_by_hand_with_fixed_routing():
     model.routing = FixedRouting(masks)
     model.train()
     with torch.no_grad():
-        c_loss, a_loss, metrics = model.compute_loss(examples, labels, example_masks, label_masks)
-        logits, _ = model(examples)
+        c_loss, _, metrics = model.compute_loss(examples, labels, example_masks, label_masks)
+        logits, activation = model(examples)
+        token_weight = (example_masks & (torch.arange(s) >= p.dynamic_reserve_initials)).float()
+        a_loss = DLLMRouting(p).aux_loss(model, {}, activation, logits, token_weight)
 
-    # rate loss: per real, non-reserved token |mean over ALL layers of executed - target|
+    # D-LLM's rate loss: per real, non-reserved token |mean over ALL layers of executed - target|
     total, count, executed = 0.0, 0, 0.0
     for r in range(b):
         for t in range(s):

@@ -4,6 +4,7 @@ several results.json, and the token x block routing grid of a generation.
 Figures are built without pyplot (no global state, no display needed); the functions that build
 them return the Figure so its drawn data can be checked.
 """
+import io
 import json
 import os
 from collections import defaultdict
@@ -13,16 +14,16 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from dllm.checkpoint import atomic_write_bytes
 from dllm.errors import InputError
 from dllm.token_view import KIND_COLORS, KIND_NAMES, SequenceRouting
 
 
 def save_png(fig: Figure, path: str):
-    """Written whole or not at all, like every other output file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    """Drawn in memory, then written whole, like every other output file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(buffer.getvalue(), path)
 
 
 # ------------------------------------------------------------------ training curves

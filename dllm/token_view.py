@@ -178,15 +178,13 @@ def _sequence(index: int, seq: SequenceRouting) -> str:
 
 
 def render_html(sequences: List[SequenceRouting], title: str = "D-LLM: blocks executed per token") -> str:
-    """One self-contained page (inline CSS and JavaScript, nothing fetched), in ASCII with character
-    references, so no locale can garble it."""
+    """One self-contained page (inline CSS and JavaScript, nothing fetched)."""
     body = "".join(_sequence(i, s) for i, s in enumerate(sequences))
-    page = (
+    return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
         f"{_legend(len(sequences[0].kinds[0]))}{body}<script>{SCRIPT}</script></body></html>\n"
     )
-    return page.encode("ascii", "xmlcharrefreplace").decode("ascii")
 
 
 def write_html(sequences: List[SequenceRouting], path: str):

@@ -22,6 +22,7 @@ from dllm.chat import ChatFormat
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.model import Transformer
+from dllm.plots import write_curves_or_warn
 from dllm.tokenizer import Tokenizer
 
 class Indexed(Dataset):
@@ -274,6 +275,8 @@ class Trainer:
             metrics = validate(self.model, self.val_loader, self.device)
             self.write_log({"epoch": epoch, **metrics})
             self.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self.main:
+                write_curves_or_warn(args.output_dir, self.log)
             if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
                 self.save(epoch + 1, 0, f"{args.model_save_name}-{epoch}.pth")
             self.save(epoch + 1, 0, f"{args.model_save_name}-last.pth")

@@ -541,7 +541,7 @@ def test_log_params_and_checkpoints(tiny, run_a):
     assert {k: getattr(params, k) for k in expected} == expected
 
     assert sorted(os.listdir(run_a)) == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
-                                         "log.jsonl", "params.json"]
+                                         "curves.png", "log.jsonl", "params.json"]
     for name, epoch in (("checkpoint-0.pth", 1), ("checkpoint-1.pth", 2), ("checkpoint-last.pth", 2)):
         ckpt = read_adapter(str(run_a / name))
         assert (ckpt["epoch"], ckpt["step"]) == (epoch, 0)

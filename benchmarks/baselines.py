@@ -1,0 +1,257 @@
+"""D-LLM against its baselines at matched compute, from one harness.
+
+    python benchmarks/baselines.py        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
+    EPOCHS=1 python benchmarks/baselines.py --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
+
+Every method gets the same fine-tune: finetuning.sh with its defaults or the environment's variables
+(data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING, DYNAMIC_ACTIVE_TARGET,
+SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Then evaluate.py on the dataset's test
+split (held-out CE, FLOPs and KV ratios from the routing that happened), prefill and decode timed
+against the dense base model in this process (best of --repeats, interleaved, real text), and the
+per-token adaptivity: blocks executed per token, its mean and its std across the tokens of one
+sequence (averaged over sequences).
+
+Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl and static_taylor
+(tools/rank_blocks.py ranks the blocks once; round((1 - target) * n_layers) least important
+pruned), early_exit (threshold fit to the target after training). The target is the share of all
+(token, block) pairs executed, for every method. A run whose row.json exists is not repeated.
+Writes --out (a JSON list of rows) and the same path with .md (the tables).
+"""
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dllm.checkpoint import atomic_write_text  # noqa: E402
+from dllm.data import load_records  # noqa: E402
+from dllm.errors import InputError, run_cli  # noqa: E402
+from dllm.generation import Llama  # noqa: E402
+from tools.rank_blocks import blocks_to_skip  # noqa: E402
+
+# method -> (routing policy, static pruning criterion)
+METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None), "static_ppl": ("static", "ppl"),
+           "static_taylor": ("static", "taylor"), "early_exit": ("early_exit", None)}
+
+
+def floats(text: str):
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def ints(text: str):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def plan(args):
+    """(method, target, seed) of every run; dense has no target (1.0: every block)."""
+    runs = []
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        for target in [1.0] if method == "dense" else floats(args.targets):
+            spread = method in args.spread_methods.split(",") and math.isclose(target, args.spread_target)
+            runs += [(method, target, seed) for seed in (ints(args.spread_seeds) if spread else ints(args.seeds))]
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command, env=None):
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+
+
+def ranking(args) -> dict:
+    """tools/rank_blocks.py once per sweep, with the fine-tune's sequence length and start layer."""
+    path = os.path.join(args.work_dir, "ranking.json")
+    if not os.path.isfile(path):
+        command = [sys.executable, "-m", "tools.rank_blocks", "--llama_model_path", args.model_path,
+                   "--dataset_path", args.dataset_path, "--dataset_name", args.dataset_name, "--out", path]
+        for env, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
+                          ("TOKENIZER_PATH", "--tokenizer_path")):
+            if os.environ.get(env):
+                command += [flag, os.environ[env]]
+        run(command)
+    with open(path) as f:
+        return json.load(f)
+
+
+def fine_tune(args, method, target, seed, out_dir) -> dict:
+    routing, criterion = METHODS[method]
+    env = dict(os.environ, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.model_path, DATASET_PATH=args.dataset_path,
+               DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir, MASTER_PORT=str(free_port()))
+    extra = {}
+    if method != "dense":
+        env["DYNAMIC_ACTIVE_TARGET"] = str(target)
+    if criterion:
+        extra["static_skip_layers"] = blocks_to_skip(ranking(args), criterion, target)
+        env["STATIC_SKIP_LAYERS"] = " ".join(map(str, extra["static_skip_layers"]))
+    run(["bash", "finetuning.sh"], env)
+    return extra
+
+
+def evaluate(args, adapter, out_dir) -> dict:
+    """evaluate.py on the test split; the ppl row."""
+    command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.model_path, "--dynamic_ckpt_dir", adapter,
+               "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir]
+    if os.environ.get("TOKENIZER_PATH"):
+        command += ["--tokenizer_path", os.environ["TOKENIZER_PATH"]]
+    run(command)
+    with open(os.path.join(out_dir, "results.json")) as f:
+        return next(r for r in json.load(f) if r["metric"] == "ppl")
+
+
+def build(args, adapter=None) -> Llama:
+    return Llama.build(args.model_path, adapter, tokenizer_path=os.environ.get("TOKENIZER_PATH") or None,
+                       max_seq_len=max(args.prefill_len, args.decode_prompt_len + args.decode_steps),
+                       max_batch_size=1, model_parallel_size=1, dense=adapter is None)
+
+
+def real_text(generator: Llama, args) -> torch.Tensor:
+    """[1, n] tokens of the test split's prompts and responses, one record after another."""
+    n = max(args.prefill_len, args.decode_prompt_len + args.decode_steps)
+    ids = []
+    for record in load_records(args.dataset_path, args.dataset_name, "test"):
+        ids += generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)
+        if len(ids) >= n:
+            return torch.tensor([ids[:n]], device=generator.device)
+    raise InputError(f"{args.dataset_name}: the test split has fewer than {n} tokens to time on")
+
+
+@torch.inference_mode()
+def seconds(generator: Llama, text: torch.Tensor, args):
+    """(prefill of --prefill_len tokens, --decode_steps single-token steps after --decode_prompt_len)."""
+    model = generator.model
+    start = time.perf_counter()
+    model(text[:, : args.prefill_len], 0, model.new_cache(1))
+    prefill = time.perf_counter() - start
+    cache, p = model.new_cache(1), args.decode_prompt_len
+    model(text[:, :p], 0, cache)
+    start = time.perf_counter()
+    for i in range(p, p + args.decode_steps):
+        model(text[:, i : i + 1], i, cache)
+    return prefill, time.perf_counter() - start
+
+
+def speedups(dense: Llama, generator: Llama, text, args):
+    best = {"dense": [math.inf, math.inf], "run": [math.inf, math.inf]}
+    for _ in range(args.repeats):
+        for name, g in (("dense", dense), ("run", generator)):
+            best[name] = [min(a, b) for a, b in zip(best[name], seconds(g, text, args))]
+    return best["dense"][0] / best["run"][0], best["dense"][1] / best["run"][1]
+
+
+@torch.inference_mode()
+def adaptivity(generator: Llama, args):
+    """Blocks executed per token over the first --adaptivity_records test records (teacher forced):
+    the mean, and the std across one sequence's tokens averaged over sequences."""
+    means, stds = [], []
+    for record in load_records(args.dataset_path, args.dataset_name, "test")[: args.adaptivity_records]:
+        ids = generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)[: args.prefill_len]
+        _, activation = generator.model(torch.tensor([ids], device=generator.device))
+        blocks = activation[0].gt(0).sum(-1).float().tolist()
+        means.append(statistics.fmean(blocks))
+        stds.append(statistics.pstdev(blocks))
+    return statistics.fmean(means), statistics.fmean(stds)
+
+
+def measure(args, dense, text, method, target, seed) -> dict:
+    out_dir = os.path.join(args.work_dir, f"{method}-{target:g}-s{seed}")
+    row_path = os.path.join(out_dir, "row.json")
+    if os.path.isfile(row_path):
+        with open(row_path) as f:
+            return json.load(f)
+    extra = fine_tune(args, method, target, seed, out_dir)
+    adapter = os.path.join(out_dir, "checkpoint-last.pth")
+    ppl = evaluate(args, adapter, os.path.join(out_dir, "eval"))
+    generator = build(args, adapter)
+    prefill, decode = speedups(dense, generator, text, args)
+    blocks_mean, blocks_std = adaptivity(generator, args)
+    row = {"method": method, "target": target, "seed": seed, "flops_ratio": ppl["flops_ratio"],
+           "kv_ratio": ppl["kv_ratio"], "val_ce": math.log(ppl["value"]), "val_ppl": ppl["value"],
+           "prefill_speedup": prefill, "decode_speedup": decode, "blocks_per_token": blocks_mean,
+           "blocks_std_in_sequence": blocks_std, "adapter": os.path.relpath(adapter, ROOT), **extra}
+    atomic_write_text(json.dumps(row, indent=2) + "\n", row_path)
+    return row
+
+
+def markdown(rows, args) -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
+    lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
+             f"`{env + ' ' if env else ''}python benchmarks/baselines.py {' '.join(sys.argv[1:])}`", "",
+             "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | prefill x | decode x "
+             "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['target']:g} | {r['seed']} | {r['flops_ratio']:.3f} | {r['kv_ratio']:.3f} "
+                     f"| {r['val_ce']:.3f} | {r['val_ppl']:.1f} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} "
+                     f"| {r['blocks_per_token']:.2f} | {r['blocks_std_in_sequence']:.2f} |")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"]), []).append(r)
+    spread = [(key, group) for key, group in groups.items() if len(group) > 1]
+    if spread:
+        lines += ["", "| method | target | seeds | FLOPs ratio | val CE (mean ± std) |", "|---|---|---|---|---|"]
+        for (method, target), group in spread:
+            ce = [r["val_ce"] for r in group]
+            flops = statistics.fmean(r["flops_ratio"] for r in group)
+            lines.append(f"| {method} | {target:g} | {len(group)} | {flops:.3f} | "
+                         f"{statistics.fmean(ce):.3f} ± {statistics.stdev(ce):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# finetuning.sh's variables that shape the recipe, echoed in the table's command
+FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
+                        "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
+                        "ACCUM_ITER", "NPROC", "TOKENIZER_PATH"}
+
+
+def main(args):
+    for key in ("model_path", "dataset_path", "work_dir", "out"):  # finetuning.sh and evaluate.py run in ROOT
+        setattr(args, key, os.path.abspath(getattr(args, key)))
+    os.makedirs(args.work_dir, exist_ok=True)
+    dense = build(args)
+    text = real_text(dense, args)
+    rows = []
+    for method, target, seed in plan(args):
+        rows.append(measure(args, dense, text, method, target, seed))
+        atomic_write_text(json.dumps(rows, indent=2) + "\n", args.out)
+        atomic_write_text(markdown(rows, args), os.path.splitext(args.out)[0] + ".md")
+    print(markdown(rows, args))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
+    p.add_argument("--dataset_path", default="datasets")
+    p.add_argument("--dataset_name", default="demo", help="fine-tuned on its train split, evaluated on its test split")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--targets", default="0.4,0.5,0.7", help="shares of all blocks executed, one run each")
+    p.add_argument("--seeds", default="0", help="seeds of every run")
+    p.add_argument("--spread_target", type=float, default=0.5, help="the target where --spread_methods run more seeds")
+    p.add_argument("--spread_seeds", default="0,1,2")
+    p.add_argument("--spread_methods", default="dllm,static_ppl,static_taylor")
+    p.add_argument("--work_dir", default=os.path.join("runs", "baselines-demo"), help="one directory per run")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "baselines_demo.json"))
+    p.add_argument("--prefill_len", type=int, default=256, help="tokens of the timed prefill (batch 1)")
+    p.add_argument("--decode_prompt_len", type=int, default=64)
+    p.add_argument("--decode_steps", type=int, default=32, help="single-token steps timed (batch 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per run, interleaved with dense; the best kept")
+    p.add_argument("--adaptivity_records", type=int, default=32, help="test records the per-token counts come from")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

@@ -87,7 +87,7 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
   background: linear-gradient(to right, rgba(%(rgb)s, 0), rgba(%(rgb)s, 1)); border: 1px solid #999; }
 .seq { margin: 1.5em 0; padding-top: 0.5em; border-top: 1px solid #ccc; }
 .text { font-family: monospace; line-height: 1.9; white-space: pre-wrap; }
-.tok { cursor: pointer; padding: 1px 0; border-bottom: 2px solid transparent; }
+.tok { cursor: pointer; padding: 1px 0; border-bottom: 2px solid transparent; box-shadow: inset -1px 0 0 #fff; }
 .tok.gen { border-bottom-color: #e6550d; }
 .tok.selected { outline: 2px solid #e6550d; }
 .blockrow { margin: 0.8em 0; min-height: 2.2em; }

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from dllm.errors import InputError
@@ -104,11 +105,14 @@ def test_quality_flops_one_line_per_method(tmp_path):
     assert xy(piqa.lines[1]) == ([0.44, 0.59], [0.375, 0.5])
 
 
-def test_quality_flops_cli(tmp_path, capsys):
-    dense = results(tmp_path, "dense", [("demo", "ppl", 84.6, 1.0)])
+def test_quality_flops_cli(tmp_path, monkeypatch):
+    dense = results(tmp_path, "dense", [("demo", "ppl", 84.6, 1.0), ("piqa", "acc (loglik)", 0.5, 1.0)])
     out = tmp_path / "q.png"
-    plot_quality_flops.main([str(out), f"dense={dense}"])
-    assert imread(str(out)).shape[1] > 300
+    drawn = []
+    monkeypatch.setattr(plot_quality_flops, "quality_flops_figure", lambda runs: drawn.append(runs) or Figure())
+    plot_quality_flops.main([str(out), f"dense={dense}", "--datasets", "demo"])
+    assert [(m, [r["dataset"] for r in rows]) for m, rows in drawn[0]] == [("dense", ["demo"])]
+    assert imread(str(out)).shape[1] > 0
     with pytest.raises(InputError, match="expected METHOD=RESULTS_DIR"):
         plot_quality_flops.main([str(out), dense])
     with pytest.raises(InputError, match="no such results file"):

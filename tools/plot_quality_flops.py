@@ -5,6 +5,7 @@
         D-LLM=results/demo-dllm-t0.3 D-LLM=results/demo-dllm-t0.5 MoD=results/demo-mod
 
 Each METHOD=PATH names a results directory (or its results.json); repeat a method for its runs.
+`--datasets demo,piqa` keeps those datasets' rows only.
 """
 import argparse
 
@@ -23,8 +24,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="PNG to write")
     p.add_argument("runs", nargs="+", help="METHOD=RESULTS_DIR (or METHOD=path/to/results.json)")
+    p.add_argument("--datasets", default=None, help="comma-separated datasets to plot (default: all)")
     args = p.parse_args(argv)
-    save_png(quality_flops_figure([parse_run(r) for r in args.runs]), args.out)
+    runs = [parse_run(r) for r in args.runs]
+    if args.datasets:
+        keep = set(args.datasets.split(","))
+        runs = [(method, [row for row in rows if row["dataset"] in keep]) for method, rows in runs]
+    save_png(quality_flops_figure(runs), args.out)
     print(f"wrote {args.out}")
 
 

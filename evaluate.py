@@ -5,15 +5,17 @@ model on the paper's benchmarks.
     torchrun --nproc_per_node 1 evaluate.py --dense --datasets demo,piqa --output_dir results/demo-dense
 
 With no path flags it evaluates the shipped demo model with the shipped demo adapter; another base
-model (Meta or Hugging Face directory) is evaluated dense unless `--dynamic_ckpt_dir` is given. Writes
-results.md and results.json to --output_dir once every dataset is done.
+model (Meta or Hugging Face directory) gets the adapter shipped for it under assets/ if there is one,
+else it is evaluated dense. Writes results.md and results.json to --output_dir once every dataset
+is done.
 """
 import os
+import sys
 from typing import Optional
 
 import fire
 
-from dllm.checkpoint import default_model_parallel_size
+from dllm.checkpoint import default_model_parallel_size, shipped_adapter
 from dllm.data import TASK_METRIC
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import Evaluator, write_results
@@ -21,7 +23,7 @@ from dllm.generation import Llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_BASE = os.path.join(HERE, "assets", "tiny-llama2")
-DEMO_ADAPTER = os.path.join(HERE, "assets", "tiny-dllm", "checkpoint.pth")
+ASSETS = os.path.join(HERE, "assets")  # shipped adapters, each found by the base it was trained on
 
 
 def main(
@@ -47,8 +49,10 @@ def main(
         raise InputError(f"unknown dataset(s) {unknown}; known: {', '.join(sorted(TASK_METRIC))}")
     # model parallel over the checkpoint's shards; the remaining processes split the records
     model_parallel_size = model_parallel_size or default_model_parallel_size(llama_ckpt_dir)
-    if dynamic_ckpt_dir is None and os.path.abspath(llama_ckpt_dir) == DEMO_BASE:
-        dynamic_ckpt_dir = DEMO_ADAPTER  # the demo model comes with its adapter; other models run dense
+    if dynamic_ckpt_dir is None and not dense:
+        dynamic_ckpt_dir = shipped_adapter(llama_ckpt_dir, ASSETS)
+        if dynamic_ckpt_dir:
+            print(f"adapter: {dynamic_ckpt_dir} (shipped for this base; --dense runs the base alone)", file=sys.stderr)
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             batch_size, model_parallel_size, seed, dense, execute_threshold)
     evaluator = Evaluator(generator, batch_size, max_gen_len, n_shot, dataset_path)

@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 1 example.py --instructs "['Tell me about alpacas.']"
 
 With no path flags it runs the shipped demo model (assets/tiny-llama2) with the shipped demo
-adapter (assets/tiny-dllm); another base model (Meta or Hugging Face directory) runs dense unless
-`--dynamic_ckpt_dir` names an adapter trained on it. Prompts use the Alpaca template (`--prompt_path` picks another
-prompt.json, e.g. datasets/demo/prompt.json, the one the demo adapter was trained with);
+adapter (assets/tiny-dllm); another base model (Meta or Hugging Face directory) gets the adapter
+shipped for it under assets/ if there is one (assets/smollm2-dllm for SmolLM2), else runs dense.
+Prompts use the Alpaca template (`--prompt_path` picks another prompt.json, e.g.
+datasets/demo/prompt.json, the one the demo adapter was trained with);
 `--inputs` fills the template's Input section. `--chat` sends each instruction as a user turn in
 the model's own chat template instead (for instruction-tuned models such as SmolLM2):
 
@@ -16,11 +17,13 @@ the model's own chat template instead (for instruction-tuned models such as Smol
 click a token); `--png PATH` draws the token x block grid.
 """
 import os
+import sys
 from typing import List, Optional
 
 import fire
 
 from dllm.chat import ChatFormat
+from dllm.checkpoint import shipped_adapter
 from dllm.data import Templates, instruction_prompt, read_json
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
@@ -29,7 +32,7 @@ from dllm.token_view import sequences_from_generation, write_html
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_BASE = os.path.join(HERE, "assets", "tiny-llama2")
-DEMO_ADAPTER = os.path.join(HERE, "assets", "tiny-dllm", "checkpoint.pth")
+ASSETS = os.path.join(HERE, "assets")  # shipped adapters, each found by the base it was trained on
 PROMPT_PATH = os.path.join(HERE, "datasets", "alpaca", "prompt.json")
 DEFAULT_INSTRUCTS = [
     "Tell me about alpacas.",
@@ -67,8 +70,10 @@ def main(
             raise InputError(f"--{flag} takes a list of strings, e.g. --{flag} \"['Tell me about alpacas.']\"")
     if len(inputs) != len(instructs):
         raise InputError(f"--inputs has {len(inputs)} entries for {len(instructs)} --instructs")
-    if dynamic_ckpt_dir is None and os.path.abspath(llama_ckpt_dir) == DEMO_BASE:
-        dynamic_ckpt_dir = DEMO_ADAPTER  # the demo model comes with its adapter; other models run dense
+    if dynamic_ckpt_dir is None and not dense:
+        dynamic_ckpt_dir = shipped_adapter(llama_ckpt_dir, ASSETS)
+        if dynamic_ckpt_dir:
+            print(f"adapter: {dynamic_ckpt_dir} (shipped for this base; --dense runs the base alone)", file=sys.stderr)
     generator = Llama.build(llama_ckpt_dir, dynamic_ckpt_dir, model_args_path, tokenizer_path, max_seq_len,
                             max_batch_size, model_parallel_size, seed, dense, execute_threshold)
     if chat:

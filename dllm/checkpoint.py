@@ -11,7 +11,7 @@ import json
 import os
 import pickle
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -245,6 +245,22 @@ def adapter_params_path(adapter: str) -> str:
     if not os.path.isfile(path):
         raise InputError(f"{adapter}: no params.json next to the adapter; give its model args with --model_args_path")
     return path
+
+
+def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
+    """The checkpoint.pth of the first adapter directory under `assets_dir` whose params.json
+    describes this base's architecture, so a shipped adapter comes with its base and no other."""
+    base = load_params(base_dir)
+    for directory in sorted(glob.glob(os.path.join(assets_dir, "*"))):
+        params, ckpt = os.path.join(directory, "params.json"), os.path.join(directory, "checkpoint.pth")
+        if not (os.path.isfile(params) and os.path.isfile(ckpt)):
+            continue
+        try:
+            check_args_match(load_params(params), base, params, base_dir)
+        except InputError:
+            continue
+        return ckpt
+    return None
 
 
 def read_adapter(path: str) -> dict:

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import ROOT, tiny_args
 from dllm.checkpoint import (
     adapter_state_dict, atomic_save, base_shard_path, load_adapter, load_base, load_file,
-    load_params, read_adapter, save_meta_checkpoint,
+    load_params, read_adapter, save_meta_checkpoint, shipped_adapter,
 )
 from dllm.errors import InputError
 from dllm.model import ModelArgs, Transformer
@@ -353,3 +353,10 @@ def test_model_args_round_trip_through_json():
     args = tiny_args(dynamic_router_bias=(0.5, 1.5))
     again = ModelArgs.from_dict(json.loads(json.dumps(args.to_dict())))
     assert again == args and isinstance(again.dynamic_router_bias, tuple)
+
+
+def test_shipped_adapter_is_found_by_the_base_it_was_trained_on(tmp_path):
+    assets = os.path.join(ROOT, "assets")
+    assert shipped_adapter(os.path.join(assets, "tiny-llama2"), assets) == os.path.join(assets, "tiny-dllm", "checkpoint.pth")
+    save_meta_checkpoint(Transformer(tiny_args(lora_rank=0)), str(tmp_path / "other"), dtype=torch.float32)
+    assert shipped_adapter(str(tmp_path / "other"), assets) is None

@@ -52,18 +52,8 @@ class DLLMHarnessModel(LM):
                                 execute_threshold=execute_threshold)
         if dist.get_world_size() > 1:
             raise InputError("the dllm harness model runs in one process (plain python, not torchrun)")
-        self._attach(generator, int(batch_size), max_gen_toks)
-
-    @classmethod
-    def from_generator(cls, generator: Llama, batch_size: int = 8, max_gen_toks: int = 256) -> "DLLMHarnessModel":
-        """Around a model already built (tests, notebooks)."""
-        self = cls.__new__(cls)
-        self._attach(generator, batch_size, max_gen_toks)
-        return self
-
-    def _attach(self, generator: Llama, batch_size: int, max_gen_toks: int):
-        LM.__init__(self)
-        self.generator, self.batch_size, self.max_gen_toks = generator, batch_size, max_gen_toks
+        super().__init__()
+        self.generator, self.batch_size, self.max_gen_toks = generator, int(batch_size), max_gen_toks
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.max_seq_len = self.model.params.max_seq_len
         # what a text with no bos of its own is conditioned on (the harness's convention)
@@ -100,7 +90,7 @@ class DLLMHarnessModel(LM):
 
     def _score(self, pairs: List[Tuple[List[int], int]], kind: str, disable_tqdm: bool) -> List[Tuple[float, bool]]:
         """(sum of log p, greedy?) of tokens[start:] given what precedes them, longest first in batches.
-        Too long: the start is dropped (never a scored token), as evaluate.py does."""
+        Too long: the sequence's start is dropped, as evaluate.py does."""
         tally = self.tallies.setdefault(kind, Tally())
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
@@ -180,7 +170,6 @@ class DLLMHarnessModel(LM):
                     out[i] = cut_at_stops(self._continuation_text(prompt, t), until)
         self._count("generate_until", len(requests))
         return out
-
 
     def _continuation_text(self, prompt: List[int], generated: List[int]) -> str:
         """The text the tokens add after the prompt: decoded alone, SentencePiece would drop a

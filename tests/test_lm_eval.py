@@ -33,7 +33,7 @@ def harness_model(model_args: str) -> DLLMHarnessModel:
 def run():
     lm = harness_model(DEMO)
     results = simple_evaluate(model=lm, tasks=["dllm_test_choice", "dllm_test_rolling", "dllm_test_generate"],
-                              task_manager=TaskManager(include_path=TASKS), log_samples=True)
+                              task_manager=TaskManager(include_path=TASKS, include_defaults=False), log_samples=True)
     return lm, results
 
 

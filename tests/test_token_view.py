@@ -11,6 +11,7 @@ import torch
 
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
+from dllm.routing import DenseRouting
 from test_generation import PROMPTS, encode, make_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,15 @@ def test_cells_are_the_recorded_routing(generated):
         assert seq.exec_ratio == pytest.approx(stats.exec_share(row))
         assert seq.kv_ratio == pytest.approx(float(executed.float().mean()))
         assert SKIPPED in {k for cells in seq.kinds for k in cells}, "the random routers must skip something"
+
+
+def test_dense_model_runs_every_block_always_on(tokenizer_path):
+    generator = make_generator(tokenizer_path)
+    generator.model.routing = DenseRouting()
+    generator.generate(encode(generator, PROMPTS[:1]), max_gen_len=4, temperature=0.0)
+    seq, = sequences_from_generation(generator)
+    assert {k for cells in seq.kinds for k in cells} == {ALWAYS_ON}
+    assert seq.shares == [1.0] * len(seq.pieces) and seq.exec_ratio == seq.kv_ratio == seq.flops_ratio == 1.0
 
 
 def test_pieces_spell_the_decoded_text(generated):

@@ -8,7 +8,7 @@ import io
 import json
 import os
 from collections import defaultdict
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -95,7 +95,7 @@ def run_target(output_dir: str) -> float:
         return json.load(f)["dynamic_active_target"]
 
 
-def write_curves(output_dir: str, out_path: str = None) -> str:
+def write_curves(output_dir: str, out_path: Optional[str] = None) -> str:
     """curves.png (or `out_path`) from a run directory's log.jsonl and params.json."""
     steps, epochs = read_log(os.path.join(output_dir, "log.jsonl"))
     if not steps:

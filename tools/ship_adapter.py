@@ -1,0 +1,31 @@
+"""Copy a fine-tuning run's final adapter into a directory to ship: the router and LoRA tensors only
+(no optimizer state, so it stays small), with the run's params.json, log.jsonl and curves.png.
+
+    python -m tools.ship_adapter output/smollm2-dllm assets/smollm2-dllm
+"""
+import os
+import shutil
+
+import fire
+
+from dllm.checkpoint import adapter_file, atomic_save, read_adapter
+from dllm.errors import InputError, run_cli
+
+COMPANIONS = ("params.json", "log.jsonl", "curves.png")
+
+
+def main(run_dir: str, out_dir: str, checkpoint: str = "checkpoint-last.pth"):
+    source = adapter_file(os.path.join(run_dir, checkpoint))
+    if not os.path.isfile(os.path.join(run_dir, "params.json")):
+        raise InputError(f"{run_dir}: no params.json; is it a fine-tuning output directory?")
+    ckpt = read_adapter(source)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_save({"epoch": ckpt.get("epoch"), "model": ckpt["model"]}, os.path.join(out_dir, "checkpoint.pth"))
+    for name in COMPANIONS:
+        if os.path.isfile(os.path.join(run_dir, name)):
+            shutil.copy(os.path.join(run_dir, name), os.path.join(out_dir, name))
+    print(f"wrote {out_dir} from {source}")
+
+
+if __name__ == "__main__":
+    run_cli(fire.Fire, main)

@@ -158,7 +158,8 @@ def main(model_dir="models/smollm2", runs="dense=", dataset_path="datasets", dat
         evaluator = Evaluator(generator, batch_size, max_gen_len, 0, dataset_path)
         ppl, top1 = evaluator.perplexity(dataset, records)
         outputs, shares, agreement = generations(generator, records, chat, n_generate, max_gen_len, batch_size)
-        results[label] = {"adapter": adapter, "routing": "dense" if dense or adapter is None else "dllm",
+        routing = "dense" if dense or adapter is None else generator.model.params.routing
+        results[label] = {"adapter": adapter, "routing": routing,
                           "exec_ratio": ppl.kv_ratio, "flops_ratio": ppl.flops_ratio, "kv_ratio": ppl.kv_ratio,
                           "val_ce": math.log(ppl.value), "val_ppl": ppl.value, "top1_agreement": top1.value,
                           "n_tokens": ppl.n, **agreement, "examples": [

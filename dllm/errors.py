@@ -10,5 +10,7 @@ def run_cli(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write, so the lines of several torchrun ranks cannot interleave mid-line
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         sys.exit(1)

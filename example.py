@@ -10,7 +10,7 @@ datasets/demo/prompt.json, the one the demo adapter was trained with);
 `--inputs` fills the template's Input section. `--chat` sends each instruction as a user turn in
 the model's own chat template instead (for instruction-tuned models such as SmolLM2):
 
-    torchrun --nproc_per_node 1 example.py --llama_ckpt_dir models/smollm2 --chat \
+    torchrun --nproc_per_node 1 example.py --llama_ckpt_dir models/smollm2 --dense --chat \
         --instructs "['What is the capital of France?']"
 
 `--html PATH` writes a page showing which blocks each token executed (open it offline, hover or

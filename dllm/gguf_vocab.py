@@ -16,6 +16,7 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from dllm.errors import InputError
+from dllm.gguf_checkpoint import field
 
 # llama.cpp's token types
 CONTROL, USER_DEFINED = 3, 4
@@ -98,11 +99,6 @@ def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: str):
     if chat_template is not None:
         with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(chat_template)
-
-
-def field(reader: gguf.GGUFReader, key: str, default=None):
-    value = reader.fields.get(key)
-    return default if value is None else value.contents()
 
 
 def bytes_to_unicode() -> Dict[int, str]:

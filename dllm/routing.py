@@ -53,6 +53,13 @@ class Router(nn.Module):
         return self.linear_2(F.silu(self.norm(self.linear_1(x.float()))))
 
 
+def router_from_start_layer(args, layer_id: int) -> Optional[Router]:
+    """D-LLM's decision module in every block from `dynamic_start_layer` on (early exit reuses it)."""
+    if layer_id < args.dynamic_start_layer:
+        return None
+    return Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias)
+
+
 def mlp_flops(*widths: int) -> int:
     """FLOPs per token of a chain of linear layers widths[0] -> widths[1] -> ... (2 per multiply-add)."""
     return 2 * sum(a * b for a, b in zip(widths, widths[1:]))
@@ -139,10 +146,7 @@ class DLLMRouting(DenseRouting):
         self.threshold = args.execute_threshold
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
-        a = self.args
-        if layer_id < a.dynamic_start_layer:
-            return None
-        return Router(a.dim, a.dynamic_router_hdim, a.norm_eps, a.dynamic_router_bias)
+        return router_from_start_layer(self.args, layer_id)
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
@@ -315,10 +319,7 @@ class EarlyExitRouting(DenseRouting):
         self.threshold = args.execute_threshold
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
-        a = self.args
-        if layer_id < a.dynamic_start_layer:
-            return None
-        return Router(a.dim, a.dynamic_router_hdim, a.norm_eps, a.dynamic_router_bias)
+        return router_from_start_layer(self.args, layer_id)
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router

@@ -27,12 +27,7 @@ START = 1  # tiny_args' dynamic_start_layer
 SKIPPED = (2, 4)  # the static policy's pruned blocks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def policy_model(name: str, seed: int = 0, **overrides) -> Transformer:
@@ -220,9 +215,9 @@ def test_early_exit_trains_every_block_and_its_classifiers_on_the_side():
 def test_dense_routes_nothing():
     model = policy_model("dense")
     assert all(layer.router is None for layer in model.layers)
-    for train in (True, False):
+    for training in (True, False):
         with torch.no_grad():
-            _, act = model.train(train)(tokens())
+            _, act = model.train(training)(tokens())
         assert torch.all(act == 1)
 
 

@@ -35,13 +35,7 @@ STEP_KEYS = {"step", "epoch", "c_loss", "a_loss", "act_ratio", "lambda", "lr", "
 EPOCH_KEYS = {"epoch", "val_c_loss", "val_a_loss", "val_act_ratio"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared with other jobs: more threads than that only slow these tiny models down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

@@ -213,13 +213,16 @@ class MoDRouting(DenseRouting):
     dynamic_active_target (the blocks below the start always run); the router weight scales the
     executed tokens' update, which is how the router learns. Inference: the causal predictor decides
     (sigmoid >= threshold), the update scaled the same way. The aux loss is the predictor's binary
-    cross-entropy against top-k membership. Choices: the router weight is 2 * sigmoid(score), not
+    cross-entropy against top-k membership. Choices: the threshold is fit after training so the
+    executed share meets the target (`calibrates_threshold`; MoD's 0.5 executed 0.37 at a 0.5 target
+    on the demo, so matched compute needs it); the router weight is 2 * sigmoid(score), not
     MoD's raw score, which from a pretrained base would start near 0 and erase the frozen blocks;
     k counts the batch's padded length; no reserved initial tokens (MoD has none).
     """
 
     name = "mod"
     label = "MoD"
+    calibrates_threshold = True
 
     def __init__(self, args):
         super().__init__(args)

@@ -398,13 +398,14 @@ def test_static_fine_tune_leaves_the_pruned_blocks_adapter_as_it_started(tiny_ru
         assert torch.count_nonzero(saved[f"layers.1.attention.lora_{part}.linear_B.weight"]) > 0
 
 
-def test_calibrated_threshold_meets_the_target(tiny_run):
-    """Early exit's threshold, fit after training, gives the target executed share on the batches
-    it was fit on (and the adapter's params.json keeps it)."""
-    base, out = tiny_run("early_exit")
+@pytest.mark.parametrize("name", ["early_exit", "mod"])
+def test_calibrated_threshold_meets_the_target(tiny_run, name):
+    """The inference threshold of early exit and MoD's predictor, fit after training, gives the
+    target executed share on the batches it was fit on (and the adapter's params.json keeps it)."""
+    base, out = tiny_run(name)
     params = ModelArgs.from_json(str(out / "params.json"))
-    trainer = Trainer(finetuning.parse_args(train_argv(base, str(out.parent / "data"), str(out.parent / "probe"),
-                                                       routing="early_exit", resume=str(out))))
+    trainer = Trainer(finetuning.parse_args(train_argv(base, str(out.parent / "data"), str(out.parent / f"probe-{name}"),
+                                                       routing=name, resume=str(out))))
     trainer.model.routing.threshold = params.execute_threshold
     ratio = validate(trainer.model, trainer.calibration_loader, trainer.device)["val_act_ratio"]
     assert params.execute_threshold != 0.5 and ratio == pytest.approx(params.dynamic_active_target, abs=0.02)

@@ -32,7 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dllm.checkpoint import atomic_write_text  # noqa: E402
+from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.data import load_records  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.generation import Llama  # noqa: E402

@@ -10,7 +10,6 @@ import glob
 import json
 import os
 import pickle
-import tempfile
 from typing import Dict, List, Optional
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from dllm import distributed, hf_checkpoint
+from dllm.atomic_io import atomic_save, atomic_write_text
 from dllm.errors import InputError
 from dllm.model import META_LLAMA3_ROPE_SCALING, ModelArgs, Transformer, is_adapter_key
 
@@ -295,43 +295,6 @@ def adapter_state_dict(model: Transformer) -> Dict[str, torch.Tensor]:
             tensor = torch.cat(parts, dim)
         out[name] = tensor.cpu().clone()
     return out
-
-
-def atomic_save(obj, path: str):
-    """Write to a temp file in the same directory, then rename: a kill never leaves a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are shared artefacts
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str):
-    atomic_write_bytes(text.encode("utf-8"), path)
-
-
-def atomic_write_bytes(data: bytes, path: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_meta_checkpoint(model: Transformer, out_dir: str, dtype: torch.dtype = torch.bfloat16, mp_size: int = 1):

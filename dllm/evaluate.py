@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dllm import distributed, flops
 from dllm.chat import ChatFormat
-from dllm.checkpoint import atomic_write_text
+from dllm.atomic_io import atomic_write_text
 from dllm.data import TASK_METRIC, Record, load_records
 from dllm.errors import InputError
 from dllm.generation import Llama

@@ -14,7 +14,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dllm.checkpoint import atomic_write_bytes
+from dllm.atomic_io import atomic_write_bytes
 from dllm.errors import InputError
 from dllm.token_view import KIND_COLORS, KIND_NAMES, SequenceRouting
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import List
 
 from dllm import flops
-from dllm.checkpoint import atomic_write_text
+from dllm.atomic_io import atomic_write_text
 from dllm.generation import Llama
 from dllm.routing import DenseRouting
 

@@ -18,6 +18,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from dllm import checkpoint, distributed, schedule
+from dllm.atomic_io import atomic_save, atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
@@ -198,7 +199,7 @@ class Trainer:
 
     def write_params(self):
         if self.main:
-            checkpoint.atomic_write_text(
+            atomic_write_text(
                 json.dumps(self.model_args.to_dict(), indent=2) + "\n", os.path.join(self.args.output_dir, "params.json")
             )
 
@@ -226,7 +227,7 @@ class Trainer:
                 "epoch": epoch, "step": step, "model": adapter, "optimizer": states[0]["optimizer"],
                 "rank_states": states, "args": vars(self.args), "model_args": self.model_args.to_dict(),
             }
-            checkpoint.atomic_save(ckpt, os.path.join(self.args.output_dir, name))
+            atomic_save(ckpt, os.path.join(self.args.output_dir, name))
 
     def resume(self, path: str):
         ckpt = checkpoint.load_adapter(self.model, path)

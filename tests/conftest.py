@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random model configuration and a tokenizer trained in a second."""
+import contextlib
 import importlib.util
 import os
 import socket
@@ -51,15 +52,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Two cores shared with other jobs: more threads than that only slow tiny models down."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """Two cores shared with other jobs: more threads than that only slow tiny models down. Runs
+    compared bit for bit must use the same thread count (reductions split differently)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with one_torch_thread():
+        yield
 
 
 def tiny_args(**overrides) -> ModelArgs:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_args
+from dllm.atomic_io import atomic_save, atomic_write
 from dllm.checkpoint import (
-    adapter_state_dict, atomic_save, base_shard_path, load_adapter, load_base, load_file,
+    adapter_state_dict, base_shard_path, load_adapter, load_base, load_file,
     load_params, read_adapter, save_meta_checkpoint, shipped_adapter,
 )
 from dllm.errors import InputError
@@ -360,3 +361,18 @@ def test_shipped_adapter_is_found_by_the_base_it_was_trained_on(tmp_path):
     assert shipped_adapter(os.path.join(assets, "tiny-llama2"), assets) == os.path.join(assets, "tiny-dllm", "checkpoint.pth")
     save_meta_checkpoint(Transformer(tiny_args(lora_rank=0)), str(tmp_path / "other"), dtype=torch.float32)
     assert shipped_adapter(str(tmp_path / "other"), assets) is None
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_says_which_file(tmp_path, monkeypatch):
+    """A full disk (or any OSError) during the write: one InputError naming the file, the old
+    content unchanged, no temp file left behind."""
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def full_disk(f):
+        f.write(b"new, partly")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(InputError, match=r"could not write .*results\.json: No space left on device"):
+        atomic_write(str(path), full_disk)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import free_port, tiny_args
-from dllm.checkpoint import adapter_state_dict, atomic_save, save_meta_checkpoint
+from dllm.checkpoint import adapter_state_dict, save_meta_checkpoint
+from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.model import Transformer

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, free_port, subprocess_env
-from dllm.checkpoint import adapter_state_dict, atomic_save, load_params
+from dllm.checkpoint import adapter_state_dict, load_params
+from dllm.atomic_io import atomic_save
 from dllm.chat import ChatFormat
 from dllm.convert import convert
 from dllm.errors import InputError

@@ -13,7 +13,8 @@ from torch import nn
 import finetuning
 from conftest import ROOT, tiny_args
 from dllm import flops, routing
-from dllm.checkpoint import adapter_state_dict, atomic_save, build_model, read_adapter, save_meta_checkpoint
+from dllm.checkpoint import adapter_state_dict, build_model, read_adapter, save_meta_checkpoint
+from dllm.atomic_io import atomic_save
 from dllm.generation import Llama
 from dllm.model import ModelArgs, Transformer, is_adapter_key
 from dllm.routing import Decision, DenseRouting, DLLMRouting, FixedRouting

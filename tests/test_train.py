@@ -20,9 +20,10 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import finetuning
-from conftest import free_port, subprocess_env, tiny_args
+from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm import checkpoint, schedule
-from dllm.checkpoint import atomic_save, read_adapter
+from dllm.checkpoint import read_adapter
+from dllm.atomic_io import atomic_save
 from dllm.errors import run_cli
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
@@ -54,7 +55,8 @@ def argv(tiny, out, *extra, **options):
 def run_a(tiny):
     """Uninterrupted: 2 epochs of 8 steps, checkpoint-last.pth also written every 4 steps."""
     out = tiny["root"] / "run_a"
-    Trainer(finetuning.parse_args(argv(tiny, out, save_steps=SAVE_STEPS))).train()
+    with one_torch_thread():  # a session fixture starts before the module's one_thread: resumed runs compare to it bit for bit
+        Trainer(finetuning.parse_args(argv(tiny, out, save_steps=SAVE_STEPS))).train()
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dllm.chat import ChatFormat
-from dllm.checkpoint import atomic_write_text
+from dllm.atomic_io import atomic_write_text
 from dllm.data import Templates, instruction_prompt
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama

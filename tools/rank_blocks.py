@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dllm import checkpoint, distributed
-from dllm.checkpoint import atomic_write_text
+from dllm.atomic_io import atomic_write_text
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import run_cli
 from dllm.model import Transformer

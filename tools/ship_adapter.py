@@ -8,7 +8,8 @@ import shutil
 
 import fire
 
-from dllm.checkpoint import adapter_file, atomic_save, read_adapter
+from dllm.checkpoint import adapter_file, read_adapter
+from dllm.atomic_io import atomic_save
 from dllm.errors import InputError, run_cli
 
 COMPANIONS = ("params.json", "log.jsonl", "curves.png")

@@ -57,7 +57,8 @@ class ModelSettings(Settings):
                                               "(its checkpoint-last.pth), e.g. output/tiny-dllm (default: the adapter "
                                               "shipped under assets/ for this base, if any)")
     model_args_path: Optional[str] = setting(None, "params.json for an adapter that carries none (neither in its "
-                                             "checkpoint nor next to it); must agree with the adapter's own otherwise")
+                                             "checkpoint nor next to it); must agree with the adapter's own otherwise "
+                                             "(default: the adapter's own)")
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
                                             "--llama_ckpt_dir)")
     dense: bool = setting(False, "run the base model alone, every block executed (ignores any adapter)")

@@ -350,6 +350,7 @@ def test_data_parallel_evaluation_equals_one_process(tmp_path, tokenizer_path):
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
     double = run_evaluate(tmp_path, base, data, "alpaca,piqa", tmp_path / "two", launcher=launcher)
     assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.count("| dataset | metric |") == 1, "the table is printed once, by rank 0"
     one = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
     two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
     assert [(r["dataset"], r["metric"], r["n"]) for r in two] == [(r["dataset"], r["metric"], r["n"]) for r in one]

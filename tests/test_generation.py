@@ -185,6 +185,23 @@ def test_build_rejects_adapter_that_does_not_fit(tmp_path, tokenizer_path):
         build_from(tmp_path, base)
 
 
+def test_build_runs_an_adapter_with_its_own_model_args(tmp_path, tokenizer_path):
+    """Those its checkpoint records, else the params.json next to it, else one line asking for them."""
+    generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
+    args = generator.model.params.to_dict()
+    adapter = torch.load(tmp_path / "adapter.pth", weights_only=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_save(adapter, str(run / "checkpoint-last.pth"))
+    (run / "params.json").write_text(json.dumps(dict(args, execute_threshold=0.7)))
+    build = lambda path: Llama.build(str(base), path, max_seq_len=96, max_batch_size=4)  # noqa: E731
+    assert build(str(run)).model.params.execute_threshold == 0.7
+    atomic_save(dict(adapter, model_args=dict(args, execute_threshold=0.3)), str(run / "checkpoint-last.pth"))
+    assert build(str(run)).model.params.execute_threshold == 0.3
+    with pytest.raises(InputError, match="records no model_args and there is no params.json next to it"):
+        build(str(tmp_path / "adapter.pth"))
+
+
 def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=2)
     prompts = encode(generator, PROMPTS)

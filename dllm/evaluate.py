@@ -13,7 +13,6 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dllm import checkpoint, distributed, flops
-from dllm.atomic_io import atomic_write_text
+from dllm.atomic_io import atomic_write_text, check_writable_dir
 from dllm.chat import ChatFormat
 from dllm.config import setting
 from dllm.data import TASKS, Record, load_records, task
@@ -256,12 +255,7 @@ def check_output_dir(output_dir: str, overwrite: bool):
     if existing and not overwrite:
         raise InputError(f"{output_dir} already holds {' and '.join(existing)} of an earlier evaluation; choose "
                          f"another --output_dir or pass --overwrite to replace them")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise InputError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e}); nothing was evaluated") from None
+    check_writable_dir(output_dir, "--output_dir")
 
 
 def code_version() -> str:

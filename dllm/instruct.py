@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from dllm import distributed
+from dllm.atomic_io import check_writable_dir
 from dllm.chat import ChatFormat
 from dllm.checkpoint import ASSETS
 from dllm.config import setting
@@ -59,6 +60,9 @@ class InstructConfig(ModelSettings):
 def answer(config: InstructConfig):
     """Generate for every instruction; rank 0 prints each with its input, answer, the share of blocks it
     executed and the KV cache it kept (every data-parallel rank generates the same answers)."""
+    for flag, path in (("--html", config.html), ("--png", config.png)):
+        if path:
+            check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
     templates = None if config.chat else read_templates(config.prompt_path)
     generator = config.build(config.adapter(), config.max_batch_size)
     pairs = list(zip(config.instructs, config.inputs))

@@ -285,9 +285,9 @@ def adapter_args(adapter: str, model_args_path: Optional[str] = None, **override
         return _model_args(own, own_path, **overrides), own_path
     args = load_params(model_args_path, **overrides)
     if own is not None:
-        given, trained = load_params(model_args_path), _model_args(own, own_path)
-        differing = [f"{key} {getattr(given, key)!r} vs {getattr(trained, key)!r}" for key in ROUTING_KEYS
-                     if getattr(given, key) != getattr(trained, key)]
+        trained = _model_args(own, own_path, **overrides)  # the same overrides: they cannot conflict
+        differing = [f"{key} {getattr(args, key)!r} vs {getattr(trained, key)!r}" for key in ROUTING_KEYS
+                     if getattr(args, key) != getattr(trained, key)]
         if differing:
             raise InputError(f"{model_args_path} conflicts with the adapter's own model args in {own_path}: "
                              f"{'; '.join(differing)} (leave out --model_args_path to route as trained)")

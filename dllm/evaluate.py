@@ -259,17 +259,21 @@ def check_output_dir(output_dir: str, overwrite: bool):
 
 
 def code_version() -> str:
-    """The git commit of this code (marked when files differ from it), else the installed package's version."""
-    try:
-        def git(*args):
-            return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True, timeout=10).stdout
-        commit, dirty = git("rev-parse", "HEAD").strip(), git("status", "--porcelain", "--untracked-files=no").strip()
-        return f"git {commit}" + (" with uncommitted changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    """The git commit of this code (marked when tracked files differ from it) when it runs from its
+    repository, else the installed package's version."""
+    if os.path.exists(os.path.join(REPO, ".git")):
         try:
-            return f"dllm {importlib.metadata.version('dllm')}"
-        except importlib.metadata.PackageNotFoundError:
-            return "unknown"
+            def git(*args):
+                return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True,
+                                      timeout=10).stdout.strip()
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return f"git {git('rev-parse', 'HEAD')}" + (" with uncommitted changes" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return f"dllm {importlib.metadata.version('dllm')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass

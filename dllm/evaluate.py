@@ -255,7 +255,7 @@ def check_output_dir(output_dir: str, overwrite: bool):
     if existing and not overwrite:
         raise InputError(f"{output_dir} already holds {' and '.join(existing)} of an earlier evaluation; choose "
                          f"another --output_dir or pass --overwrite to replace them")
-    check_writable_dir(output_dir, "--output_dir")
+    check_writable_dir(output_dir, f"--output_dir {output_dir}")
 
 
 def code_version() -> str:

@@ -62,7 +62,7 @@ def answer(config: InstructConfig):
     executed and the KV cache it kept (every data-parallel rank generates the same answers)."""
     for flag, path in (("--html", config.html), ("--png", config.png)):
         if path:
-            check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+            check_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
     templates = None if config.chat else read_templates(config.prompt_path)
     generator = config.build(config.adapter(), config.max_batch_size)
     pairs = list(zip(config.instructs, config.inputs))

@@ -278,8 +278,6 @@ def load_records(dataset_path: str, name: str, split: str, chat=None) -> List[Re
     prompt_path = os.path.join(dataset_path, name, "prompt.json")
     templates = read_templates(prompt_path)
     path = os.path.join(dataset_path, name, f"{split}.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not found; the {name} dataset has no {split} split in {dataset_path}")
     raws = read_json(path)
     if not isinstance(raws, list):
         raise InputError(f"{path}: expected a JSON list of records")

@@ -23,7 +23,7 @@ def load_script(relative_path: str):
     spec.loader.exec_module(module)
     return module
 
-# Llama's SentencePiece conventions (OFFLINE.md)
+# Llama's SentencePiece conventions (docs/offline.md)
 LLAMA_SPM_OPTIONS = dict(
     model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,

@@ -24,24 +24,23 @@ import torch
 class Packing:
     """Where one block's executing tokens go, worked out on the host from its execute mask.
 
-    The tokens are packed row-major; `rows` are the batch rows with at least one of them, and
-    attention pads each such row's queries to `width`. Index tensors are on the model's device.
+    The tokens are packed row-major; attention pads every row's queries to `width` and reads every
+    row's keys as views of the cache (rows with nothing to run attend to their own keys, and their
+    output is dropped: cheaper than gathering the rows that do). Index tensors are on the device.
     """
 
-    rows: List[int]
     width: int
     token_rows: torch.Tensor  # [n] batch row of each executing token
     token_cols: torch.Tensor  # [n] its column in this forward
     positions: torch.Tensor  # [n] its position in the sequence
     slots: torch.Tensor  # [n] where its K/V go in its row
-    row_index: Optional[torch.Tensor]  # [n] index of its row in `rows`; None when rows pack evenly
-    rank: Optional[torch.Tensor]  # [n] its rank among its row's executing tokens; None likewise
-    key_mask: Optional[torch.Tensor]  # [len(rows), width, keys] True = attend; None: every key
+    rank: Optional[torch.Tensor]  # [n] its rank among its row's executing tokens; None when `even`
+    key_mask: Optional[torch.Tensor]  # [batch, width, keys] True = attend; None: every key
 
     @property
     def even(self) -> bool:
-        """Every row runs `width` tokens, so the packed tokens are already [rows, width]."""
-        return self.row_index is None
+        """Every row runs `width` tokens, so the packed tokens are already [batch, width]."""
+        return self.rank is None
 
 
 class LayerKVCache:
@@ -92,44 +91,34 @@ class LayerKVCache:
 
     def pack(self, execute: List[List[bool]], start: int, device) -> Packing:
         """The packing of the tokens marked in `execute` ([batch][s] on the host), fed at position
-        `start`; their rows' lengths are advanced here, `append_packed` writes their K/V."""
-        rows, counts, old = [], [], []
-        token_rows, token_cols, rank, row_index = [], [], [], []
+        `start`; rows' lengths are advanced here, `append_packed` writes the K/V."""
+        old, counts = list(self.lengths), [sum(row) for row in execute]
+        token_rows, token_cols, rank = [], [], []
         for r, row in enumerate(execute):
             cols = [c for c, run in enumerate(row) if run]
-            if not cols:
-                continue
-            row_index += [len(rows)] * len(cols)
-            rows.append(r)
-            counts.append(len(cols))
-            old.append(self.lengths[r])
             token_rows += [r] * len(cols)
             token_cols += cols
             rank += range(len(cols))
-            self.lengths[r] += len(cols)
-        width, new = max(counts), [length + count for length, count in zip(old, counts)]
-        slots = [old[i] + j for i, j in zip(row_index, rank)]
-        index = torch.tensor([token_rows, token_cols, [start + c for c in token_cols], slots, row_index, rank],
-                             device=device)
-        even = min(counts) == width
+        self.lengths = [length + count for length, count in zip(old, counts)]
+        width, even = max(counts), min(counts) == max(counts)
+        slots = [old[r] + j for r, j in zip(token_rows, rank)]
+        index = torch.tensor([token_rows, token_cols, [start + c for c in token_cols], slots, rank], device=device)
         key_mask = None
-        if width > 1 or min(new) != max(new):
-            # query j of row i sees slots up to old[i] + j; padded queries see the whole row
-            bound = [[old[i] + min(j, counts[i] - 1) for j in range(width)] for i in range(len(rows))]
-            key_mask = torch.arange(max(new), device=device) <= torch.tensor(bound, device=device)[..., None]
-        return Packing(rows, width, *index[:4], None if even else index[4], None if even else index[5], key_mask)
+        if width > 1 or not even or min(self.lengths) != max(self.lengths):
+            # query j of a row sees its slots up to old + j; padded queries see the row's last key
+            bound = [[old[r] + min(j, count - 1) if count else max(old[r] - 1, 0) for j in range(width)]
+                     for r, count in enumerate(counts)]
+            key_mask = torch.arange(max(self.lengths), device=device) <= torch.tensor(bound, device=device)[..., None]
+        return Packing(width, *index[:4], None if even else index[4], key_mask)
 
     def append_packed(self, packing: Packing, k: torch.Tensor, v: torch.Tensor):
-        """k, v [n, kv_heads, head_dim] of the packed tokens -> the keys and values of the packing's
-        rows [rows, kv_heads, longest, head_dim] (views when every row is in it)."""
-        longest = max(self.lengths[r] for r in packing.rows)
+        """k, v [n, kv_heads, head_dim] of the packed tokens -> every row's keys and values
+        [batch, kv_heads, longest, head_dim], views of the cache."""
+        longest = max(self.lengths)
         self._reserve(longest)
         self.k[packing.token_rows, :, packing.slots] = k.to(self.k.dtype)
         self.v[packing.token_rows, :, packing.slots] = v.to(self.v.dtype)
-        if len(packing.rows) == len(self.lengths):
-            return self.k[:, :, :longest], self.v[:, :, :longest]
-        rows = torch.tensor(packing.rows, device=self.k.device)
-        return self.k[rows, :, :longest], self.v[rows, :, :longest]
+        return self.k[:, :, :longest], self.v[:, :, :longest]
 
     def pair_bytes(self) -> int:
         """One token's K and V."""

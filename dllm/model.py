@@ -5,7 +5,8 @@ early exit, dense), chosen by `ModelArgs.routing`. Training (`model.train()`) co
 in every block, masks skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
 gradient exists. Inference (`model.eval()`) gathers the executing tokens of each block and runs only
 those, blended by the same weight; the others pass through at the cost of the policy, and leave no
-K/V behind (see kv_cache.py).
+K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
+the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
 import json
 import math
@@ -248,17 +249,16 @@ class Attention(nn.Module):
 
     def forward_packed(self, x, freqs_cis, packing: Packing, kv: LayerKVCache) -> torch.Tensor:
         """Only executing tokens, packed [n, dim]. Their K/V are appended to the cache; each row's
-        queries are padded into one batch of the rows present and attend to that row's kept keys."""
+        queries are padded to one width and attend to that row's kept keys."""
         q, k, v = self.project(x, freqs_cis)
         keys, values = kv.append_packed(packing, k, v)
-        n_rows = len(packing.rows)
         if packing.even:
-            q_pad = q.view(n_rows, packing.width, *q.shape[1:])
+            q_pad = q.view(keys.shape[0], packing.width, *q.shape[1:])
         else:
-            q_pad = q.new_zeros(n_rows, packing.width, *q.shape[1:])
-            q_pad[packing.row_index, packing.rank] = q
+            q_pad = q.new_zeros(keys.shape[0], packing.width, *q.shape[1:])
+            q_pad[packing.token_rows, packing.rank] = q
         out = self.attend(q_pad, keys, values, packing.key_mask)
-        return self.wo(out.flatten(0, 1) if packing.even else out[packing.row_index, packing.rank])
+        return self.wo(out.flatten(0, 1) if packing.even else out[packing.token_rows, packing.rank])
 
 
 class FeedForward(nn.Module):
@@ -397,11 +397,11 @@ class Transformer(nn.Module):
         self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
         h = self.tok_embeddings(tokens)
-        activation, state = [], {}
+        activation, state, executes_all = [], {}, torch.ones(b, s, device=h.device)
         for layer in self.layers:
             kv = None if cache is None else cache.layers[layer.layer_id]
             h, decision = layer(h, positions, self.freqs_cis, self.routing, kv, state)
-            activation.append(torch.ones(b, s, device=h.device) if decision is None else decision.weight.float())
+            activation.append(executes_all if decision is None else decision.weight.float())
         return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1), state
 
     def project_vocab(self, h: torch.Tensor) -> torch.Tensor:

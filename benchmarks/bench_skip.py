@@ -1,30 +1,70 @@
-"""D-LLM versus the dense model in one run: prefill and decode speed, KV bytes, FLOPs ratio.
+"""D-LLM against dllm's dense mode and transformers' Llama on the same weights, in one run: prefill
+and decode speed, KV bytes, FLOPs and weight-read shares.
 
-A random-weight Llama-2-shaped model (matmuls dominate at dim 2048). Each routed block's router is
-calibrated on the fly so that a chosen share of tokens executes it; the FLOPs ratio is counted
-from the routing that really happened (dllm/flops.py). Dense and D-LLM runs are interleaved and
-the best of `repeats` is kept, so machine noise hits both alike.
+A random-weight Llama-2-shaped model (or a real base with --llama_ckpt_dir; routers stay random).
+Each routed block's router is calibrated (once, on all the sequences measured) so that a chosen share
+of tokens executes it.
+Configurations are interleaved within every repeat and the best of --repeats is kept, so machine
+noise hits all alike; every ratio in the table comes from this one run.
 
-    python benchmarks/bench_skip.py                      # CPU, fp32, dim 2048, 8 layers
-    python benchmarks/bench_skip.py --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16   # GPU
-    python benchmarks/bench_skip.py --llama_ckpt_dir models/smollm2 --decode_batches "(1,)" \
-        --out benchmarks/results/bench_smollm2_cpu.json   # a real base (Meta or HF layout), random routers
+Ideals. Prefill is bound by arithmetic: its ideal speed-up over dense is 1 / FLOPs ratio. Decode at
+small batch is bound by reading weights: a block costs its full weight read as soon as one row of
+the batch executes it, so decode's ideal is the smaller of 1 / FLOPs ratio and 1 / weight-read
+ratio (the bytes of weights read, counting a block at a step when any row executes it, plus the
+routers and the LM head, over dense). The weight-read share is the share of (step, routed block)
+pairs where at least one row executes. `dllm-agree@s` measures what batched decode could gain if
+routers agreed across the batch: the first row decides for every row (a different model, only a
+measurement of the bound; its quality is not measured).
+
+    python benchmarks/bench_skip.py --out benchmarks/results/bench_skip_cpu.json   # the committed CPU table
+    python benchmarks/bench_skip.py --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16 --repeats 3 \\
+        --out benchmarks/results/bench_skip_gpu.json     # Llama-2-7B shape on a GPU (synchronised timing)
+    python benchmarks/bench_skip.py --llama_ckpt_dir models/smollm2 --decode_batches 1 \\
+        --out benchmarks/results/bench_smollm2_cpu.json  # a real base (Meta or HF layout)
+
+Without --out the table is printed and nothing is written.
 """
 import json
 import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
 
-import fire
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dllm import checkpoint, distributed  # noqa: E402
-from dllm.flops import flops_ratio, kv_ratio  # noqa: E402
+from dllm import checkpoint, distributed, hf_checkpoint  # noqa: E402
+from dllm.atomic_io import atomic_write_text  # noqa: E402
+from dllm.config import Settings, setting  # noqa: E402
+from dllm.errors import run_cli  # noqa: E402
+from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
+
+
+@dataclass
+class BenchConfig(Settings):
+    dim: int = setting(1024, "model width (random weights)", low=1)
+    n_layers: int = setting(8, "decoder blocks", low=1)
+    n_heads: int = setting(8, "attention heads", low=1)
+    n_kv_heads: Optional[int] = setting(None, "key/value heads (default: n_heads)", low=1)
+    vocab_size: int = setting(32000, "vocabulary size", low=1)
+    router_hdim: int = setting(512, "router hidden width", low=1)
+    start_layer: int = setting(2, "blocks below this always execute", low=0)
+    prompt_len: int = setting(512, "prefill prompt length (batch 1)", low=1)
+    decode_prompt_len: int = setting(128, "prompt length before the timed decode steps", low=1)
+    decode_steps: int = setting(32, "timed decode steps", low=1)
+    decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
+    shares: List[float] = setting([0.25, 0.5, 0.75], "execution shares of the routed blocks", low=0, high=1,
+                                  low_open=True)
+    repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
+    dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    seed: int = setting(0, "random seed")
+    llama_ckpt_dir: Optional[str] = setting(None, "a real base (Meta or HF layout) instead of random weights")
+    out: Optional[str] = setting(None, "write the table's JSON here (default: print only)")
 
 
 class CalibratedRouting(DLLMRouting):
@@ -46,9 +86,19 @@ class CalibratedRouting(DLLMRouting):
         return super().decide(block, x, positions, state)
 
 
+class AgreeingRouting(CalibratedRouting):
+    """The first row's decision for every row: routers that agree across the batch."""
+
+    def decide(self, block, x, positions, state):
+        decision = super().decide(block, x, positions, state)
+        if decision is not None:
+            decision.weight, decision.mask = decision.weight[:1].expand_as(decision.weight), decision.mask[:1].expand_as(decision.mask)
+        return decision
+
+
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):
@@ -59,116 +109,222 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
-def run_prefill(model, tokens):
-    cache = model.new_cache(tokens.shape[0])
-    logits, activation = model(tokens, 0, cache)
-    return activation, cache
+class DllmRunner:
+    """dllm under one routing policy; returns activations and KV bytes beside the timings."""
+
+    def __init__(self, model: Transformer, routing):
+        self.model, self.routing = model, routing
+
+    def prefill(self, tokens, device):
+        self.model.routing = self.routing
+        cache = self.model.new_cache(tokens.shape[0])
+        seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device)
+        return seconds, activation, cache
+
+    def decode(self, prompt, steps, device):
+        """Prefill `prompt` (untimed), then time one token at a time for every step of `steps`."""
+        self.model.routing = self.routing
+        cache = self.model.new_cache(prompt.shape[0])
+        _, prompt_activation = self.model(prompt, 0, cache)
+        n = prompt.shape[1]
+
+        def run():
+            return [self.model(steps[:, i : i + 1], n + i, cache)[1] for i in range(steps.shape[1])]
+
+        seconds, activations = timed(run, device)
+        return seconds, torch.cat([prompt_activation] + activations, 1), cache
 
 
-def run_decode(model, prompt, steps, vocab):
-    """Prefill `prompt`, then time `steps` single-token steps; returns (seconds, activation, cache)."""
-    cache = model.new_cache(prompt.shape[0])
-    _, prompt_act = model(prompt, 0, cache)
-    device = prompt.device
-    next_tokens = torch.randint(0, vocab, (prompt.shape[0], steps), device=device)
-    acts = [prompt_act]
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        _, act = model(next_tokens[:, i : i + 1], prompt.shape[1] + i, cache)
-        acts.append(act)
-    sync(device)
-    return time.perf_counter() - start, torch.cat(acts, 1), cache
+class TransformersRunner:
+    """transformers' LlamaForCausalLM on the same weights, with its static cache and SDPA."""
+
+    def __init__(self, model: Transformer, dtype: torch.dtype):
+        from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+        self.cache_class = StaticCache
+        device = model.tok_embeddings.weight.device
+        config = LlamaConfig(**hf_checkpoint.params_to_config(model.params, dtype))
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            hf = LlamaForCausalLM(config)
+        base = {k: v for k, v in model.state_dict().items() if ".router." not in k and ".lora_" not in k}
+        hf.load_state_dict(hf_checkpoint.meta_to_hf(base, model.params), strict=True, assign=True)
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(device)  # buffers not in a state dict
+        self.hf, self.config = hf.eval(), config
+
+    def prefill(self, tokens, device):
+        def run():
+            cache = self.cache_class(self.config, max_cache_len=tokens.shape[1])
+            return self.hf(tokens, cache=cache, use_cache=True)
+        seconds, _ = timed(run, device)
+        return seconds, None, None
+
+    def decode(self, prompt, steps, device):
+        n = prompt.shape[1]
+        cache = self.cache_class(self.config, max_cache_len=n + steps.shape[1])
+        self.hf(prompt, cache=cache, use_cache=True)
+        positions = torch.arange(n, n + steps.shape[1], device=device)
+
+        def run():
+            for i in range(steps.shape[1]):
+                self.hf(steps[:, i : i + 1], cache=cache, use_cache=True, cache_position=positions[i : i + 1])
+
+        seconds, _ = timed(run, device)
+        return seconds, None, None
 
 
-def main(dim=2048, n_layers=8, n_heads=16, n_kv_heads=None, vocab_size=32000, router_hdim=512,
-         start_layer=2, prompt_len=512, decode_prompt_len=128, decode_steps=32, decode_batches=(1, 8),
-         shares=(0.25, 0.5, 0.75), repeats=3, dtype="float32", seed=0, llama_ckpt_dir=None,
-         out="benchmarks/results/bench_skip_cpu.json"):
-    """With `llama_ckpt_dir` the base weights and shape come from that checkpoint (routers stay random)."""
-    device = distributed.setup()
-    torch.manual_seed(seed)
-    sizes = dict(dynamic_router_hdim=router_hdim, dynamic_start_layer=start_layer, lora_rank=0,
-                 max_seq_len=prompt_len + decode_steps + decode_prompt_len, max_batch_size=max(decode_batches))
-    torch_dtype = getattr(torch, dtype)
-    if llama_ckpt_dir:
-        args = checkpoint.load_params(llama_ckpt_dir, **sizes)
-        model = checkpoint.build_model(args, llama_ckpt_dir, None, device, torch_dtype).eval()
-        dim, n_layers, n_heads, vocab_size = args.dim, args.n_layers, args.n_heads, args.vocab_size
+def build_model(config: BenchConfig, device) -> Transformer:
+    sizes = dict(dynamic_router_hdim=config.router_hdim, dynamic_start_layer=config.start_layer, lora_rank=0,
+                 max_seq_len=max(config.prompt_len, config.decode_prompt_len + config.decode_steps),
+                 max_batch_size=max(config.decode_batches))
+    torch_dtype = getattr(torch, config.dtype)
+    if config.llama_ckpt_dir:
+        args = checkpoint.load_params(config.llama_ckpt_dir, **sizes)
+        model = checkpoint.build_model(args, config.llama_ckpt_dir, None, device, torch_dtype)
     else:
-        args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-                         **sizes)
+        args = ModelArgs(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
+                         n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size, **sizes)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch_dtype)
-        model = Transformer(args).to(device).eval()
+        model = Transformer(args).to(device)
         torch.set_default_dtype(previous)
     for layer in model.layers:
         if layer.router is not None:
             torch.nn.init.normal_(layer.router.linear_2.weight, std=0.5)
-    prompt = torch.randint(0, vocab_size, (1, prompt_len), device=device)
-    decode_prompts = {b: torch.randint(0, vocab_size, (b, decode_prompt_len), device=device) for b in decode_batches}
+    return model.eval()
 
-    policies = {"dense": DenseRouting()}
+
+def weight_bytes(model: Transformer) -> Dict[str, object]:
+    """Bytes a forward reads per block (without its router), per router, and for the LM head."""
+    def size(params):
+        return sum(p.numel() * p.element_size() for p in params)
+    blocks = [size(p for n, p in layer.named_parameters() if not n.startswith("router.")) for layer in model.layers]
+    routers = [0 if layer.router is None else size(layer.router.parameters()) for layer in model.layers]
+    head = model.output.weight if model.output is not None else model.tok_embeddings.weight
+    return {"blocks": blocks, "routers": routers, "head": size([head])}
+
+
+def weight_read(activation: torch.Tensor, sizes: dict, start_layer: int, routed: bool):
+    """(weight-read share, weight-read ratio) of decode steps; activation [b, steps, n_layers]."""
+    any_row = (activation > 0.5).any(0).double()  # [steps, n_layers]
+    blocks = torch.tensor(sizes["blocks"], dtype=torch.float64)
+    per_step = (any_row * blocks).sum(1) + sizes["head"] + (sum(sizes["routers"]) if routed else 0)
+    dense = blocks.sum() + sizes["head"]
+    return float(any_row[:, start_layer:].mean()), float(per_step.mean() / dense)
+
+
+def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, routing) -> float:
+    """FLOPs of the tokens after the prompt (the timed steps) over dense's."""
+    def steps_only(act, policy):
+        return forward_flops(args, act, routing=policy) - forward_flops(args, act[:, :n_prompt], routing=policy)
+    return steps_only(activation, routing) / steps_only(torch.ones_like(activation), None)
+
+
+def main(config: BenchConfig):
+    device = distributed.setup()
+    torch.manual_seed(config.seed)
+    model = build_model(config, device)
+    args = model.params
+    dtype = getattr(torch, config.dtype)
+    prompt = torch.randint(0, args.vocab_size, (1, config.prompt_len), device=device)
+    decode_tokens = torch.randint(0, args.vocab_size, (max(config.decode_batches), config.decode_prompt_len
+                                                       + config.decode_steps), device=device)
+    decode_inputs = {b: (decode_tokens[:b, : config.decode_prompt_len], decode_tokens[:b, config.decode_prompt_len :])
+                     for b in config.decode_batches}
+    # routers are calibrated on every sequence measured: with random weights the share varies by sequence
+    width = min(config.prompt_len, decode_tokens.shape[1])
+    calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
+    runners = {"transformers": TransformersRunner(model, dtype), "dense": DllmRunner(model, DenseRouting())}
+    batched = [b for b in config.decode_batches if b > 1]
     with torch.inference_mode():
-        for share in shares:
-            policy = CalibratedRouting(share, args)
-            model.routing = policy
-            run_prefill(model, prompt)  # calibrates every router on the prompt
-            policies[f"dllm@{share:.2f}"] = policy
+        for share in config.shares:
+            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, args))
+            runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
+        if batched:
+            for share in config.shares:
+                agreeing = AgreeingRouting(share, args)
+                agreeing.thresholds = runners[f"dllm@{share:.2f}"].routing.thresholds
+                runners[f"dllm-agree@{share:.2f}"] = DllmRunner(model, agreeing)
 
-        best = {name: {} for name in policies}
-        record = {name: {} for name in policies}
-        for _ in range(repeats):
-            for name, policy in policies.items():
-                model.routing = policy
-                seconds, (act, cache) = timed(lambda: run_prefill(model, prompt), device)
-                keep_best(best[name], "prefill_s", seconds)
-                record[name]["prefill"] = (act, cache.bytes_kept(), cache.bytes_allocated())
-                for b, dprompt in decode_prompts.items():
-                    seconds, act, cache = run_decode(model, dprompt, decode_steps, vocab_size)
-                    keep_best(best[name], f"decode{b}_s", seconds)
-                    record[name][f"decode{b}"] = (act, cache.bytes_kept())
+        best: Dict[str, Dict[str, float]] = {name: {} for name in runners}
+        record: Dict[str, dict] = {name: {} for name in runners}
+        for _ in range(config.repeats):
+            for name, runner in runners.items():
+                agree = name.startswith("dllm-agree")
+                if not agree:
+                    seconds, activation, cache = runner.prefill(prompt, device)
+                    keep_best(best[name], "prefill", seconds)
+                    record[name]["prefill"] = (activation, cache)
+                for b, (dprompt, steps) in decode_inputs.items():
+                    if agree and b == 1:
+                        continue
+                    seconds, activation, cache = runner.decode(dprompt, steps, device)
+                    keep_best(best[name], f"decode{b}", seconds)
+                    record[name][f"decode{b}"] = (activation, cache)
 
+    rows = summarise(config, model, runners, best, record)
+    meta = {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
+            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
+            "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
+            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
+    print_table(rows, meta, config.decode_batches)
+    if config.out:
+        atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
+        print(f"wrote {config.out}")
+
+
+def summarise(config, model, runners, best, record) -> List[dict]:
+    args, sizes = model.params, weight_bytes(model)
+    dense, hf = best["dense"], best["transformers"]
     rows = []
-    dense = best["dense"]
-    for name in policies:
-        act, kv_bytes, kv_allocated = record[name]["prefill"]
-        row = {
-            "config": name,
-            "exec_share_routed": float(act[..., start_layer:].mean()),
-            "exec_share_all": float(act.mean()),
-            "flops_ratio": flops_ratio(args, act, routing=policies[name]),
-            "kv_ratio": kv_ratio(act),
-            "kv_bytes": kv_bytes,
-            "kv_bytes_ratio": kv_bytes / record["dense"]["prefill"][1],
-            "kv_bytes_allocated": kv_allocated,
-            "prefill_tok_s": prompt_len / best[name]["prefill_s"],
-        }
-        row["prefill_speedup"] = dense["prefill_s"] / best[name]["prefill_s"]
-        row["prefill_of_ideal"] = row["prefill_speedup"] * row["flops_ratio"]
-        for b in decode_batches:
-            dact, dbytes = record[name][f"decode{b}"]
-            decode_ratio = flops_ratio(args, dact, routing=policies[name])
-            row[f"decode{b}_tok_s"] = b * decode_steps / best[name][f"decode{b}_s"]
-            row[f"decode{b}_speedup"] = dense[f"decode{b}_s"] / best[name][f"decode{b}_s"]
-            row[f"decode{b}_flops_ratio"] = decode_ratio
-            row[f"decode{b}_of_ideal"] = row[f"decode{b}_speedup"] * decode_ratio
-            row[f"decode{b}_kv_bytes_ratio"] = dbytes / record["dense"][f"decode{b}"][1]
+    for name, runner in runners.items():
+        routing = getattr(runner, "routing", None)
+        routed = isinstance(routing, DLLMRouting)
+        row = {"config": name}
+        if "prefill" in best[name]:
+            row.update(prefill_tok_s=config.prompt_len / best[name]["prefill"],
+                       prefill_x_dense=dense["prefill"] / best[name]["prefill"],
+                       prefill_x_transformers=hf["prefill"] / best[name]["prefill"])
+        if routing is not None and "prefill" in record[name]:
+            activation, cache = record[name]["prefill"]
+            row.update(exec_share_routed=float(activation[..., config.start_layer:].mean()),
+                       exec_share_all=float(activation.mean()),
+                       flops_ratio=flops_ratio(args, activation, routing=routing),
+                       kv_ratio=kv_ratio(activation), kv_bytes=cache.bytes_kept(),
+                       kv_bytes_ratio=cache.bytes_kept() / record["dense"]["prefill"][1].bytes_kept(),
+                       kv_bytes_allocated=cache.bytes_allocated())
+            row["prefill_of_ideal"] = row["prefill_x_dense"] * row["flops_ratio"]
+        for b in config.decode_batches:
+            key = f"decode{b}"
+            if key not in best[name]:
+                continue
+            row[f"{key}_tok_s"] = b * config.decode_steps / best[name][key]
+            row[f"{key}_x_dense"] = dense[key] / best[name][key]
+            row[f"{key}_x_transformers"] = hf[key] / best[name][key]
+            if routing is None:
+                continue
+            activation, cache = record[name][key]
+            steps = activation[:, config.decode_prompt_len:]
+            share, ratio = weight_read(steps, sizes, config.start_layer, routed)
+            row[f"{key}_exec_share_routed"] = float(steps[..., config.start_layer:].mean())
+            row[f"{key}_flops_ratio"] = step_flops_ratio(args, activation, config.decode_prompt_len, routing)
+            row[f"{key}_weight_share"] = share
+            row[f"{key}_weight_ratio"] = ratio
+            row[f"{key}_ideal_x"] = 1 / max(row[f"{key}_flops_ratio"], ratio)
+            row[f"{key}_of_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_ideal_x"]
+            row[f"{key}_kv_bytes_ratio"] = cache.bytes_kept() / record["dense"][key][1].bytes_kept()
         rows.append(row)
-
-    meta = {"device": device_name(device), "model": llama_ckpt_dir or "random weights", "dtype": dtype, "dim": dim, "n_layers": n_layers, "n_heads": n_heads,
-            "vocab_size": vocab_size, "router_hdim": router_hdim, "start_layer": start_layer,
-            "prompt_len": prompt_len, "decode_prompt_len": decode_prompt_len, "decode_steps": decode_steps,
-            "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print_table(rows, meta, decode_batches)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print(f"wrote {out}")
+    return rows
 
 
 def keep_best(store, key, seconds):
     store[key] = min(seconds, store.get(key, float("inf")))
+
+
+def transformers_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 def device_name(device) -> str:
@@ -178,21 +334,29 @@ def device_name(device) -> str:
 
 
 def print_table(rows, meta, decode_batches):
-    print(f"\n{meta['model']}, {meta['device']}, {meta['dtype']}, dim {meta['dim']}, {meta['n_layers']} layers, "
-          f"prompt {meta['prompt_len']}, decode {meta['decode_steps']} tokens after {meta['decode_prompt_len']}")
-    head = ["config", "exec(routed)", "FLOPs ratio", "ideal x", "KV bytes ratio", "prefill tok/s", "prefill x", "% ideal"]
+    s = meta["settings"]
+    print(f"\n{meta['model']}, {meta['device']}, {s['dtype']}, dim {meta['dim']}, {meta['n_layers']} layers, "
+          f"prefill {s['prompt_len']} tokens, decode {s['decode_steps']} tokens after {s['decode_prompt_len']}, "
+          f"best of {s['repeats']}")
+    head = ["config", "exec (routed)", "FLOPs ratio", "KV bytes ratio", "prefill tok/s", "x dense", "x HF", "% ideal"]
     for b in decode_batches:
-        head += [f"decode b{b} tok/s", f"b{b} x", f"b{b} % ideal"]
+        head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+
+    def cell(row, key, fmt):
+        return fmt.format(row[key]) if key in row else "-"
     for r in rows:
-        cells = [r["config"], f"{r['exec_share_routed']:.3f}", f"{r['flops_ratio']:.3f}", f"{1 / r['flops_ratio']:.2f}",
-                 f"{r['kv_bytes_ratio']:.3f}", f"{r['prefill_tok_s']:.1f}", f"{r['prefill_speedup']:.2f}",
-                 f"{100 * r['prefill_of_ideal']:.0f}%"]
+        cells = [r["config"], cell(r, "exec_share_routed", "{:.3f}"), cell(r, "flops_ratio", "{:.3f}"),
+                 cell(r, "kv_bytes_ratio", "{:.3f}"), cell(r, "prefill_tok_s", "{:.1f}"),
+                 cell(r, "prefill_x_dense", "{:.2f}"), cell(r, "prefill_x_transformers", "{:.2f}"),
+                 cell(r, "prefill_of_ideal", "{:.0%}")]
         for b in decode_batches:
-            cells += [f"{r[f'decode{b}_tok_s']:.1f}", f"{r[f'decode{b}_speedup']:.2f}", f"{100 * r[f'decode{b}_of_ideal']:.0f}%"]
+            cells += [cell(r, f"decode{b}_tok_s", "{:.1f}"), cell(r, f"decode{b}_x_dense", "{:.2f}"),
+                      cell(r, f"decode{b}_x_transformers", "{:.2f}"), cell(r, f"decode{b}_weight_share", "{:.3f}"),
+                      cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}")]
         print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main, BenchConfig.parse(description=__doc__))

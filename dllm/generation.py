@@ -193,7 +193,7 @@ class Llama:
                 )
             eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
             prev_pos = cur_pos
-            if all(eos_reached):
+            if bool(eos_reached.all()):  # the loop's one read from the device per step
                 break
         # the last token has not been through the model yet; its routing is part of the answer
         fed = max(prev_pos + 1, min_prompt_len)

@@ -1,78 +1,148 @@
 """A KV cache that keeps, per block and per sequence, only the tokens that executed that block.
 
-Each block's cache is a packed [batch, capacity, n_kv_heads, head_dim] buffer with a per-row
-length and the true position of every kept key (RoPE is applied before caching, and the causal
-mask compares positions, so gaps left by skipped tokens need no slots). Capacity grows in chunks
-with what is kept; a skipped token is never written.
+Each block's cache is a [batch, n_kv_heads, capacity, head_dim] buffer (the layout attention
+reads, so a row's keys are a view, not a copy) with each row's length kept on the host as a plain
+int: writing and reading never ask the device how long a row is. A row's keys are packed in position
+order (RoPE is applied before caching), so the gaps left by skipped tokens need no slots, and a
+query at rank i among its row's new keys sees exactly the keys up to slot `old length + i`: no
+positions are stored or compared.
+
+Capacity is shared by a block's rows and grows geometrically with the longest row (doubling from
+`chunk`, capped at max_seq_len): a decode step copies nothing unless its longest row crosses a
+power of two, so a whole generation reallocates at most log2(max_seq_len / chunk) times.
+Preallocating max_seq_len per row would avoid even those copies, but would hold the slots of every
+token that skips the block: memory would no longer follow what is kept. A skipped token is never
+written, and `bytes_kept` counts kept pairs only.
 """
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
 
+@dataclass
+class Packing:
+    """Where one block's executing tokens go, worked out on the host from its execute mask.
+
+    The tokens are packed row-major; attention pads every row's queries to `width` and reads every
+    row's keys as views of the cache (rows with nothing to run attend to their own keys, and their
+    output is dropped: cheaper than gathering the rows that do). Index tensors are on the device.
+    """
+
+    width: int
+    token_rows: torch.Tensor  # [n] batch row of each executing token
+    token_cols: torch.Tensor  # [n] its column in this forward
+    positions: torch.Tensor  # [n] its position in the sequence
+    slots: torch.Tensor  # [n] where its K/V go in its row
+    rank: Optional[torch.Tensor]  # [n] its rank among its row's executing tokens; None when `even`
+    key_mask: Optional[torch.Tensor]  # [batch, width, keys] True = attend; None: every key
+
+    @property
+    def even(self) -> bool:
+        """Every row runs `width` tokens, so the packed tokens are already [batch, width]."""
+        return self.rank is None
+
+
 class LayerKVCache:
-    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype, device, chunk: int = 64):
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype, device, max_len: int, chunk: int = 64):
         self.chunk = chunk
-        self.k = torch.zeros(batch, 0, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.k = torch.zeros(batch, n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lengths = [0] * batch  # kept tokens per row
+        self.seen = 0  # tokens fed per row, kept or not: the position of the next one
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
 
-    def _grow(self, needed: int):
-        new_cap = -(-needed // self.chunk) * self.chunk
-        pad = new_cap - self.capacity
-        b, _, h, d = self.k.shape
+    def feed(self, n: int) -> int:
+        """Count `n` more tokens fed to every row; returns the position of the first."""
+        start, self.seen = self.seen, self.seen + n
+        return start
+
+    def _reserve(self, needed: int):
+        if needed <= self.capacity:
+            return
+        capacity = max(self.chunk, self.capacity)
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, max(needed, self.max_len))
         # zeros, not empty: masked-out slots still enter attn @ V, and NaN * 0 is NaN
-        self.k = torch.cat([self.k, self.k.new_zeros(b, pad, h, d)], 1)
-        self.v = torch.cat([self.v, self.v.new_zeros(b, pad, h, d)], 1)
-        self.pos = torch.cat([self.pos, self.pos.new_zeros(b, pad)], 1)
+        k = self.k.new_zeros(*self.k.shape[:2], capacity, self.k.shape[3])
+        v = torch.zeros_like(k)
+        k[:, :, : self.capacity] = self.k
+        v[:, :, : self.capacity] = self.v
+        self.k, self.v = k, v
 
-    def append(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        """Store packed new keys; `rows` [n] is row-major sorted. Returns each token's rank in its row."""
-        counts = torch.bincount(rows, minlength=self.length.shape[0])
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
-        slot = self.length[rows] + rank
-        needed = int((self.length + counts).max())
-        if needed > self.capacity:
-            self._grow(needed)
-        self.k[rows, slot] = k.to(self.k.dtype)
-        self.v[rows, slot] = v.to(self.v.dtype)
-        self.pos[rows, slot] = pos
-        self.length += counts
-        return rank
+    def uniform(self) -> bool:
+        """Every row keeps as many tokens."""
+        return min(self.lengths) == max(self.lengths)
 
-    def read(self, rows: torch.Tensor):
-        """Keys, values, key positions and validity of the given rows, trimmed to the longest."""
-        lengths = self.length[rows]
-        kept = int(lengths.max())
-        valid = torch.arange(kept, device=rows.device)[None, :] < lengths[:, None]
-        if rows.shape[0] == self.length.shape[0]:
-            return self.k[:, :kept], self.v[:, :kept], self.pos[:, :kept], valid
-        return self.k[rows, :kept], self.v[rows, :kept], self.pos[rows, :kept], valid
+    def append_all(self, k: torch.Tensor, v: torch.Tensor):
+        """k, v [batch, s, kv_heads, head_dim] from rows of equal length -> every row's keys and
+        values [batch, kv_heads, length, head_dim], views of the cache."""
+        start, s = self.lengths[0], k.shape[1]
+        self._reserve(start + s)
+        self.k[:, :, start : start + s] = k.transpose(1, 2)
+        self.v[:, :, start : start + s] = v.transpose(1, 2)
+        self.lengths = [start + s] * len(self.lengths)
+        return self.k[:, :, : start + s], self.v[:, :, : start + s]
+
+    def pack(self, execute: List[List[bool]], start: int, device) -> Packing:
+        """The packing of the tokens marked in `execute` ([batch][s] on the host), fed at position
+        `start`; rows' lengths are advanced here, `append_packed` writes the K/V."""
+        old, counts = list(self.lengths), [sum(row) for row in execute]
+        token_rows, token_cols, rank = [], [], []
+        for r, row in enumerate(execute):
+            cols = [c for c, run in enumerate(row) if run]
+            token_rows += [r] * len(cols)
+            token_cols += cols
+            rank += range(len(cols))
+        self.lengths = [length + count for length, count in zip(old, counts)]
+        width, even = max(counts), min(counts) == max(counts)
+        slots = [old[r] + j for r, j in zip(token_rows, rank)]
+        index = torch.tensor([token_rows, token_cols, [start + c for c in token_cols], slots, rank], device=device)
+        key_mask = None
+        if width > 1 or not even or min(self.lengths) != max(self.lengths):
+            # query j of a row sees its slots up to old + j; padded queries see the row's last key
+            bound = [[old[r] + min(j, count - 1) if count else max(old[r] - 1, 0) for j in range(width)]
+                     for r, count in enumerate(counts)]
+            key_mask = torch.arange(max(self.lengths), device=device) <= torch.tensor(bound, device=device)[..., None]
+        return Packing(width, *index[:4], None if even else index[4], key_mask)
+
+    def append_packed(self, packing: Packing, k: torch.Tensor, v: torch.Tensor):
+        """k, v [n, kv_heads, head_dim] of the packed tokens -> every row's keys and values
+        [batch, kv_heads, longest, head_dim], views of the cache."""
+        longest = max(self.lengths)
+        self._reserve(longest)
+        self.k[packing.token_rows, :, packing.slots] = k.to(self.k.dtype)
+        self.v[packing.token_rows, :, packing.slots] = v.to(self.v.dtype)
+        return self.k[:, :, :longest], self.v[:, :, :longest]
 
     def pair_bytes(self) -> int:
         """One token's K and V."""
-        return 2 * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
 
     def bytes_kept(self) -> int:
-        return int(self.length.sum()) * self.pair_bytes()
+        return sum(self.lengths) * self.pair_bytes()
 
     def bytes_allocated(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size() + self.pos.numel() * self.pos.element_size()
+        return 2 * self.k.numel() * self.k.element_size()
 
 
 class KVCache:
     """One LayerKVCache per block; made fresh for every generate() call."""
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype, device):
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, dtype, device, max_len: int):
         self.layers: List[LayerKVCache] = [
-            LayerKVCache(batch, n_kv_heads, head_dim, dtype, device) for _ in range(n_layers)
+            LayerKVCache(batch, n_kv_heads, head_dim, dtype, device, max_len) for _ in range(n_layers)
         ]
+
+    @property
+    def seen(self) -> int:
+        """Tokens fed per row: the position the next forward starts at."""
+        return self.layers[0].seen
 
     def pair_bytes(self) -> int:
         return self.layers[0].pair_bytes()
@@ -85,4 +155,4 @@ class KVCache:
 
     def tokens_kept(self) -> torch.Tensor:
         """[n_layers, batch] number of kept (token, block) pairs."""
-        return torch.stack([layer.length for layer in self.layers])
+        return torch.tensor([layer.lengths for layer in self.layers])

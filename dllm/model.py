@@ -5,7 +5,8 @@ early exit, dense), chosen by `ModelArgs.routing`. Training (`model.train()`) co
 in every block, masks skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
 gradient exists. Inference (`model.eval()`) gathers the executing tokens of each block and runs only
 those, blended by the same weight; the others pass through at the cost of the policy, and leave no
-K/V behind (see kv_cache.py).
+K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
+the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
 import json
 import math
@@ -23,7 +24,7 @@ from torch import nn
 
 from dllm import distributed
 from dllm.errors import InputError
-from dllm.kv_cache import KVCache, LayerKVCache
+from dllm.kv_cache import KVCache, LayerKVCache, Packing
 from dllm.routing import Decision, DenseRouting, RMSNorm, make_routing
 
 
@@ -211,11 +212,12 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(*lead, self.n_local_kv_heads, self.head_dim), freqs_cis)
         return q, k, v.view(*lead, self.n_local_kv_heads, self.head_dim)
 
-    def attend(self, q, k, v, mask) -> torch.Tensor:
-        """q [b, m, h, d], k/v [b, n, kvh, d], mask [b, m, n] bool (True = attend) -> [b, m, h * d]."""
+    def attend(self, q, keys, values, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        """q [b, m, h, d], keys/values [b, kvh, n, d] (the cache's layout), mask [b, m, n] bool
+        (True = attend) or None -> [b, m, h * d]."""
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask.unsqueeze(1), enable_gqa=self.n_local_heads != self.n_local_kv_heads,
+            q.transpose(1, 2), keys, values, attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=causal, enable_gqa=self.n_local_heads != self.n_local_kv_heads,
         )
         return out.transpose(1, 2).flatten(2)
 
@@ -227,30 +229,36 @@ class Attention(nn.Module):
         """
         b, s, _ = x.shape
         q, k, v = self.project(x, freqs_cis)
+        if key_keep is None:
+            return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
         mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        if key_keep is not None:
-            eye = torch.eye(s, dtype=torch.bool, device=x.device)
-            mask = mask & (key_keep[:, None, :] | eye)
-        return self.wo(self.attend(q, k, v, mask.expand(b, s, s)))
+        mask = mask & (key_keep[:, None, :] | torch.eye(s, dtype=torch.bool, device=x.device))
+        return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask))
 
-    def forward_packed(self, x, freqs_cis, rows, positions, kv: LayerKVCache) -> torch.Tensor:
-        """Only executing tokens, packed [n, dim] with their batch rows and true positions.
-
-        Their K/V are appended to the cache; each row's queries are padded into one batch of the
-        rows present and attend to that row's kept keys with a position-based causal mask.
-        """
+    def forward_plain(self, x, freqs_cis, kv: LayerKVCache) -> torch.Tensor:
+        """Every token of every row, rows keeping as many keys: plain Llama attention over the
+        cache, causal among the new tokens and no other mask."""
+        b, s, _ = x.shape
+        kept = kv.lengths[0]
         q, k, v = self.project(x, freqs_cis)
-        rank = kv.append(rows, k, v, positions)
-        active, row_index = torch.unique(rows, return_inverse=True)
-        keys, values, key_pos, key_valid = kv.read(active)
-        width = int(rank.max()) + 1
-        q_pad = q.new_zeros(active.shape[0], width, *q.shape[1:])
-        q_pad[row_index, rank] = q
-        q_pos = torch.full((active.shape[0], width), torch.iinfo(torch.long).max, device=x.device)
-        q_pos[row_index, rank] = positions
-        mask = key_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])
-        out = self.attend(q_pad, keys, values, mask)[row_index, rank]
-        return self.wo(out)
+        keys, values = kv.append_all(k, v)
+        mask = None
+        if s > 1 and kept > 0:
+            mask = torch.ones(s, kept + s, dtype=torch.bool, device=x.device).tril(kept).expand(b, s, kept + s)
+        return self.wo(self.attend(q, keys, values, mask, causal=s > 1 and kept == 0))
+
+    def forward_packed(self, x, freqs_cis, packing: Packing, kv: LayerKVCache) -> torch.Tensor:
+        """Only executing tokens, packed [n, dim]. Their K/V are appended to the cache; each row's
+        queries are padded to one width and attend to that row's kept keys."""
+        q, k, v = self.project(x, freqs_cis)
+        keys, values = kv.append_packed(packing, k, v)
+        if packing.even:
+            q_pad = q.view(keys.shape[0], packing.width, *q.shape[1:])
+        else:
+            q_pad = q.new_zeros(keys.shape[0], packing.width, *q.shape[1:])
+            q_pad[packing.token_rows, packing.rank] = q
+        out = self.attend(q_pad, keys, values, packing.key_mask)
+        return self.wo(out.flatten(0, 1) if packing.even else out[packing.token_rows, packing.rank])
 
 
 class FeedForward(nn.Module):
@@ -284,7 +292,9 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):
-        """Returns (output, decision). Without a cache: masked training path; with one: real skipping.
+        """Returns (output, decision). Without a cache: masked training path; with one: real skipping,
+        where a routed block reads its execute mask to the host once (its only synchronisation) and
+        a block every token runs with rows keeping as many keys takes the plain Llama path.
         `state` is the routing state of the whole model's forward (routing.py)."""
         decision: Optional[Decision] = routing.decide(self, x, positions, {} if state is None else state)
         if kv is None:
@@ -296,27 +306,24 @@ class TransformerBlock(nn.Module):
                 return out, None
             return blend(decision.update_weight(), out, x), decision
 
-        b, s, dim = x.shape
-        if decision is None or bool(decision.mask.all()):
-            rows = torch.arange(b, device=x.device).repeat_interleave(s)
-            tokens, token_pos = x.reshape(b * s, dim), positions.reshape(b * s)
-            scatter = None
-        else:
-            rows, cols = decision.mask.nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                return x, decision
-            tokens, token_pos = x[rows, cols], positions[rows, cols]
-            scatter = (rows, cols)
-        h = tokens + self.attention.forward_packed(
-            self.attention_norm(tokens), freqs_cis[token_pos], rows, token_pos, kv
-        )
+        b, s, _ = x.shape
+        start = kv.feed(s)
+        # the block's one read from the device: which tokens execute it
+        execute = None if decision is None else decision.mask.to("cpu", copy=True).tolist()
+        if execute is not None and not any(map(any, execute)):
+            return x, decision
+        if (execute is None or all(map(all, execute))) and kv.uniform():
+            h = x + self.attention.forward_plain(self.attention_norm(x), freqs_cis[start : start + s], kv)
+            out = self._ffn(h)
+            return (out, None) if decision is None else (blend(decision.update_weight(), out, x), decision)
+        packing = kv.pack(execute or [[True] * s] * b, start, x.device)
+        where = (packing.token_rows, packing.token_cols)
+        tokens = x[where]
+        h = tokens + self.attention.forward_packed(self.attention_norm(tokens), freqs_cis[packing.positions], packing, kv)
         out = self._ffn(h)
         if decision is not None:
-            weight = decision.update_weight()
-            out = blend(weight.reshape(b * s) if scatter is None else weight[scatter], out, tokens)
-        if scatter is None:
-            return out.view(b, s, dim), decision
-        return x.index_put(scatter, out), decision
+            out = blend(decision.update_weight()[where], out, tokens)
+        return x.index_put(where, out), decision
 
 
 def is_adapter_key(name: str) -> bool:
@@ -363,7 +370,8 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int) -> KVCache:
         attn = self.layers[0].attention
         weight = attn.wk.weight
-        return KVCache(self.n_layers, batch, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device)
+        return KVCache(self.n_layers, batch, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device,
+                       self.params.max_seq_len)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
         """tokens [b, s] -> (logits [b, s, vocab] fp32, activation [b, s, n_layers]).
@@ -384,14 +392,16 @@ class Transformer(nn.Module):
             if start_pos != 0:
                 raise ValueError("start_pos > 0 needs the cache of the earlier tokens")
             cache = self.new_cache(b)
+        if cache is not None and start_pos != cache.seen:
+            raise ValueError(f"start_pos {start_pos}, but the cache has seen {cache.seen} tokens per row")
         self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
         h = self.tok_embeddings(tokens)
-        activation, state = [], {}
+        activation, state, executes_all = [], {}, torch.ones(b, s, device=h.device)
         for layer in self.layers:
             kv = None if cache is None else cache.layers[layer.layer_id]
             h, decision = layer(h, positions, self.freqs_cis, self.routing, kv, state)
-            activation.append(torch.ones(b, s, device=h.device) if decision is None else decision.weight.float())
+            activation.append(executes_all if decision is None else decision.weight.float())
         return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1), state
 
     def project_vocab(self, h: torch.Tensor) -> torch.Tensor:

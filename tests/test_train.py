@@ -24,7 +24,7 @@ from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm import checkpoint, schedule
 from dllm.checkpoint import read_adapter
 from dllm.atomic_io import atomic_save
-from dllm.errors import run_cli
+from dllm.errors import InputError, run_cli
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
 from train_utils import BATCH, N_TRAIN, ROOT, make_base, make_dataset, read_log, train_argv
@@ -64,7 +64,7 @@ def one_line_error(capsys, argv_) -> str:
     """finetuning.py's entry point in process: exit status 1 and exactly one line on stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as excinfo:
-        run_cli(train, finetuning.parse_args(argv_))
+        run_cli(lambda: train(finetuning.parse_args(argv_)))
     assert excinfo.value.code == 1
     err = capsys.readouterr().err  # progress bars may precede it
     assert err.count("error: ") == 1, err
@@ -273,17 +273,18 @@ def _partial_then(exc):
     return fake_save
 
 
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
-def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("exc, raised", [(OSError(28, "No space left on device"), InputError),
+                                         (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk-full", "ctrl-c"])
+def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc, raised):
     out = tmp_path / "out"
     shutil.copytree(run_a, out)
     target = out / "checkpoint-last.pth"
     old = target.read_bytes()
     trainer = Trainer(finetuning.parse_args(argv(tiny, out, "--resume", str(target))))
     monkeypatch.setattr(torch, "save", _partial_then(exc))
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised):
         trainer.save(5, 0, "checkpoint-last.pth")
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised):
         atomic_save({"epoch": 5, "model": {}}, str(out / "checkpoint-new.pth"))
     monkeypatch.undo()
     assert target.read_bytes() == old
@@ -478,29 +479,49 @@ def test_accum_iter_larger_than_the_epoch(tiny, tmp_path, capsys):
     assert line == f"error: demo: {N_TRAIN} training records give fewer batches than --accum_iter"
 
 
-def test_non_finite_loss_names_examples_and_keeps_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_from_the_data_names_the_examples_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    """A record whose loss is NaN whatever the adapter: the data is blamed, by its record index."""
     out = tmp_path / "out"
-    original, calls = Transformer.compute_loss, []
+    sampler = DistributedSampler(range(N_TRAIN), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    bad = list(sampler)[2 * BATCH + 1]  # in the batch of epoch 0, step 2
+    config = finetuning.parse_args(argv(tiny, out, save_steps=2))
+    trainer = Trainer(config)
+    poisoned = trainer.train_loader.dataset[bad][1]
+    original = Transformer.compute_loss
 
-    def compute_loss(self, *batch):
-        c_loss, a_loss, metrics = original(self, *batch)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 3:  # epoch 0, step index 2
-                c_loss = c_loss * float("nan")
+    def compute_loss(self, examples, *rest):
+        c_loss, a_loss, metrics = original(self, examples, *rest)
+        width = examples.shape[1]
+        if (examples == poisoned[:width]).all(1).any():
+            c_loss = c_loss * float("nan")
         return c_loss, a_loss, metrics
 
     monkeypatch.setattr(Transformer, "compute_loss", compute_loss)
-    line = one_line_error(capsys, argv(tiny, out, save_steps=2))
-    sampler = DistributedSampler(range(N_TRAIN), num_replicas=1, rank=0, shuffle=True, seed=0)
-    sampler.set_epoch(0)
-    examples = list(sampler)[2 * BATCH: 3 * BATCH]
+    with pytest.raises(InputError) as e:
+        trainer.train()
     train_json = os.path.join(tiny["data"], "demo", "train.json")
-    assert line == (f"error: non-finite loss at epoch 0 step 2 on examples {examples} of {train_json}; "
-                    f"the last good checkpoint is kept in {out}")
+    assert str(e.value) == (
+        f"non-finite loss at epoch 0 step 2: the loss of examples [{bad}] of {train_json} is not finite even at the "
+        f"initial adapter and the base weights are finite: check those records; the last checkpoint, "
+        f"{out / 'checkpoint-last.pth'} (epoch 0, step 2), is finite and kept: RESUME={out} continues from it")
     saved = read_adapter(str(out / "checkpoint-last.pth"))
     assert (saved["epoch"], saved["step"]) == (0, 2)
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
+
+
+def test_a_huge_learning_rate_never_saves_nan_and_blames_the_learning_rate(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = one_line_error(capsys, argv(tiny, out, lr=1e12, router_lr=1e12, warmup_epochs=0, save_steps=1))
+    assert "the training diverged, lower the learning rate (lr 1e+12: --blr/--lr, finetuning.sh BLR=/LR=)" in line
+    saved = sorted(glob.glob(str(out / "*.pth")))
+    for path in saved:  # whatever was written before the divergence is finite
+        ckpt = read_adapter(path)
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    if saved:
+        assert line.endswith(f"is finite and kept: RESUME={out} continues from it"), line
+    else:
+        assert line.endswith(f"no checkpoint was written to {out}"), line
     assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
 
 
@@ -536,7 +557,7 @@ def test_log_params_and_checkpoints(tiny, run_a):
                     dynamic_reserve_initials=2, dynamic_router_bias=(0.1, 2.0))
     assert {k: getattr(params, k) for k in expected} == expected
 
-    assert sorted(os.listdir(run_a)) == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
+    assert sorted(os.listdir(run_a)) == [".lock", "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
                                          "curves.png", "log.jsonl", "params.json"]
     for name, epoch in (("checkpoint-0.pth", 1), ("checkpoint-1.pth", 2), ("checkpoint-last.pth", 2)):
         ckpt = read_adapter(str(run_a / name))

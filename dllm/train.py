@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -502,4 +503,9 @@ class ETA:
 
 
 def train(config: TrainConfig):
-    Trainer(config).train()
+    trainer = Trainer(config)
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        trainer.log(f"interrupted; {trainer.output.newest_checkpoint()}")
+        sys.exit(130)

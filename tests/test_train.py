@@ -24,10 +24,10 @@ from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm import checkpoint, schedule
 from dllm.checkpoint import read_adapter
 from dllm.atomic_io import atomic_save
-from dllm.errors import InputError, run_cli
+from dllm.errors import InputError
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
-from train_utils import BATCH, N_TRAIN, ROOT, make_base, make_dataset, read_log, train_argv
+from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 8 with one process
@@ -37,14 +37,6 @@ EPOCH_KEYS = {"epoch", "val_c_loss", "val_a_loss", "val_act_ratio"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("train")
-    base = make_base(str(root / "base"), tokenizer_path, mp_sizes=(1, 2))
-    data = make_dataset(str(root / "data"))
-    return {"base": base[1], "base_mp2": base[2], "data": data, "root": root}
 
 
 def argv(tiny, out, *extra, **options):
@@ -58,19 +50,6 @@ def run_a(tiny):
     with one_torch_thread():  # a session fixture starts before the module's one_thread: resumed runs compare to it bit for bit
         Trainer(finetuning.parse_args(argv(tiny, out, save_steps=SAVE_STEPS))).train()
     return out
-
-
-def one_line_error(capsys, argv_) -> str:
-    """finetuning.py's entry point in process: exit status 1 and exactly one line on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as excinfo:
-        run_cli(lambda: train(finetuning.parse_args(argv_)))
-    assert excinfo.value.code == 1
-    err = capsys.readouterr().err  # progress bars may precede it
-    assert err.count("error: ") == 1, err
-    message = err[err.index("error: "):]
-    assert message.endswith("\n") and message.count("\n") == 1, message
-    return message.rstrip("\n")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -228,15 +207,60 @@ def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, r
     assert sorted(os.listdir(out)) == sorted(os.listdir(run_a)), "an epoch's checkpoint was never written after resume"
 
 
-def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path):
+def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(run_a, out)
     os.utime(out / "checkpoint-0.pth", (1, 1))  # older than checkpoint-last.pth / checkpoint-1.pth
     trainer = Trainer(finetuning.parse_args(argv(tiny, out, "--resume", str(out))))
     assert (trainer.start_epoch, trainer.start_step) == (2, 0)
-    before = sorted(os.listdir(out))
-    trainer.train()  # nothing left to do
-    assert sorted(os.listdir(out)) == before
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    trainer.train()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"nothing left to do: {out / 'checkpoint-last.pth'} finished all 2 epochs (raise --epochs / EPOCHS to train longer)")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+class Interrupt(Exception):
+    """Stands for a kill between two saves."""
+
+
+def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
+    """Killed at step 6 after the save at step 4: steps 5 and 6 are logged again on resume, once."""
+    out = tmp_path / "run"
+    run_argv = argv(tiny, out, save_steps=SAVE_STEPS)
+    original = Trainer.write_log
+
+    def write_log(self, record):
+        original(self, record)
+        if record.get("step") == 6:
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "write_log", write_log)
+        with pytest.raises(Interrupt):
+            Trainer(finetuning.parse_args(run_argv)).train()
+    assert [r["step"] for r in read_log(str(out))] == [1, 2, 3, 4, 5, 6]
+    Trainer(finetuning.parse_args(run_argv + ["--resume", str(out)])).train()
+    log = read_log(str(out))
+    assert [r["step"] for r in log if "step" in r] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [r["epoch"] for r in log if "val_c_loss" in r] == [0, 1]
+    assert [_step_record(r) for r in log] == [_step_record(r) for r in read_log(str(run_a))]
+
+
+def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    train(finetuning.parse_args(argv(tiny, out, epochs=1)))
+    lines = capsys.readouterr().out.strip().splitlines()[-4:]
+    final = read_log(str(out))[-1]
+    assert lines[0].startswith("done in ") and lines[0].endswith(
+        f"s: adapter in {out}/ (checkpoint-last.pth, params.json, log.jsonl, curves.png)"), lines[0]
+    assert lines[1] == (f"final validation: executed {final['val_act_ratio']:.3f} of the blocks, CE "
+                        f"{final['val_c_loss']:.3f}, perplexity {math.exp(final['val_c_loss']):.1f}")
+    use = f"--llama_ckpt_dir {tiny['base']} --dynamic_ckpt_dir {out}"
+    assert lines[2] == f"generate with it: torchrun --nproc_per_node 1 example.py {use}"
+    assert lines[3] == f"evaluate it:      torchrun --nproc_per_node 1 evaluate.py {use}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -454,6 +454,11 @@ class Trainer:
         args = self.config
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                    disable=not self.main)
+        with bar:  # closed on an error too, so the error line is the last one, on its own line
+            self.train_steps(bar, epoch, first_step, steps_per_epoch)
+
+    def train_steps(self, bar, epoch: int, first_step: int, steps_per_epoch: int):
+        args = self.config
         tick, tokens = time.time(), 0
         for step, (indices, *batch) in enumerate(self.train_loader):
             if step < first_step:
@@ -488,7 +493,6 @@ class Trainer:
                 tick, tokens = now, 0
             if boundary and args.save_steps and (step + 1) % args.save_steps == 0:
                 self.save(epoch, step + 1, f"{args.model_save_name}-last.pth")
-        bar.close()
 
 
 class ETA:

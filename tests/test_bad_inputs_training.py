@@ -301,6 +301,17 @@ def test_finetuning_sh_passes_the_workers_exit_status_and_line(tiny, used, nproc
     assert snapshot(out) == before
 
 
+def test_a_diverging_run_ends_on_its_error_line_with_a_finite_checkpoint(tiny, tmp_path):
+    out = tmp_path / "out"
+    proc = _finetuning_sh(tiny, out, NPROC="1", LR="1e12", ROUTER_LR="1e12", WARMUP_EPOCHS="0", SAVE_STEPS="1")
+    assert proc.returncode == 1 and proc.stderr.count("error: ") == 1
+    line = _last_line(proc)
+    assert line.startswith("error: non-finite loss at epoch 0 step ") and "lower the learning rate" in line, line
+    assert proc.stderr.endswith(line + "\n")  # no progress bar redrawn after it
+    for path in out.glob("*.pth"):
+        assert all(torch.isfinite(t).all() for t in checkpoint.read_adapter(str(path))["model"].values())
+
+
 def test_finetuning_sh_refuses_a_used_directory_under_the_launcher(tiny, used):
     out, before = used
     proc = _finetuning_sh(tiny, out, NPROC="2")

@@ -5,6 +5,7 @@ bad input, and what the run writes (log.jsonl, params.json, checkpoints).
 The base model (3 layers, dim 32), tokenizer (vocab 320) and dataset (32 train / 8 test records,
 max_seq_len 48) are built once per session; see tests/train_utils.py.
 """
+import dataclasses
 import glob
 import io
 import json
@@ -27,6 +28,7 @@ from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
+from dllm.train_config import TrainConfig
 from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
@@ -591,3 +593,31 @@ def test_log_params_and_checkpoints(tiny, run_a):
     model = checkpoint.build_model(params, tiny["base"], str(run_a / "checkpoint-last.pth"))
     assert max_diff(checkpoint.adapter_state_dict(model), read_adapter(str(run_a / "checkpoint-last.pth"))["model"]) == 0
     assert glob.glob(str(run_a / ".tmp-*")) == []
+
+
+# 8. the settings: one dataclass
+
+def test_help_describes_every_flag_with_its_default_and_range(capsys):
+    with pytest.raises(SystemExit) as e:
+        finetuning.parse_args(["--help"])
+    assert e.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (at hyphens too)
+    squeezed = lambda phrase: "".join(phrase.split())  # noqa: E731
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name}" in text and squeezed(field.metadata["help"]) in text, field.name
+    for phrase in ("records per step and process (default: 1) [>= 1]",
+                   "share of routed blocks a token should execute (default: 0.5) [>= 0.0 and <= 1.0]",
+                   "--overwrite_output_dir, --no-overwrite_output_dir"):
+        assert squeezed(phrase) in text, phrase
+
+
+def test_a_config_built_directly_is_checked_and_gives_the_model_args_by_name(tiny):
+    with pytest.raises(InputError, match="--epochs 0: must be >= 1"):
+        TrainConfig(llama_model_path=tiny["base"], epochs=0)
+    config = TrainConfig(llama_model_path=tiny["base"], lora_rank=4, dynamic_router_bias=[0.5, 1.5])
+    overrides = config.model_overrides()
+    assert set(overrides) == {"max_seq_len", "lora_rank", "dynamic_active_target", "dynamic_router_hdim",
+                              "dynamic_start_layer", "dynamic_reserve_initials", "dynamic_router_bias", "gumbel_tau",
+                              "routing", "static_skip_layers"}
+    args = checkpoint.load_params(tiny["base"], **overrides)
+    assert (args.lora_rank, args.dynamic_router_bias) == (4, (0.5, 1.5))

@@ -74,7 +74,7 @@ def train_argv(base: str, data: str, out: str, *extra: str, **options) -> list:
     for key, value in values.items():
         if value is None:
             continue
-        argv += [f"--{key}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
+        argv += [f"--{key}", str(list(value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv + list(extra)
 
 

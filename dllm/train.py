@@ -231,15 +231,20 @@ class Trainer:
         checkpoint.check_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_model_path)
         args.check_model(self.model_args, params_path)
         self.resumed = self.read_resume(args.resume) if args.resume else None
+        chat = ChatFormat(tokenizer)
+        records = {split: load_records(args.dataset_path, args.dataset_name, split, chat) for split in ("train", "test")}
+        # DistributedSampler(drop_last) and DataLoader(drop_last): the training loader's length
+        if len(records["train"]) // distributed.dp_size() // args.batch_size < args.accum_iter:
+            raise InputError(f"{args.dataset_name}: {len(records['train'])} training records give fewer batches than --accum_iter")
         self.output = OutputDir(args)
         distributed.on_main(self.output.claim)
         try:
-            self.build(tokenizer)
+            self.build(tokenizer, records)
         except BaseException:
             self.output.release()
             raise
 
-    def build(self, tokenizer):
+    def build(self, tokenizer, records: dict):
         args = self.config
         # adapters start identical on every rank; noise (Gumbel, dropout) differs across data-parallel ranks
         torch.manual_seed(args.seed)
@@ -253,24 +258,19 @@ class Trainer:
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n_trainable:,} of {sum(p.numel() for p in self.model.parameters()):,}")
 
-        chat = ChatFormat(tokenizer)
-        train_records = load_records(args.dataset_path, args.dataset_name, "train", chat)
-        val_records = load_records(args.dataset_path, args.dataset_name, "test", chat)
         tokenised = {
             split: Indexed(InstructionDataset(
-                tqdm(records, desc=f"tokenise {split}", disable=not self.main, leave=False),
+                tqdm(records[split], desc=f"tokenise {split}", disable=not self.main, leave=False),
                 tokenizer, args.max_seq_len, args.seed,
             ))
-            for split, records in (("train", train_records), ("test", val_records))
+            for split in ("train", "test")
         }
         self.train_loader = train_loader(tokenised["train"], args.batch_size, args.seed, args.num_workers)
         self.val_loader = val_loader(tokenised["test"], args.batch_size, args.num_workers)
         # the first training records, in file order: what a calibrated threshold is fit on
-        n_calibration = min(len(train_records), args.calibration_batches * args.batch_size)
+        n_calibration = min(len(records["train"]), args.calibration_batches * args.batch_size)
         self.calibration_loader = val_loader(Subset(tokenised["train"], range(n_calibration)), args.batch_size,
                                              args.num_workers)
-        if len(self.train_loader) < args.accum_iter:
-            raise InputError(f"{args.dataset_name}: {len(train_records)} training records give fewer batches than --accum_iter")
 
         eff_batch = args.batch_size * args.accum_iter * distributed.dp_size()
         self.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256

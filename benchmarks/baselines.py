@@ -106,12 +106,12 @@ def fine_tune(args, method, target, seed, out_dir) -> dict:
 def evaluate(args, adapter, out_dir) -> dict:
     """evaluate.py on the test split; the ppl row."""
     command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.model_path, "--dynamic_ckpt_dir", adapter,
-               "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir]
+               "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir, "--overwrite"]
     if os.environ.get("TOKENIZER_PATH"):
         command += ["--tokenizer_path", os.environ["TOKENIZER_PATH"]]
     run(command)
     with open(os.path.join(out_dir, "results.json")) as f:
-        return next(r for r in json.load(f) if r["metric"] == "ppl")
+        return next(r for r in json.load(f)["rows"] if r["metric"] == "ppl")
 
 
 def build(args, adapter=None) -> Llama:

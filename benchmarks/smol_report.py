@@ -1,4 +1,4 @@
-"""SmolLM2 with D-LLM against the dense model and a dense LoRA fine-tune, on the held-out smol split,
+r"""SmolLM2 with D-LLM against the dense model and a dense LoRA fine-tune, on the held-out smol split,
 measured in one run on one machine.
 
     python benchmarks/smol_report.py --model_dir models/smollm2 \
@@ -17,14 +17,17 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
-import fire
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.chat import ChatFormat  # noqa: E402
+from dllm.config import Settings, setting  # noqa: E402
 from dllm.data import load_records  # noqa: E402
+from dllm.errors import run_cli  # noqa: E402
 from dllm.evaluate import Evaluator  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
 from dllm.routing import DenseRouting  # noqa: E402
@@ -62,19 +65,22 @@ def token_kind(text: str, special: bool) -> str:
     return "word continuation"
 
 
-def adaptivity(generator, stats, rows_tokens):
-    """Blocks executed per token (prompt and answer): mean, spread within a sequence, mean by token kind."""
-    per_kind, within_std, counts = {}, [], []
+def executed_blocks(generator, stats, rows_tokens, counts, per_kind):
+    """Append each token's executed-block count (prompt and answer) to counts[row] and to its kind."""
     tok = generator.tokenizer
     for row, tokens in enumerate(rows_tokens):
         executed = stats.activation[row, : stats.lengths[row]].sum(-1).tolist()
-        counts += executed
-        if len(executed) > 1:
-            within_std.append(statistics.pstdev(executed))
+        counts.append(executed)
         for token, n in zip(tokens, executed):
-            kind = token_kind(tok.decode([token]), token in tok.special_ids)
-            per_kind.setdefault(kind, []).append(n)
-    return {"blocks_per_token_mean": statistics.mean(counts), "blocks_per_token_std_within_sequence": statistics.mean(within_std),
+            per_kind.setdefault(token_kind(tok.decode([token]), token in tok.special_ids), []).append(n)
+
+
+def adaptivity(counts, per_kind):
+    """Blocks executed per token: mean over all tokens, spread within a sequence (averaged over
+    sequences), and the mean by kind of token."""
+    every = [n for sequence in counts for n in sequence]
+    return {"blocks_per_token_mean": statistics.mean(every),
+            "blocks_per_token_std_within_sequence": statistics.mean(statistics.pstdev(c) for c in counts if len(c) > 1),
             "by_kind": {k: {"mean": statistics.mean(v), "n": len(v)} for k, v in sorted(per_kind.items())}}
 
 
@@ -84,12 +90,12 @@ def generations(generator, records, chat, n, max_gen_len, batch_size):
     with the reference (the dense model's) answers."""
     tok = generator.tokenizer
     prompts = [tok.encode(r.prompt, bos=True, eos=False) for r in records[:n]]
-    outputs, shares, prefix, exact, stats_rows = [], [], [], 0, []
+    outputs, shares, prefix, exact, counts, per_kind = [], [], [], 0, [], {}
     for start in range(0, n, batch_size):
         batch = prompts[start : start + batch_size]
         tokens, _, _ = generator.generate(batch, max_gen_len, temperature=0.0, actprobs=False, stop_ids=chat.stop_ids)
         stats = generator.last_stats
-        stats_rows.append(adaptivity(generator, stats, [p + t for p, t in zip(batch, tokens)]))
+        executed_blocks(generator, stats, [p + t for p, t in zip(batch, tokens)], counts, per_kind)
         for i, out in enumerate(tokens):
             reference = tok.encode(records[start + i].response, bos=False, eos=False)
             same = 0
@@ -99,17 +105,8 @@ def generations(generator, records, chat, n, max_gen_len, batch_size):
             exact += out == reference
             outputs.append(tok.decode(out))
             shares.append(stats.exec_share(i))
-    merged = {"blocks_per_token_mean": statistics.mean(r["blocks_per_token_mean"] for r in stats_rows),
-              "blocks_per_token_std_within_sequence": statistics.mean(r["blocks_per_token_std_within_sequence"] for r in stats_rows),
-              "by_kind": {}}
-    for r in stats_rows:
-        for kind, v in r["by_kind"].items():
-            total = merged["by_kind"].setdefault(kind, {"sum": 0.0, "n": 0})
-            total["sum"] += v["mean"] * v["n"]
-            total["n"] += v["n"]
-    merged["by_kind"] = {k: {"mean": v["sum"] / v["n"], "n": v["n"]} for k, v in merged["by_kind"].items()}
     return outputs, shares, {"greedy_prefix_agreement": statistics.mean(prefix), "greedy_exact": exact / n,
-                             "adaptivity": merged}
+                             "adaptivity": adaptivity(counts, per_kind)}
 
 
 def speed_prompts(generator, records, prefill_len, decode_prompt_len):
@@ -147,11 +144,31 @@ def instructions(dataset_path, dataset, n):
         return [f"{r['instruction']}\n\n{r['input']}".strip() for r in json.load(f)[:n]]
 
 
-def main(model_dir="models/smollm2", runs="dense=", dataset_path="datasets", dataset="smol", n_generate=48,
-         max_gen_len=96, batch_size=16, max_seq_len=512, prefill_len=512, decode_prompt_len=64, decode_steps=32,
-         repeats=3, n_examples=3, out="benchmarks/results/smol_report.json"):
+@dataclass
+class ReportConfig(Settings):
+    model_dir: str = setting("models/smollm2", "base model directory (tools/convert_checkpoint.py writes it)")
+    runs: str = setting("dense=", "label=adapter[:dense] separated by ';' (the first run is the speed reference)")
+    dataset_path: str = setting("datasets", "directory of the datasets")
+    dataset: str = setting("smol", "dataset whose test split is measured")
+    n_generate: int = setting(48, "test prompts answered greedily", low=1)
+    max_gen_len: int = setting(96, "most tokens per greedy answer", low=1)
+    batch_size: int = setting(16, "prompts per forward pass", low=1)
+    max_seq_len: int = setting(512, "longest prompt plus answer", low=1)
+    prefill_len: int = setting(512, "tokens of the timed prefill (batch 1)", low=1)
+    decode_prompt_len: int = setting(64, "prompt tokens before the timed decode steps", low=1)
+    decode_steps: int = setting(32, "timed single-token decode steps (batch 1)", low=1)
+    repeats: int = setting(3, "timings per run, interleaved; the best kept", low=1)
+    n_examples: int = setting(3, "answers kept as examples per run", low=0)
+    out: str = setting("benchmarks/results/smol_report.json", "JSON written at the end")
+
+
+def main(config: ReportConfig):
+    model_dir, dataset_path, dataset, batch_size = config.model_dir, config.dataset_path, config.dataset, config.batch_size
+    n_generate, max_gen_len, max_seq_len = config.n_generate, config.max_gen_len, config.max_seq_len
+    prefill_len, decode_prompt_len, decode_steps = config.prefill_len, config.decode_prompt_len, config.decode_steps
+    repeats, n_examples, out = config.repeats, config.n_examples, config.out
     results, generators = {}, {}
-    for label, adapter, dense in parse_runs(runs):
+    for label, adapter, dense in parse_runs(config.runs):
         generator = build(model_dir, adapter, dense, max_seq_len, batch_size)
         chat = ChatFormat(generator.tokenizer)
         records = load_records(dataset_path, dataset, "test", chat)
@@ -190,9 +207,7 @@ def main(model_dir="models/smollm2", runs="dense=", dataset_path="datasets", dat
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "speed_reference": dense_label}
     print(markdown(results))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"meta": meta, "runs": results}, f, indent=2, ensure_ascii=False)
+    atomic_write_text(json.dumps({"meta": meta, "runs": results}, indent=2, ensure_ascii=False) + "\n", out)
     print(f"wrote {out}")
 
 
@@ -210,4 +225,4 @@ def markdown(results) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main, ReportConfig.parse(description=__doc__))

@@ -31,6 +31,22 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]):
             os.remove(tmp)
 
 
+def check_writable_dir(directory: str, what: str):
+    """Before the work whose results go there: the directory exists or can be made, and takes files.
+    `what` names the output in the error (e.g. "--output_dir results/x")."""
+    blocked = os.path.abspath(directory)
+    while not os.path.exists(blocked):
+        blocked = os.path.dirname(blocked)
+    if not os.path.isdir(blocked):
+        raise InputError(f"{what}: {blocked} is a file, not a directory; nothing was run")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise InputError(f"{what}: cannot write to {directory} ({e.strerror or e}); nothing was run") from None
+
+
 def atomic_save(obj, path: str):
     atomic_write(path, lambda f: torch.save(obj, f))
 

@@ -12,8 +12,9 @@ import json
 import math
 import os
 import pickle
+import sys
 import typing
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,13 +23,20 @@ from safetensors.torch import load_file as load_safetensors
 
 from dllm import distributed, hf_checkpoint
 from dllm.atomic_io import atomic_save, atomic_write_text
-from dllm.errors import InputError
+from dllm.errors import InputError, speaks
 from dllm.model import META_LLAMA3_ROPE_SCALING, ModelArgs, Transformer, is_adapter_key
 
+# what the repository ships: the demo base model and, per base, the adapter trained on it
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+DEMO_BASE = os.path.join(ASSETS, "tiny-llama2")
 # tensors that Meta's checkpoints carry but the model recomputes
 IGNORED_KEYS = {"rope.freqs"}
 COLUMN_PARALLEL = ("wq.weight", "wk.weight", "wv.weight", "w1.weight", "w3.weight", "output.weight", "linear_B.weight")
 ROW_PARALLEL = ("wo.weight", "w2.weight", "tok_embeddings.weight")
+# the model args that decide which tokens run which block (and how LoRA adds): an adapter routes as
+# trained only with its own values
+ROUTING_KEYS = ("routing", "lora_rank", "lora_scale", "dynamic_active_target", "dynamic_start_layer",
+                "dynamic_router_hdim", "dynamic_reserve_initials", "execute_threshold", "static_skip_layers")
 # the keys a Meta params.json carries
 BASE_PARAM_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                    "ffn_dim_multiplier", "norm_eps", "rope_theta")
@@ -281,24 +289,63 @@ def load_base(model: Transformer, ckpt_dir: str):
 
 
 def adapter_file(path: str) -> str:
-    """An adapter directory resolves to its newest checkpoint file; a file is used as is."""
+    """An adapter directory (a fine-tuning run's output) resolves to its NAME-last.pth, else to its
+    newest checkpoint file; a file is used as is."""
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*.pth")), key=os.path.getmtime)
         if not files:
             raise InputError(f"no adapter checkpoint (*.pth) in {path}")
-        return files[-1]
+        last = [f for f in files if f.endswith("-last.pth")]
+        return (last or files)[-1]
     if not os.path.isfile(path):
         raise InputError(f"adapter checkpoint not found: {path}")
     return path
 
 
-def adapter_params_path(adapter: str) -> str:
-    """The params.json a training run writes next to its checkpoints: the adapter's model args."""
-    directory = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
-    path = os.path.join(directory, "params.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{adapter}: no params.json next to the adapter; give its model args with --model_args_path")
-    return path
+def adapter_own_args(adapter: str) -> Tuple[Optional[dict], Optional[str]]:
+    """The model args an adapter was trained with, and the file that holds them: those its checkpoint
+    records (a fine-tuning checkpoint carries `model_args`, exactly as that file was trained and
+    calibrated), else the params.json next to it; (None, None) if it has neither."""
+    file = adapter_file(adapter)
+    recorded = read_adapter(file).get("model_args")
+    if isinstance(recorded, dict):
+        return recorded, file
+    path = os.path.join(os.path.dirname(os.path.abspath(file)), "params.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), path
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: not a valid params.json ({e})") from None
+    return None, None
+
+
+def _model_args(params: dict, path: str, **overrides) -> ModelArgs:
+    try:
+        return ModelArgs.from_dict(params, **overrides)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: not valid model args ({e})") from None
+
+
+def adapter_args(adapter: str, model_args_path: Optional[str] = None, **overrides) -> Tuple[ModelArgs, str]:
+    """The model args an adapter runs with and where they came from: its own (adapter_own_args); an
+    explicit `model_args_path` must agree with them on every routing key, so an adapter always
+    routes as it was trained."""
+    own, own_path = adapter_own_args(adapter)
+    if model_args_path is None:
+        if own is None:
+            raise InputError(f"{adapter}: the checkpoint records no model_args and there is no params.json next to "
+                             f"it; give its model args with --model_args_path")
+        return _model_args(own, own_path, **overrides), own_path
+    args = load_params(model_args_path, **overrides)
+    if own is not None:
+        trained = _model_args(own, own_path, **overrides)  # the same overrides: they cannot conflict
+        differing = [f"{key} {getattr(args, key)!r} vs {getattr(trained, key)!r}" for key in ROUTING_KEYS
+                     if getattr(args, key) != getattr(trained, key)]
+        if differing:
+            raise InputError(f"{model_args_path} conflicts with the adapter's own model args in {own_path}: "
+                             f"{'; '.join(differing)} (leave out --model_args_path to route as trained)")
+    return args, model_args_path
 
 
 def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
@@ -315,6 +362,15 @@ def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
             continue
         return ckpt
     return None
+
+
+def default_adapter(base_dir: str, assets_dir: str = ASSETS) -> Optional[str]:
+    """The adapter shipped for this base, if any, said once on stderr (example.py and evaluate.py
+    run it when no --dynamic_ckpt_dir is given)."""
+    adapter = shipped_adapter(base_dir, assets_dir)
+    if adapter and speaks():
+        print(f"adapter: {adapter} (shipped for this base; --dense runs the base alone)", file=sys.stderr)
+    return adapter
 
 
 def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:

@@ -17,7 +17,7 @@ import math
 import typing
 from typing import Any, Optional, Sequence
 
-from dllm.errors import InputError
+from dllm.errors import InputError, speaks
 
 
 def setting(default: Any, help: str, *, low: Optional[float] = None, high: Optional[float] = None,
@@ -76,17 +76,27 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is not argparse.SUPPRESS and action.option_strings and "(default" not in text:
-            if not action.required and action.default not in (None, False, [], ()):
-                text += f" (default: {action.default!r})" if isinstance(action.default, str) else \
-                    f" (default: {action.default})"
+        default = action.default
+        if default is not argparse.SUPPRESS and action.option_strings and "(default" not in text and not action.required:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                text += f" (default: {'on' if default else 'off'})"
+            elif default is not None and not (isinstance(default, (list, tuple)) and not default):
+                text += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
         if getattr(action, "allowed", None):
             text += f" [{action.allowed}]"
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Under torchrun every rank parses the same flags: only rank 0 prints the help or the error."""
+
+    def _print_message(self, message, file=None):
+        if speaks():
+            super()._print_message(message, file)
+
+
 def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser = parser or _Parser(description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata

@@ -31,8 +31,6 @@ import torch
 
 from dllm.errors import InputError
 
-TASK_METRIC = {"alpaca": "ppl", "samsum": "ppl", "demo": "ppl", "smol": "ppl", "gsm8k": "math", "mawps": "math",
-               "boolq": "choice", "piqa": "choice", "siqa": "choice", "obqa": "choice", "mmlu": "choice"}
 SPLITS = ("train", "test")
 
 
@@ -208,11 +206,45 @@ def mmlu_record(raw: dict, templates: Templates) -> Record:
                          subject=text_field(raw, "subject").replace("_", " "))
 
 
-HANDLERS: Dict[str, Callable[[dict, Templates], Record]] = {
-    "alpaca": alpaca_record, "demo": alpaca_record, "smol": alpaca_record, "samsum": samsum_record,
-    "gsm8k": gsm8k_record, "mawps": mawps_record,
-    "boolq": boolq_record, "piqa": piqa_record, "siqa": siqa_record, "obqa": obqa_record, "mmlu": mmlu_record,
+@dataclass(frozen=True)
+class Task:
+    """A dataset the code knows: how a raw record becomes a Record, and how evaluation scores it
+    ("ppl": perplexity of the response, "math": the final number, "choice": the option label)."""
+
+    handler: Callable[[dict, Templates], Record]
+    metric: str
+
+
+# the one registry of dataset names: training, evaluate.py's --datasets and the evaluator read it
+TASKS: Dict[str, Task] = {
+    "alpaca": Task(alpaca_record, "ppl"), "demo": Task(alpaca_record, "ppl"), "smol": Task(alpaca_record, "ppl"),
+    "samsum": Task(samsum_record, "ppl"), "gsm8k": Task(gsm8k_record, "math"), "mawps": Task(mawps_record, "math"),
+    "boolq": Task(boolq_record, "choice"), "piqa": Task(piqa_record, "choice"), "siqa": Task(siqa_record, "choice"),
+    "obqa": Task(obqa_record, "choice"), "mmlu": Task(mmlu_record, "choice"),
 }
+
+
+def task(name: str) -> Task:
+    if name not in TASKS:
+        raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def check_text(value, where: str = ""):
+    """Every string in a parsed JSON value must be valid Unicode: JSON's \\ud800 escapes parse to a
+    lone surrogate that no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RecordError(f"field {where or 'value'!r} holds a lone surrogate {value[e.start]!r} at character "
+                              f"{e.start} (not valid Unicode text)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}[{i}]")
 
 
 def read_json(path: str):
@@ -225,28 +257,38 @@ def read_json(path: str):
         raise InputError(f"{path}: invalid JSON: {e}") from None
 
 
+def read_templates(path: str) -> Dict[str, str]:
+    """A prompt.json: a JSON object of template strings."""
+    templates = read_json(path)
+    if not isinstance(templates, dict) or not all(isinstance(t, str) for t in templates.values()):
+        raise InputError(f"{path}: expected a JSON object of template strings")
+    try:
+        check_text(templates)
+    except RecordError as e:
+        raise InputError(f"{path}: {e}") from None
+    return templates
+
+
 def load_records(dataset_path: str, name: str, split: str, chat=None) -> List[Record]:
     """The records of `dataset_path/name/split.json`, prompts filled from `prompt.json` (and put in
     the model's chat template by `chat`, a ChatFormat, where prompt.json says "format": "chat")."""
-    if name not in HANDLERS:
-        raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(HANDLERS))}")
+    handler = task(name).handler
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     prompt_path = os.path.join(dataset_path, name, "prompt.json")
-    templates = read_json(prompt_path)
-    if not isinstance(templates, dict) or not all(isinstance(t, str) for t in templates.values()):
-        raise InputError(f"{prompt_path}: expected a JSON object of template strings")
+    templates = read_templates(prompt_path)
     path = os.path.join(dataset_path, name, f"{split}.json")
     raws = read_json(path)
     if not isinstance(raws, list):
         raise InputError(f"{path}: expected a JSON list of records")
     if not raws:
         raise InputError(f"{path}: no records")
-    handler, templates, records = HANDLERS[name], Templates(prompt_path, templates, chat), []
+    templates, records = Templates(prompt_path, templates, chat), []
     for index, raw in enumerate(raws):
         try:
             if not isinstance(raw, dict):
                 raise RecordError(f"expected a JSON object, got {type(raw).__name__}")
+            check_text(raw)
             records.append(handler(raw, templates))
         except RecordError as e:
             raise InputError(f"{path}: record {index}: {e}") from None

@@ -6,10 +6,13 @@ generating and parsing the label, and by comparing the log-likelihood of each op
 forward runs with inference routing (real skipping); the FLOPs ratio is counted from the routing
 that happened (dllm/flops.py), summed over all tokens of the dataset.
 """
+import datetime
+import importlib.metadata
 import json
 import math
 import os
 import re
+import subprocess
 from dataclasses import asdict, dataclass, replace
 from typing import List, Optional
 
@@ -18,13 +21,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dllm import distributed, flops
+from dllm import checkpoint, distributed, flops
+from dllm.atomic_io import atomic_write_text, check_writable_dir
 from dllm.chat import ChatFormat
-from dllm.atomic_io import atomic_write_text
-from dllm.data import TASK_METRIC, Record, load_records
+from dllm.config import setting
+from dllm.data import TASKS, Record, load_records, task
 from dllm.errors import InputError
-from dllm.generation import Llama
+from dllm.generation import Llama, ModelSettings
 from dllm.routing import DenseRouting
+from dllm.tokenizer import Tokenizer
+
+REPO = os.path.dirname(checkpoint.ASSETS)
+RESULT_FILES = ("results.json", "results.md")
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -87,6 +95,27 @@ class Row:
     flops_ratio: float
     kv_ratio: float
     n: int = 0
+    n_unit: str = "records"  # what n counts: "tokens" (perplexity, top-1 agreement) or "records" (accuracy)
+
+
+def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat) -> List[Record]:
+    """A dataset's test records, each prompt led by the first `n_shot` training examples, checked for
+    what scoring needs (a gold number, an answer among the options)."""
+    records = load_records(dataset_path, name, "test", chat)
+    if n_shot:
+        shots = load_records(dataset_path, name, "train", chat)
+        if len(shots) < n_shot:
+            raise InputError(f"{os.path.join(dataset_path, name, 'train.json')}: {len(shots)} records, fewer than "
+                             f"--n_shot {n_shot}")
+        prefix = "".join(s.prompt + s.response + "\n\n" for s in shots[:n_shot])
+        records = [Record(prefix + r.prompt, r.response, r.choices, r.option_texts, r.answer) for r in records]
+    metric = task(name).metric
+    for i, r in enumerate(records):
+        if metric == "math" and r.answer is None:
+            raise InputError(f"{name}/test.json: record {i} has no gold number to score")
+        if metric == "choice" and (not r.choices or r.answer not in r.choices):
+            raise InputError(f"{name}/test.json: record {i} has no options or its answer is not one of them")
+    return records
 
 
 class Evaluator:
@@ -101,21 +130,8 @@ class Evaluator:
         self.dataset_path = dataset_path
 
     def records(self, name: str) -> List[Record]:
-        if name not in TASK_METRIC:
-            raise InputError(f"unknown dataset {name!r}; known: {', '.join(sorted(TASK_METRIC))}")
-        chat = ChatFormat(self.tokenizer)
-        records = load_records(self.dataset_path, name, "test", chat)
-        if self.n_shot:
-            shots = load_records(self.dataset_path, name, "train", chat)[: self.n_shot]
-            prefix = "".join(s.prompt + s.response + "\n\n" for s in shots)
-            records = [Record(prefix + r.prompt, r.response, r.choices, r.option_texts, r.answer) for r in records]
-        metric = TASK_METRIC[name]
-        for i, r in enumerate(records):
-            if metric == "math" and r.answer is None:
-                raise InputError(f"{name}/test.json: record {i} has no gold number to score")
-            if metric == "choice" and (not r.choices or r.answer not in r.choices):
-                raise InputError(f"{name}/test.json: record {i} has no options or its answer is not one of them")
-        # this rank's share; strided so every rank sees a similar mix
+        """This data-parallel rank's share, strided so every rank sees a similar mix."""
+        records = task_records(self.dataset_path, name, self.n_shot, ChatFormat(self.tokenizer))
         return records[distributed.dp_rank():: distributed.dp_size()]
 
     def _batches(self, items, desc):
@@ -166,8 +182,8 @@ class Evaluator:
             tally.value_num -= sum(logp)
             tally.value_den += sum(count)
             hits += sum(top1)
-        return [self._row(name, "ppl", tally, transform=lambda ce: math.exp(ce)),
-                self._row(name, "top-1 agreement", replace(tally, value_num=hits))]
+        return [self._row(name, "ppl", tally, "tokens", transform=lambda ce: math.exp(ce)),
+                self._row(name, "top-1 agreement", replace(tally, value_num=hits), "tokens")]
 
     def math_accuracy(self, name: str, records: List[Record]) -> List[Row]:
         tally = Tally()
@@ -175,7 +191,7 @@ class Evaluator:
             for record, text in zip(batch, self._generate([r.prompt for r in batch], tally)):
                 tally.value_num += numbers_match(extract_number(text), record.answer)
                 tally.value_den += 1
-        return [self._row(name, "acc (generate)", tally)]
+        return [self._row(name, "acc (generate)", tally, "records")]
 
     def choice_accuracy(self, name: str, records: List[Record]) -> List[Row]:
         generated, loglik = Tally(), Tally()
@@ -193,35 +209,114 @@ class Evaluator:
                 at += len(own)
                 loglik.value_num += record.choices[max(range(len(own)), key=own.__getitem__)] == record.answer
                 loglik.value_den += 1
-        return [self._row(name, "acc (generate)", generated), self._row(name, "acc (loglik)", loglik)]
+        return [self._row(name, "acc (generate)", generated, "records"),
+                self._row(name, "acc (loglik)", loglik, "records")]
 
-    def _row(self, name, metric, tally: Tally, transform=lambda x: x) -> Row:
+    def _row(self, name, metric, tally: Tally, n_unit: str, transform=lambda x: x) -> Row:
         total = tally.all_reduce(self.generator.device)
         return Row(
             dataset=name, metric=metric, value=transform(total.value_num / max(total.value_den, 1)),
             flops_ratio=total.flops / max(total.flops_dense, 1), kv_ratio=total.kv_kept / max(total.kv_dense, 1),
-            n=int(total.value_den),
+            n=int(total.value_den), n_unit=n_unit,
         )
 
     def evaluate(self, name: str) -> List[Row]:
         records = self.records(name)
-        run = {"ppl": self.perplexity, "math": self.math_accuracy, "choice": self.choice_accuracy}[TASK_METRIC[name]]
+        run = {"ppl": self.perplexity, "math": self.math_accuracy, "choice": self.choice_accuracy}[task(name).metric]
         return run(name, records)
 
 
-def markdown(rows: List[Row], title: str) -> str:
-    lines = [f"### {title}", "", "| dataset | metric | value | FLOPs ratio | KV ratio | n |", "|---|---|---|---|---|---|"]
+def markdown(rows: List[Row], title: str, provenance: Optional[dict] = None) -> str:
+    lines = [f"### {title}", ""]
+    if provenance:
+        lines += [f"- {k}: {v}" for k, v in provenance.items()] + [""]
+    lines += ["| dataset | metric | value | FLOPs ratio | KV ratio | n |", "|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r.value:.2f}" if r.metric == "ppl" else f"{100 * r.value:.1f}%"
-        lines.append(f"| {r.dataset} | {r.metric} | {value} | {r.flops_ratio:.3f} | {r.kv_ratio:.3f} | {r.n} |")
+        lines.append(f"| {r.dataset} | {r.metric} | {value} | {r.flops_ratio:.3f} | {r.kv_ratio:.3f} | {r.n} {r.n_unit} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: List[Row], output_dir: str, title: str):
-    """results.md and results.json, each written whole or not at all."""
-    table = markdown(rows, title)
+def write_results(rows: List[Row], output_dir: str, title: str, provenance: Optional[dict] = None):
+    """results.md and results.json ({"provenance": ..., "rows": [...]}), each written whole or not at
+    all; rank 0 prints the table and writes."""
+    if not distributed.is_main():
+        return
+    table = markdown(rows, title, provenance)
     print(table)
-    if distributed.is_main():
-        data = [asdict(r) for r in rows]
-        atomic_write_text(json.dumps(data, indent=2) + "\n", os.path.join(output_dir, "results.json"))
-        atomic_write_text(table, os.path.join(output_dir, "results.md"))
+    data = {"provenance": provenance or {}, "rows": [asdict(r) for r in rows]}
+    atomic_write_text(json.dumps(data, indent=2) + "\n", os.path.join(output_dir, "results.json"))
+    atomic_write_text(table, os.path.join(output_dir, "results.md"))
+
+
+def check_output_dir(output_dir: str, overwrite: bool):
+    """Before any evaluation: earlier results are kept unless --overwrite, and the directory takes files."""
+    existing = [name for name in RESULT_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if existing and not overwrite:
+        raise InputError(f"{output_dir} already holds {' and '.join(existing)} of an earlier evaluation; choose "
+                         f"another --output_dir or pass --overwrite to replace them")
+    check_writable_dir(output_dir, f"--output_dir {output_dir}")
+
+
+def code_version() -> str:
+    """The git commit of this code (marked when tracked files differ from it) when it runs from its
+    repository, else the installed package's version."""
+    if os.path.exists(os.path.join(REPO, ".git")):
+        try:
+            def git(*args):
+                return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True,
+                                      timeout=10).stdout.strip()
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return f"git {git('rev-parse', 'HEAD')}" + (" with uncommitted changes" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return f"dllm {importlib.metadata.version('dllm')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class EvalConfig(ModelSettings):
+    dataset_path: str = setting(os.path.join(REPO, "datasets"), "directory with one NAME/{train,test,prompt}.json "
+                                "per dataset")
+    datasets: List[str] = setting(["demo"], f"datasets to evaluate, comma-separated (demo,piqa) or a list "
+                                  f"(\"['demo', 'piqa']\"); known: {', '.join(sorted(TASKS))}", choices=sorted(TASKS))
+    output_dir: str = setting("results/eval", "where results.md and results.json are written")
+    overwrite: bool = setting(False, "replace results an earlier evaluation left in --output_dir")
+    n_shot: int = setting(0, "training examples put before each test prompt", low=0)
+    batch_size: int = setting(8, "records per forward pass", low=1)
+    max_gen_len: int = setting(32, "most tokens generated per answer (math and choice datasets)", low=1)
+
+    def __post_init__(self):
+        self.datasets = [name.strip() for item in self.datasets for name in item.split(",") if name.strip()]
+        if not self.datasets:
+            raise InputError(f"--datasets: no dataset named; known: {', '.join(sorted(TASKS))}")
+        super().__post_init__()
+
+
+def evaluate(config: EvalConfig):
+    """evaluate.py: what can fail without the model (output directory, dataset files and records) is
+    checked first; then every dataset is evaluated and the table written with its provenance."""
+    check_output_dir(config.output_dir, config.overwrite)
+    chat = ChatFormat(Tokenizer(config.tokenizer_path or config.llama_ckpt_dir))
+    for name in config.datasets:
+        task_records(config.dataset_path, name, config.n_shot, chat)
+    adapter = config.adapter()
+    generator = config.build(adapter, config.batch_size)
+    evaluator = Evaluator(generator, config.batch_size, config.max_gen_len, config.n_shot, config.dataset_path)
+    rows = [row for name in config.datasets for row in evaluator.evaluate(name)]
+    routing = generator.model.routing
+    label = f"{routing.label} ({adapter})" if adapter else f"dense base model ({config.llama_ckpt_dir})"
+    provenance = {
+        "base_model": os.path.abspath(config.llama_ckpt_dir),
+        "adapter": os.path.abspath(checkpoint.adapter_file(adapter)) if adapter else None,
+        "routing": routing.label if adapter else "none (base model)",
+        "execute_threshold": generator.model.params.execute_threshold if adapter else None,
+        "n_shot": config.n_shot,
+        "datasets": config.datasets,
+        "dataset_path": os.path.abspath(config.dataset_path),
+        "code_version": code_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_results(rows, config.output_dir, f"{label}, {config.n_shot}-shot", provenance)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dllm import checkpoint, distributed
 from dllm.chat import ChatFormat
+from dllm.config import Settings, setting
 from dllm.errors import InputError
 from dllm.model import Transformer
 from dllm.tokenizer import Tokenizer
@@ -45,6 +46,40 @@ class RoutingStats:
         return self.lengths[row] * self.n_layers * self.pair_bytes
 
 
+@dataclass
+class ModelSettings(Settings):
+    """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
+
+    llama_ckpt_dir: str = setting(checkpoint.DEMO_BASE, "base model directory: Meta layout (params.json, "
+                                  "consolidated.NN.pth, tokenizer.model) or Hugging Face (config.json, *.safetensors, "
+                                  "tokenizer.json)")
+    dynamic_ckpt_dir: Optional[str] = setting(None, "the adapter: a checkpoint file or a fine-tuning output directory "
+                                              "(its checkpoint-last.pth), e.g. output/tiny-dllm (default: the adapter "
+                                              "shipped under assets/ for this base, if any)")
+    model_args_path: Optional[str] = setting(None, "params.json for an adapter that carries none (neither in its "
+                                             "checkpoint nor next to it); must agree with the adapter's own otherwise "
+                                             "(default: the adapter's own)")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
+                                            "--llama_ckpt_dir)")
+    dense: bool = setting(False, "run the base model alone, every block executed (ignores any adapter)")
+    execute_threshold: Optional[float] = setting(None, "p(execute) at or above which a routed block runs (default: "
+                                                 "the adapter's own, 0.5 for D-LLM)", low=0.0, high=1.0)
+    max_seq_len: int = setting(512, "longest sequence in tokens, prompt and answer", low=1)
+    model_parallel_size: Optional[int] = setting(None, "model-parallel processes (default: the base checkpoint's shard "
+                                                 "count; further torchrun processes are data parallel)", low=1)
+    seed: int = setting(1, "random seed (sampling, dropout)")
+
+    def adapter(self) -> Optional[str]:
+        """The adapter to run: --dynamic_ckpt_dir, else the one shipped for this base; None with --dense."""
+        if self.dense:
+            return None
+        return self.dynamic_ckpt_dir or checkpoint.default_adapter(self.llama_ckpt_dir)
+
+    def build(self, adapter: Optional[str], max_batch_size: int) -> "Llama":
+        return Llama.build(self.llama_ckpt_dir, adapter, self.model_args_path, self.tokenizer_path, self.max_seq_len,
+                           max_batch_size, self.model_parallel_size, self.seed, self.dense, self.execute_threshold)
+
+
 class Llama:
     @staticmethod
     def build(
@@ -59,28 +94,31 @@ class Llama:
         dense: bool = False,
         execute_threshold: Optional[float] = None,
     ) -> "Llama":
-        """Load the base checkpoint (Meta or Hugging Face layout) and the adapter (a directory or one
-        file), merge LoRA. The tokenizer is found in `llama_ckpt_dir` unless `tokenizer_path` is
-        given; the adapter's model args, its routing policy included, in the `params.json` next to it
-        unless `model_args_path` is given.
+        """Load the base checkpoint (Meta or Hugging Face layout) and the adapter (a checkpoint file, or a
+        fine-tuning output directory: its NAME-last.pth), merge LoRA. The tokenizer is found in
+        `llama_ckpt_dir` unless `tokenizer_path` is given. The adapter runs with its own model args,
+        its routing policy included (those its checkpoint records, else the params.json next to it);
+        `model_args_path` is for adapters that have neither, and must agree with them otherwise.
+        The model-parallel size defaults to the base checkpoint's shard count; processes beyond it
+        are data parallel.
 
         Without an adapter, or with `dense` (which ignores the adapter), every block executes: the
-        plain base model, the reference D-LLM is measured against.
+        plain base model, the reference D-LLM is measured against. Model args, tokenizer and their
+        agreement are checked before the process group starts and the weights load.
         """
         if dense:
             dynamic_ckpt_dir = None
-        device = distributed.setup(model_parallel_size)
-        torch.manual_seed(seed)
-        tokenizer = Tokenizer(tokenizer_path or llama_ckpt_dir)
         base_args = checkpoint.load_params(llama_ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path or llama_ckpt_dir)
         sizes = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, execute_threshold=execute_threshold)
         if dynamic_ckpt_dir:
-            model_args_path = model_args_path or checkpoint.adapter_params_path(dynamic_ckpt_dir)
-            args = checkpoint.load_params(model_args_path, **sizes)
-            checkpoint.check_args_match(args, base_args, model_args_path, checkpoint.params_file(llama_ckpt_dir))
+            args, args_path = checkpoint.adapter_args(dynamic_ckpt_dir, model_args_path, **sizes)
+            checkpoint.check_args_match(args, base_args, args_path, checkpoint.params_file(llama_ckpt_dir))
         else:
             args = checkpoint.load_params(llama_ckpt_dir, lora_rank=0, routing="dense", **sizes)
         checkpoint.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
+        device = distributed.setup(model_parallel_size or checkpoint.default_model_parallel_size(llama_ckpt_dir))
+        torch.manual_seed(seed)
         model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
         return Llama(model.eval(), tokenizer)

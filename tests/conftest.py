@@ -14,7 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Llama's SentencePiece conventions (OFFLINE.md)
+
+def load_script(relative_path: str):
+    """A script outside the package (benchmarks/, tools/ run by path) as a module."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(relative_path))[0],
+                                                  os.path.join(ROOT, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+# Llama's SentencePiece conventions (docs/offline.md)
 LLAMA_SPM_OPTIONS = dict(
     model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
     normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,

@@ -1,12 +1,7 @@
 """benchmarks/baselines.py: the runs the sweep makes (its smoke run is in the report of issue 9)."""
-import importlib.util
-import os
+from conftest import load_script
 
-from conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("baselines", os.path.join(ROOT, "benchmarks", "baselines.py"))
-baselines = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(baselines)
+baselines = load_script("benchmarks/baselines.py")
 
 
 def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_spread_is_asked():

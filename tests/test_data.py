@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dllm.chat import ChatFormat
-from dllm.data import TASK_METRIC, InstructionDataset, Record, load_records
+from dllm.data import TASKS, InstructionDataset, Record, load_records
 from dllm.errors import InputError
 from dllm.tokenizer import Tokenizer
 
@@ -26,14 +26,14 @@ CHAT_DATASETS = ("smol",)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-@pytest.mark.parametrize("name", sorted(set(TASK_METRIC) - set(CHAT_DATASETS)))
+@pytest.mark.parametrize("name", sorted(set(TASKS) - set(CHAT_DATASETS)))
 def test_shipped_samples_load(name, split):
     records = load_records(DATASETS, name, split)
     assert len(records) >= 8
     for record in records:
         assert record.prompt.endswith("### Response:\n") and not re.search(r"\{[a-z_]+\}", record.prompt)
         assert record.response.strip()
-        metric = TASK_METRIC[name]
+        metric = TASKS[name].metric
         if metric == "choice":
             assert record.choices == LABELS[name] and record.option_texts == record.choices
             assert record.answer in record.choices and record.response == record.answer

@@ -268,17 +268,17 @@ def test_math_runs_and_scores_final_number(tmp_path, tokenizer_path, monkeypatch
 
 
 def test_write_results(tmp_path):
-    rows = [Row("alpaca", "ppl", 12.3456, 0.61, 0.58, 40), Row("piqa", "acc (loglik)", 0.5, 0.55, 0.5, 2)]
+    rows = [Row("alpaca", "ppl", 12.3456, 0.61, 0.58, 40, "tokens"), Row("piqa", "acc (loglik)", 0.5, 0.55, 0.5, 2, "records")]
     out = tmp_path / "nested" / "out"
-    write_results(rows, str(out), "D-LLM, 0-shot")
+    write_results(rows, str(out), "D-LLM, 0-shot", {"n_shot": 0})
     data = json.loads((out / "results.json").read_text())
-    assert isinstance(data, list) and len(data) == 2
-    assert all(set(d) == {"dataset", "metric", "value", "flops_ratio", "kv_ratio", "n"} for d in data)
-    assert data[0] == {"dataset": "alpaca", "metric": "ppl", "value": 12.3456, "flops_ratio": 0.61, "kv_ratio": 0.58, "n": 40}
+    assert data["provenance"] == {"n_shot": 0} and len(data["rows"]) == 2
+    assert data["rows"][0] == {"dataset": "alpaca", "metric": "ppl", "value": 12.3456, "flops_ratio": 0.61,
+                               "kv_ratio": 0.58, "n": 40, "n_unit": "tokens"}
     md = (out / "results.md").read_text()
-    assert "### D-LLM, 0-shot" in md
-    assert "| alpaca | ppl | 12.35 | 0.610 | 0.580 | 40 |" in md
-    assert "| piqa | acc (loglik) | 50.0% | 0.550 | 0.500 | 2 |" in md
+    assert "### D-LLM, 0-shot" in md and "- n_shot: 0" in md
+    assert "| alpaca | ppl | 12.35 | 0.610 | 0.580 | 40 tokens |" in md
+    assert "| piqa | acc (loglik) | 50.0% | 0.550 | 0.500 | 2 records |" in md
     assert sorted(os.listdir(out)) == ["results.json", "results.md"]  # no temporary files left
 
 
@@ -315,7 +315,7 @@ def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_pa
     out = tmp_path / "ok"
     ok = run_evaluate(tmp_path, base, data, "alpaca,piqa", out)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    rows = json.loads((out / "results.json").read_text())
+    rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["dataset"], r["metric"]) for r in rows] == [("alpaca", "ppl"), ("alpaca", "top-1 agreement"),
                                                            ("piqa", "acc (generate)"), ("piqa", "acc (loglik)")]
     assert (out / "results.md").read_text().count("\n| ") == 5  # header + 4 rows
@@ -331,7 +331,7 @@ def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_pa
             assert part in lines[-1], lines[-1]
         assert os.listdir(target) == [], "nothing may be written on failure"
 
-    fails("nosuch", "unknown dataset", "nosuch")
+    fails("nosuch", "--datasets 'nosuch': must be one of")
     fails("alpaca,boolq", os.path.join(str(data), "boolq", "test.json"), "no records")
     # a piqa record whose label names no option: named by file and index
     (data / "piqa" / "test.json").write_text(json.dumps([PIQA[0], dict(PIQA[1], label=5)]))
@@ -350,8 +350,9 @@ def test_data_parallel_evaluation_equals_one_process(tmp_path, tokenizer_path):
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
     double = run_evaluate(tmp_path, base, data, "alpaca,piqa", tmp_path / "two", launcher=launcher)
     assert double.returncode == 0, double.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert double.stdout.count("| dataset | metric |") == 1, "the table is printed once, by rank 0"
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
     assert [(r["dataset"], r["metric"], r["n"]) for r in two] == [(r["dataset"], r["metric"], r["n"]) for r in one]
     for a, b in zip(one, two):
         for key in ("value", "flops_ratio", "kv_ratio"):

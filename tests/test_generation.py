@@ -185,6 +185,23 @@ def test_build_rejects_adapter_that_does_not_fit(tmp_path, tokenizer_path):
         build_from(tmp_path, base)
 
 
+def test_build_runs_an_adapter_with_its_own_model_args(tmp_path, tokenizer_path):
+    """Those its checkpoint records, else the params.json next to it, else one line asking for them."""
+    generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
+    args = generator.model.params.to_dict()
+    adapter = torch.load(tmp_path / "adapter.pth", weights_only=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_save(adapter, str(run / "checkpoint-last.pth"))
+    (run / "params.json").write_text(json.dumps(dict(args, execute_threshold=0.7)))
+    build = lambda path: Llama.build(str(base), path, max_seq_len=96, max_batch_size=4)  # noqa: E731
+    assert build(str(run)).model.params.execute_threshold == 0.7
+    atomic_save(dict(adapter, model_args=dict(args, execute_threshold=0.3)), str(run / "checkpoint-last.pth"))
+    assert build(str(run)).model.params.execute_threshold == 0.3
+    with pytest.raises(InputError, match="records no model_args and there is no params.json next to it"):
+        build(str(tmp_path / "adapter.pth"))
+
+
 def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=2)
     prompts = encode(generator, PROMPTS)
@@ -208,26 +225,23 @@ def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     assert max(abs(x - y) for a, b in zip(actprobs, expected_act) for x, y in zip(a, b)) <= 1e-6
 
 
-def test_example_py_reports_bad_flags(tmp_path, tokenizer_path):
+def test_example_py_under_torchrun_2_on_one_shard_answers_once(tmp_path, tokenizer_path):
+    """The model-parallel size defaults to the shard count (1), so two processes are data parallel:
+    the answers are printed once, by rank 0, and a bad input is one line, also once."""
     _, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
-    common = [sys.executable, os.path.join(ROOT, "example.py"), "--llama_ckpt_dir", str(base),
+    common = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+              os.path.join(ROOT, "example.py"), "--llama_ckpt_dir", str(base),
               "--dynamic_ckpt_dir", str(tmp_path / "adapter.pth"), "--model_args_path", str(tmp_path / "args.json"),
-              "--tokenizer_path", str(base / "tokenizer.model")]
-    cases = [
-        (["--llama_ckpt_dir", str(tmp_path / "nope")], "model args file not found"),
-        (["--dynamic_ckpt_dir", str(tmp_path / "missing.pth")], "adapter checkpoint not found"),
-        (["--max_batch_size", "1", "--instructs", "['a', 'b']"], "2 prompts but max_batch_size is 1"),
-        (["--max_seq_len", "96", "--instructs", "['" + "word " * 200 + "']"], "longer than max_seq_len 96"),
-    ]
-    for extra, message in cases:
-        result = subprocess.run(common + extra, capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert result.returncode == 1, result.stderr[-2000:]
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: ") and message in last, last
-    ok = subprocess.run(common + ["--instructs", "['Tell me about alpacas.']", "--max_gen_len", "4"],
-                        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "blocks executed:" in ok.stdout and "KV cache kept:" in ok.stdout
+              "--max_seq_len", "96", "--max_gen_len", "4", "--prompt_path", os.path.join(ROOT, "datasets", "demo", "prompt.json")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run(common + ["--instructs", "['The quick brown fox', 'A']", "--temperature", "0"],
+                        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.count("### Instruction: ") == 2 and ok.stdout.count("blocks executed:") == 2, ok.stdout
+    bad = subprocess.run(common + ["--instructs", "['a', 'b']", "--inputs", "['x']"],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
+    assert bad.returncode != 0
+    assert bad.stderr.count("error: --inputs has 1 entries for 2 --instructs") == 1, bad.stderr[-3000:]
 
 
 def test_chat_completion_formats_dialogs(tokenizer_path):

@@ -84,10 +84,12 @@ def test_shipped_demo_log():
 
 
 def results(tmp_path, name, rows):
+    """evaluate.py's results.json; the dense run's in the bare-list layout of files written before
+    results carried their provenance."""
     directory = tmp_path / name
     directory.mkdir()
-    (directory / "results.json").write_text(json.dumps(
-        [{"dataset": d, "metric": m, "value": v, "flops_ratio": f, "kv_ratio": f, "n": 8} for d, m, v, f in rows]))
+    data = [{"dataset": d, "metric": m, "value": v, "flops_ratio": f, "kv_ratio": f, "n": 8} for d, m, v, f in rows]
+    (directory / "results.json").write_text(json.dumps(data if name == "dense" else {"provenance": {}, "rows": data}))
     return str(directory)
 
 

@@ -182,11 +182,11 @@ def smollm2_4_layers(smollm2_dir, tmp_path_factory):
 
 
 MP_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from dllm.errors import run_cli
 from dllm.generation import Llama
 def main():
-    g = Llama.build(sys.argv[1], max_seq_len=64, max_batch_size=4)
+    g = Llama.build(sys.argv[1], max_seq_len=64, max_batch_size=4, model_parallel_size=int(os.environ["WORLD_SIZE"]))
     logits, _ = g.model(torch.load(sys.argv[2]))
     if dist.get_rank() == 0:
         torch.save(logits, sys.argv[3])

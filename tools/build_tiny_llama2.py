@@ -1,6 +1,6 @@
 """Build the demo model the project ships: a tiny Llama-2 trained from scratch on CPU.
 
-Llama-2 weights and Meta's tokenizer cannot be downloaded here (shared/OFFLINE.md), so the real
+Llama-2 weights and Meta's tokenizer cannot be downloaded here (docs/offline.md), so the real
 loading code is proven on this model: a SentencePiece BPE tokenizer with Llama's conventions and
 a dense Llama-2 (GQA, RoPE, SwiGLU) trained on public-domain text, saved in Meta's layout.
 

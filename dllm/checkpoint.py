@@ -7,10 +7,13 @@ Adapter (official layout): a file holding {"epoch", "model": {router and LoRA te
 Every file goes through `torch.load(weights_only=True)`: a checkpoint cannot run code.
 """
 import glob
+import hashlib
 import json
+import math
 import os
 import pickle
 import sys
+import typing
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -110,6 +113,45 @@ def params_file(ckpt_dir: str) -> str:
     return os.path.join(ckpt_dir, "params.json" if checkpoint_layout(ckpt_dir) == "meta" else "config.json")
 
 
+# the config.json keys config_to_params reads, as the ModelArgs types they become
+HF_CONFIG_TYPES = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+                   "num_key_value_heads": Optional[int], "vocab_size": int, "intermediate_size": int,
+                   "rms_norm_eps": float, "rope_theta": float, "head_dim": Optional[int],
+                   "tie_word_embeddings": bool}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+               list: "a list", tuple: "a list"}
+
+
+def _matches(value, annotation) -> bool:
+    """JSON value against a ModelArgs annotation (int, float, bool, str, Optional[...], Tuple[...], dict)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin in (tuple, list):
+        return isinstance(value, (list, tuple))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _expected(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _expected(a) for a in args)
+    return _TYPE_NAMES.get(origin or annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_types(values: dict, types: dict, path: str):
+    """Each known key's JSON value has its field's type, else one line naming file, key, value and type."""
+    for key, annotation in types.items():
+        if key in values and not _matches(values[key], annotation):
+            raise InputError(f"{path}: {key} is {json.dumps(values[key])}; expected {_expected(annotation)}")
+
+
 def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
     """Model args from a Meta params.json or a Hugging Face config.json (a file, or found in a directory)."""
     path = params_file(ckpt_dir_or_file) if os.path.isdir(ckpt_dir_or_file) else ckpt_dir_or_file
@@ -118,8 +160,13 @@ def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
     try:
         if os.path.basename(path) == "config.json":
             config = hf_checkpoint.read_config(os.path.dirname(path))
+            check_types(config, HF_CONFIG_TYPES, path)
             return ModelArgs.from_dict(hf_checkpoint.config_to_params(config, path), **overrides)
-        return ModelArgs.from_json(path, **overrides)
+        with open(path) as f:
+            params = json.load(f)
+        if isinstance(params, dict):
+            check_types(params, typing.get_type_hints(ModelArgs), path)
+        return ModelArgs.from_dict(params, **overrides)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise InputError(f"{path}: not a valid {os.path.basename(path)} ({e})") from None
 
@@ -151,6 +198,13 @@ def default_model_parallel_size(ckpt_dir: str) -> int:
     return max(1, len(shard_files(ckpt_dir))) if checkpoint_layout(ckpt_dir) == "meta" else 1
 
 
+def _shard_hint(n_shards: int) -> str:
+    """How to match the shard count, in the words of the script the user started."""
+    if os.environ.get("DLLM_LAUNCHER") == "finetuning.sh":
+        return f"set MODEL_PARALLEL_SIZE={n_shards} and NPROC to a multiple of it"
+    return f"run with --nproc_per_node {n_shards} (or reshard)"
+
+
 def base_shard_path(ckpt_dir: str) -> str:
     """The consolidated.NN.pth of this model-parallel rank; the shard count must equal the MP size."""
     if not os.path.isdir(ckpt_dir):
@@ -161,7 +215,7 @@ def base_shard_path(ckpt_dir: str) -> str:
     if len(shards) != distributed.mp_size():
         raise InputError(
             f"{ckpt_dir} has {len(shards)} checkpoint shard(s) but model parallel size is "
-            f"{distributed.mp_size()}; run with --nproc_per_node {len(shards)} (or reshard)"
+            f"{distributed.mp_size()}; {_shard_hint(len(shards))}"
         )
     return shards[distributed.mp_rank()]
 
@@ -319,19 +373,99 @@ def default_adapter(base_dir: str, assets_dir: str = ASSETS) -> Optional[str]:
     return adapter
 
 
+def tensors_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
+    """A content checksum of named tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# the base's architecture in its fingerprint, and the weights it samples (held by model-parallel
+# rank 0 in every layout: rows 0..7 of column 0, the first row's first 8 values)
+FINGERPRINT_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "head_dim",
+                    "ffn_hidden_dim", "tie_word_embeddings", "rope_scaling")
+FINGERPRINT_SAMPLES = (("tok_embeddings.weight", lambda w: w[:8, 0]), ("layers.0.attention.wq.weight", lambda w: w[0, :8]))
+FINGERPRINT_RTOL = 1e-2  # the same base in bf16 or fp32 agrees; another base's weights do not
+
+
+def base_fingerprint(model: Transformer) -> dict:
+    """Which base an adapter was trained on: a hash of its architecture and a sample of its weights."""
+    arch = {key: getattr(model.params, key) for key in FINGERPRINT_KEYS}
+    own = model.state_dict()
+    sample = torch.cat([take(own[name].detach()).float() for name, take in FINGERPRINT_SAMPLES])
+    if distributed.mp_size() > 1:  # every rank reports model-parallel rank 0's values
+        sample = sample.to(distributed.default_device())
+        dist.broadcast(sample, src=distributed.mp_src_rank(), group=distributed.mp_group())
+    return {"params_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
+            "weights": [round(v, 6) for v in sample.cpu().tolist()]}
+
+
+def fingerprint_text(fingerprint: dict) -> str:
+    weights = ", ".join(f"{v:.4g}" for v in fingerprint["weights"][:3])
+    return f"params {fingerprint['params_sha256'][:12]}, weights [{weights}, ...]"
+
+
+def check_fingerprint(saved: Optional[dict], model: Transformer, path: str):
+    """An adapter loads only on the base it was trained on (files older than fingerprints load as before)."""
+    if saved is None:
+        return
+    own = base_fingerprint(model)
+    same = saved["params_sha256"] == own["params_sha256"] and len(saved["weights"]) == len(own["weights"]) and all(
+        abs(a - b) <= FINGERPRINT_RTOL * max(abs(a), abs(b)) + 1e-6 for a, b in zip(saved["weights"], own["weights"]))
+    if not same:
+        raise InputError(f"{path}: trained on another base model ({fingerprint_text(saved)}) than the one loaded "
+                         f"({fingerprint_text(own)})")
+
+
+class NonFiniteTensor(InputError):
+    """A checkpoint about to be written holds NaN or inf."""
+
+
+def _float_tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _float_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _float_tensors(value, f"{prefix}[{i}]")
+
+
+def write_adapter(path: str, adapter: Dict[str, torch.Tensor], fingerprint: Optional[dict], **extra):
+    """An adapter checkpoint (official layout: the tensors under "model") with their checksum and the
+    base's fingerprint, written atomically; one holding NaN or inf is refused, the old file kept."""
+    ckpt = {**extra, "model": adapter, "adapter_sha256": tensors_sha256(adapter)}
+    if fingerprint is not None:
+        ckpt["base_fingerprint"] = fingerprint
+    for name, tensor in _float_tensors(ckpt):
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteTensor(f"{path} not written: {name} holds non-finite values")
+    atomic_save(ckpt, path)
+
+
 def read_adapter(path: str) -> dict:
-    """The whole adapter checkpoint; official files nest the tensors under "model"."""
+    """The whole adapter checkpoint; official files nest the tensors under "model". A file with a
+    checksum must still match it."""
     path = adapter_file(path)
     obj = load_file(path)
-    if "model" in obj and isinstance(obj["model"], dict):
-        _check_state_dict(obj["model"], path)
-        return obj
-    return {"model": _check_state_dict(obj, path)}
+    if not ("model" in obj and isinstance(obj["model"], dict)):
+        return {"model": _check_state_dict(obj, path)}
+    _check_state_dict(obj["model"], path)
+    if "adapter_sha256" in obj and tensors_sha256(obj["model"]) != obj["adapter_sha256"]:
+        raise InputError(f"checksum mismatch in {path}: its tensors changed after it was written (a damaged copy)")
+    return obj
 
 
-def load_adapter(model: Transformer, path: str) -> dict:
-    """Load routers and LoRA (full tensors, sliced here for this MP rank); returns the checkpoint."""
-    ckpt = read_adapter(path)
+def load_adapter(model: Transformer, path: str, ckpt: Optional[dict] = None) -> dict:
+    """Load routers and LoRA (full tensors, sliced here for this MP rank) into a model holding its
+    base weights; returns the checkpoint (`ckpt`: the file, already read with read_adapter)."""
+    ckpt = ckpt if ckpt is not None else read_adapter(path)
+    check_fingerprint(ckpt.get("base_fingerprint"), model, adapter_file(path))
     local = shard_state_dict(ckpt["model"], distributed.mp_size(), distributed.mp_rank())
     load_into(model, local, adapter_file(path), adapter=True)
     return ckpt
@@ -401,10 +535,16 @@ def check_args_match(args: ModelArgs, base: ModelArgs, args_path: str, base_path
             )
 
 
+# embedding tables may be padded past the tokenizer's size up to a multiple of this (Qwen, Phi, GPT-NeoX)
+VOCAB_PADDING = 1024
+
+
 def check_vocab(args: ModelArgs, tokenizer, tokenizer_path: str):
-    """Every token id must have an embedding row; Meta checkpoints leave vocab_size to the tokenizer."""
+    """Every token id has an embedding row, and the table is the tokenizer's (at most padded to a
+    multiple of VOCAB_PADDING); Meta checkpoints leave vocab_size to the tokenizer."""
     if args.vocab_size == -1:
         args.vocab_size = tokenizer.n_words
-    if tokenizer.n_words > args.vocab_size:
+    padded = VOCAB_PADDING * math.ceil(tokenizer.n_words / VOCAB_PADDING)
+    if not tokenizer.n_words <= args.vocab_size <= max(padded, tokenizer.n_words):
         raise InputError(f"{tokenizer_path}: {tokenizer.n_words} tokens but the model's vocab_size is "
                          f"{args.vocab_size} (the tokenizer does not belong to this model)")

@@ -82,6 +82,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 text += f" (default: {'on' if default else 'off'})"
             elif default is not None and not (isinstance(default, (list, tuple)) and not default):
                 text += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
+        if getattr(action, "allowed", None):
+            text += f" [{action.allowed}]"
         return text
 
 
@@ -103,14 +105,25 @@ def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentPar
         flag = "--" + f.name
         help_text = meta.get("help", "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif is_list:
-            parser.add_argument(flag, type=_list_value(kind), default=default, help=help_text, metavar=meta.get("metavar") or "LIST")
+            action = parser.add_argument(flag, type=_list_value(kind), default=default, help=help_text,
+                                         metavar=meta.get("metavar") or "LIST")
         else:
             convert = _number(kind) if kind in (int, float) else kind
-            parser.add_argument(flag, type=convert, default=default, help=help_text, required=meta.get("required", False),
-                                choices=meta.get("choices"), metavar=meta.get("metavar"))
+            action = parser.add_argument(flag, type=convert, default=default, help=help_text,
+                                         required=meta.get("required", False), choices=meta.get("choices"),
+                                         metavar=meta.get("metavar"))
+        action.allowed = allowed_range(meta)
     return parser
+
+
+def allowed_range(meta) -> str:
+    """A numeric setting's range in words: ">= 1", "> 0.0", ">= 0.0 and <= 1.0"; "" when unbounded."""
+    low, high = meta.get("low"), meta.get("high")
+    allowed = [f"> {low}" if meta.get("low_open") else f">= {low}"] if low is not None else []
+    allowed += [f"<= {high}"] if high is not None else []
+    return " and ".join(allowed)
 
 
 def check(config) -> None:
@@ -125,9 +138,7 @@ def check(config) -> None:
             too_low = low is not None and (v <= low if low_open else v < low)
             too_high = high is not None and v > high
             if too_low or too_high:
-                allowed = [f"> {low}" if low_open else f">= {low}"] if low is not None else []
-                allowed += [f"<= {high}"] if high is not None else []
-                raise InputError(f"--{f.name} {v}: must be {' and '.join(allowed)}")
+                raise InputError(f"--{f.name} {v}: must be {allowed_range(meta)}")
             choices = meta.get("choices")
             if choices and v not in choices:
                 raise InputError(f"--{f.name} {v!r}: must be one of {', '.join(choices)}")

@@ -4,7 +4,13 @@ fairscale's parallel layers need an initialised model-parallel group even for on
 plain `python` run gets a one-process group of its own instead of an error.
 """
 import atexit
+import contextlib
+import ctypes
+import io
 import os
+import signal
+import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,6 +37,8 @@ def setup(model_parallel_size: int = None) -> torch.device:
     Returns the device this process computes on.
     """
     device = default_device()
+    if "LOCAL_RANK" in os.environ:
+        die_with_launcher()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ:
@@ -46,13 +54,41 @@ def setup(model_parallel_size: int = None) -> torch.device:
     if world % mp_size:
         raise InputError(f"model_parallel_size {mp_size} does not divide world size {world}")
     if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(mp_size)
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale's "> initializing ..." lines, on every rank
+            fs_init.initialize_model_parallel(mp_size)
     elif fs_init.get_model_parallel_world_size() != mp_size:
         raise InputError(
             f"model parallel already initialised with size "
             f"{fs_init.get_model_parallel_world_size()}, asked for {mp_size}"
         )
     return device
+
+
+def die_with_launcher():
+    """A torchrun worker ends when its launcher does, even when the launcher is killed with SIGKILL
+    (else an orphan trains on and races the next run in its output directory). Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher was gone before the request
+        os._exit(1)
+
+
+def on_main(check: Callable[[], None]):
+    """Run check() on rank 0 alone; an InputError it raises is raised on every rank, so all stop together."""
+    message = None
+    if is_main():
+        try:
+            check()
+        except InputError as e:
+            message = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise InputError(message)
 
 
 def teardown():
@@ -62,6 +98,11 @@ def teardown():
 
 def mp_rank() -> int:
     return fs_init.get_model_parallel_rank()
+
+
+def mp_src_rank() -> int:
+    """The global rank of this model-parallel group's rank 0."""
+    return fs_init.get_model_parallel_src_rank()
 
 
 def mp_size() -> int:

@@ -81,6 +81,18 @@ def one_thread():
         yield
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tokenizer_path):
+    """The fine-tuning tests' inputs (tests/train_utils.py): a tiny random base, whole and in two
+    model-parallel shards, and a dataset."""
+    from train_utils import make_base, make_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    base = make_base(str(root / "base"), tokenizer_path, mp_sizes=(1, 2))
+    data = make_dataset(str(root / "data"))
+    return {"base": base[1], "base_mp2": base[2], "data": data, "root": root}
+
+
 def tiny_args(**overrides) -> ModelArgs:
     base = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=320, multiple_of=32,
                 dynamic_router_hdim=16, dynamic_start_layer=1, max_seq_len=64, lora_dropout=0.0)

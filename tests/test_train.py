@@ -5,6 +5,7 @@ bad input, and what the run writes (log.jsonl, params.json, checkpoints).
 The base model (3 layers, dim 32), tokenizer (vocab 320) and dataset (32 train / 8 test records,
 max_seq_len 48) are built once per session; see tests/train_utils.py.
 """
+import dataclasses
 import glob
 import io
 import json
@@ -24,10 +25,11 @@ from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm import checkpoint, schedule
 from dllm.checkpoint import read_adapter
 from dllm.atomic_io import atomic_save
-from dllm.errors import run_cli
+from dllm.errors import InputError
 from dllm.model import ModelArgs, Transformer
 from dllm.train import Trainer, train
-from train_utils import BATCH, N_TRAIN, ROOT, make_base, make_dataset, read_log, train_argv
+from dllm.train_config import TrainConfig
+from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 8 with one process
@@ -37,14 +39,6 @@ EPOCH_KEYS = {"epoch", "val_c_loss", "val_a_loss", "val_act_ratio"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, tokenizer_path):
-    root = tmp_path_factory.mktemp("train")
-    base = make_base(str(root / "base"), tokenizer_path, mp_sizes=(1, 2))
-    data = make_dataset(str(root / "data"))
-    return {"base": base[1], "base_mp2": base[2], "data": data, "root": root}
 
 
 def argv(tiny, out, *extra, **options):
@@ -58,19 +52,6 @@ def run_a(tiny):
     with one_torch_thread():  # a session fixture starts before the module's one_thread: resumed runs compare to it bit for bit
         Trainer(finetuning.parse_args(argv(tiny, out, save_steps=SAVE_STEPS))).train()
     return out
-
-
-def one_line_error(capsys, argv_) -> str:
-    """finetuning.py's entry point in process: exit status 1 and exactly one line on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as excinfo:
-        run_cli(train, finetuning.parse_args(argv_))
-    assert excinfo.value.code == 1
-    err = capsys.readouterr().err  # progress bars may precede it
-    assert err.count("error: ") == 1, err
-    message = err[err.index("error: "):]
-    assert message.endswith("\n") and message.count("\n") == 1, message
-    return message.rstrip("\n")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -228,15 +209,60 @@ def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, r
     assert sorted(os.listdir(out)) == sorted(os.listdir(run_a)), "an epoch's checkpoint was never written after resume"
 
 
-def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path):
+def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(run_a, out)
     os.utime(out / "checkpoint-0.pth", (1, 1))  # older than checkpoint-last.pth / checkpoint-1.pth
     trainer = Trainer(finetuning.parse_args(argv(tiny, out, "--resume", str(out))))
     assert (trainer.start_epoch, trainer.start_step) == (2, 0)
-    before = sorted(os.listdir(out))
-    trainer.train()  # nothing left to do
-    assert sorted(os.listdir(out)) == before
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    capsys.readouterr()
+    trainer.train()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"nothing left to do: {out / 'checkpoint-last.pth'} finished all 2 epochs (raise --epochs / EPOCHS to train longer)")
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+class Interrupt(Exception):
+    """Stands for a kill between two saves."""
+
+
+def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
+    """Killed at step 6 after the save at step 4: steps 5 and 6 are logged again on resume, once."""
+    out = tmp_path / "run"
+    run_argv = argv(tiny, out, save_steps=SAVE_STEPS)
+    original = Trainer.write_log
+
+    def write_log(self, record):
+        original(self, record)
+        if record.get("step") == 6:
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "write_log", write_log)
+        with pytest.raises(Interrupt):
+            Trainer(finetuning.parse_args(run_argv)).train()
+    assert [r["step"] for r in read_log(str(out))] == [1, 2, 3, 4, 5, 6]
+    Trainer(finetuning.parse_args(run_argv + ["--resume", str(out)])).train()
+    log = read_log(str(out))
+    assert [r["step"] for r in log if "step" in r] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [r["epoch"] for r in log if "val_c_loss" in r] == [0, 1]
+    assert [_step_record(r) for r in log] == [_step_record(r) for r in read_log(str(run_a))]
+
+
+def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    train(finetuning.parse_args(argv(tiny, out, epochs=1)))
+    lines = capsys.readouterr().out.strip().splitlines()[-4:]
+    final = read_log(str(out))[-1]
+    assert lines[0].startswith("done in ") and lines[0].endswith(
+        f"s: adapter in {out}/ (checkpoint-last.pth, params.json, log.jsonl, curves.png)"), lines[0]
+    assert lines[1] == (f"final validation: executed {final['val_act_ratio']:.3f} of the blocks, CE "
+                        f"{final['val_c_loss']:.3f}, perplexity {math.exp(final['val_c_loss']):.1f}")
+    use = f"--llama_ckpt_dir {tiny['base']} --dynamic_ckpt_dir {out}"
+    assert lines[2] == f"generate with it: torchrun --nproc_per_node 1 example.py {use}"
+    assert lines[3] == f"evaluate it:      torchrun --nproc_per_node 1 evaluate.py {use}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -273,17 +299,18 @@ def _partial_then(exc):
     return fake_save
 
 
-@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
-def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("exc, raised", [(OSError(28, "No space left on device"), InputError),
+                                         (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk-full", "ctrl-c"])
+def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc, raised):
     out = tmp_path / "out"
     shutil.copytree(run_a, out)
     target = out / "checkpoint-last.pth"
     old = target.read_bytes()
     trainer = Trainer(finetuning.parse_args(argv(tiny, out, "--resume", str(target))))
     monkeypatch.setattr(torch, "save", _partial_then(exc))
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised):
         trainer.save(5, 0, "checkpoint-last.pth")
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised):
         atomic_save({"epoch": 5, "model": {}}, str(out / "checkpoint-new.pth"))
     monkeypatch.undo()
     assert target.read_bytes() == old
@@ -478,29 +505,49 @@ def test_accum_iter_larger_than_the_epoch(tiny, tmp_path, capsys):
     assert line == f"error: demo: {N_TRAIN} training records give fewer batches than --accum_iter"
 
 
-def test_non_finite_loss_names_examples_and_keeps_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_from_the_data_names_the_examples_and_keeps_the_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    """A record whose loss is NaN whatever the adapter: the data is blamed, by its record index."""
     out = tmp_path / "out"
-    original, calls = Transformer.compute_loss, []
+    sampler = DistributedSampler(range(N_TRAIN), num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    bad = list(sampler)[2 * BATCH + 1]  # in the batch of epoch 0, step 2
+    config = finetuning.parse_args(argv(tiny, out, save_steps=2))
+    trainer = Trainer(config)
+    poisoned = trainer.train_loader.dataset[bad][1]
+    original = Transformer.compute_loss
 
-    def compute_loss(self, *batch):
-        c_loss, a_loss, metrics = original(self, *batch)
-        if self.training:
-            calls.append(1)
-            if len(calls) == 3:  # epoch 0, step index 2
-                c_loss = c_loss * float("nan")
+    def compute_loss(self, examples, *rest):
+        c_loss, a_loss, metrics = original(self, examples, *rest)
+        width = examples.shape[1]
+        if (examples == poisoned[:width]).all(1).any():
+            c_loss = c_loss * float("nan")
         return c_loss, a_loss, metrics
 
     monkeypatch.setattr(Transformer, "compute_loss", compute_loss)
-    line = one_line_error(capsys, argv(tiny, out, save_steps=2))
-    sampler = DistributedSampler(range(N_TRAIN), num_replicas=1, rank=0, shuffle=True, seed=0)
-    sampler.set_epoch(0)
-    examples = list(sampler)[2 * BATCH: 3 * BATCH]
+    with pytest.raises(InputError) as e:
+        trainer.train()
     train_json = os.path.join(tiny["data"], "demo", "train.json")
-    assert line == (f"error: non-finite loss at epoch 0 step 2 on examples {examples} of {train_json}; "
-                    f"the last good checkpoint is kept in {out}")
+    assert str(e.value) == (
+        f"non-finite loss at epoch 0 step 2: the loss of examples [{bad}] of {train_json} is not finite even at the "
+        f"initial adapter and the base weights are finite: check those records; the last checkpoint, "
+        f"{out / 'checkpoint-last.pth'} (epoch 0, step 2), is finite and kept: RESUME={out} continues from it")
     saved = read_adapter(str(out / "checkpoint-last.pth"))
     assert (saved["epoch"], saved["step"]) == (0, 2)
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
+
+
+def test_a_huge_learning_rate_never_saves_nan_and_blames_the_learning_rate(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = one_line_error(capsys, argv(tiny, out, lr=1e12, router_lr=1e12, warmup_epochs=0, save_steps=1))
+    assert "the training diverged, lower the learning rate (lr 1e+12: --blr/--lr, finetuning.sh BLR=/LR=)" in line
+    saved = sorted(glob.glob(str(out / "*.pth")))
+    for path in saved:  # whatever was written before the divergence is finite
+        ckpt = read_adapter(path)
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    if saved:
+        assert line.endswith(f"is finite and kept: RESUME={out} continues from it"), line
+    else:
+        assert line.endswith(f"no checkpoint was written to {out}"), line
     assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
 
 
@@ -536,7 +583,7 @@ def test_log_params_and_checkpoints(tiny, run_a):
                     dynamic_reserve_initials=2, dynamic_router_bias=(0.1, 2.0))
     assert {k: getattr(params, k) for k in expected} == expected
 
-    assert sorted(os.listdir(run_a)) == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
+    assert sorted(os.listdir(run_a)) == [".lock", "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth",
                                          "curves.png", "log.jsonl", "params.json"]
     for name, epoch in (("checkpoint-0.pth", 1), ("checkpoint-1.pth", 2), ("checkpoint-last.pth", 2)):
         ckpt = read_adapter(str(run_a / name))
@@ -546,3 +593,31 @@ def test_log_params_and_checkpoints(tiny, run_a):
     model = checkpoint.build_model(params, tiny["base"], str(run_a / "checkpoint-last.pth"))
     assert max_diff(checkpoint.adapter_state_dict(model), read_adapter(str(run_a / "checkpoint-last.pth"))["model"]) == 0
     assert glob.glob(str(run_a / ".tmp-*")) == []
+
+
+# 8. the settings: one dataclass
+
+def test_help_describes_every_flag_with_its_default_and_range(capsys):
+    with pytest.raises(SystemExit) as e:
+        finetuning.parse_args(["--help"])
+    assert e.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (at hyphens too)
+    squeezed = lambda phrase: "".join(phrase.split())  # noqa: E731
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name}" in text and squeezed(field.metadata["help"]) in text, field.name
+    for phrase in ("records per step and process (default: 1) [>= 1]",
+                   "share of routed blocks a token should execute (default: 0.5) [>= 0.0 and <= 1.0]",
+                   "--overwrite_output_dir, --no-overwrite_output_dir"):
+        assert squeezed(phrase) in text, phrase
+
+
+def test_a_config_built_directly_is_checked_and_gives_the_model_args_by_name(tiny):
+    with pytest.raises(InputError, match="--epochs 0: must be >= 1"):
+        TrainConfig(llama_model_path=tiny["base"], epochs=0)
+    config = TrainConfig(llama_model_path=tiny["base"], lora_rank=4, dynamic_router_bias=[0.5, 1.5])
+    overrides = config.model_overrides()
+    assert set(overrides) == {"max_seq_len", "lora_rank", "dynamic_active_target", "dynamic_router_hdim",
+                              "dynamic_start_layer", "dynamic_reserve_initials", "dynamic_router_bias", "gumbel_tau",
+                              "routing", "static_skip_layers"}
+    args = checkpoint.load_params(tiny["base"], **overrides)
+    assert (args.lora_rank, args.dynamic_router_bias) == (4, (0.5, 1.5))

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,10 +74,27 @@ def train_argv(base: str, data: str, out: str, *extra: str, **options) -> list:
     for key, value in values.items():
         if value is None:
             continue
-        argv += [f"--{key}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
+        argv += [f"--{key}", str(list(value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv + list(extra)
 
 
 def read_log(out: str) -> list:
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def one_line_error(capsys, argv: list) -> str:
+    """finetuning.py's entry point in process: exit status 1 and exactly one line on stderr, no traceback."""
+    import finetuning
+    from dllm.errors import run_cli
+    from dllm.train import train
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        run_cli(lambda: train(finetuning.parse_args(argv)))
+    assert excinfo.value.code == 1
+    err = capsys.readouterr().err  # progress bars may precede it
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    message = err[err.index("error: "):]
+    assert message.endswith("\n") and message.count("\n") == 1, message
+    return message.rstrip("\n")

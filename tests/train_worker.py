@@ -28,7 +28,7 @@ def main(out_dir, argv):
     names = {id(p): name for name, p in trainer.model.named_parameters()}
     exp_avg = {names[id(p)]: state["exp_avg"].clone() for p, state in trainer.optimizer.state.items()}
     sampler, indices = trainer.train_loader.sampler, {}
-    for epoch in range(trainer.args.epochs):
+    for epoch in range(trainer.config.epochs):
         sampler.set_epoch(epoch)
         indices[epoch] = list(sampler)
     torch.save({"adapter": adapter, "exp_avg": exp_avg, "dp_rank": distributed.dp_rank(),

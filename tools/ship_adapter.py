@@ -1,5 +1,6 @@
 """Copy a fine-tuning run's final adapter into a directory to ship: the router and LoRA tensors only
-(no optimizer state, so it stays small), with the run's params.json, log.jsonl and curves.png.
+(no optimizer state, so it stays small) with their checksum and the base's fingerprint where the run
+recorded one, and the run's params.json, log.jsonl and curves.png.
 
     python -m tools.ship_adapter output/smollm2-dllm assets/smollm2-dllm
 """
@@ -8,8 +9,7 @@ import shutil
 
 import fire
 
-from dllm.checkpoint import adapter_file, read_adapter
-from dllm.atomic_io import atomic_save
+from dllm.checkpoint import adapter_file, read_adapter, write_adapter
 from dllm.errors import InputError, run_cli
 
 COMPANIONS = ("params.json", "log.jsonl", "curves.png")
@@ -21,7 +21,8 @@ def main(run_dir: str, out_dir: str, checkpoint: str = "checkpoint-last.pth"):
         raise InputError(f"{run_dir}: no params.json; is it a fine-tuning output directory?")
     ckpt = read_adapter(source)
     os.makedirs(out_dir, exist_ok=True)
-    atomic_save({"epoch": ckpt.get("epoch"), "model": ckpt["model"]}, os.path.join(out_dir, "checkpoint.pth"))
+    write_adapter(os.path.join(out_dir, "checkpoint.pth"), ckpt["model"], ckpt.get("base_fingerprint"),
+                  epoch=ckpt.get("epoch"))
     for name in COMPANIONS:
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copy(os.path.join(run_dir, name), os.path.join(out_dir, name))

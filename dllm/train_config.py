@@ -1,0 +1,88 @@
+"""The fine-tuning settings, defined once: each field is a finetuning.py flag (the paper's code's
+names and defaults), its help and its allowed range. Fields named like a `ModelArgs` field
+override the base's model args by that name (`model_overrides`).
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import List, Optional
+
+from dllm.config import Settings, setting
+from dllm.errors import InputError
+from dllm.model import ModelArgs
+from dllm.routing import POLICIES
+
+# what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
+RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
+                     "routing", "max_seq_len", "lora_rank", "seed")
+
+
+@dataclass
+class TrainConfig(Settings):
+    # paths (official names)
+    llama_model_path: str = setting("", "base checkpoint directory, Meta or Hugging Face layout", required=True)
+    llama_param_path: Optional[str] = setting(None, "params.json or config.json (default: the one in --llama_model_path)")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in --llama_model_path)")
+    dataset_path: str = setting("datasets", "directory holding one folder per dataset")
+    dataset_name: str = setting("alpaca", "dataset folder under --dataset_path (train.json, test.json)")
+    output_dir: str = setting("./output", "where checkpoints, params.json, log.jsonl and curves.png go")
+    model_save_name: str = setting("checkpoint", "checkpoints are NAME-EPOCH.pth and NAME-last.pth")
+    overwrite_output_dir: bool = setting(False, "start over in an --output_dir that holds an earlier run (its files are removed)")
+    resume: str = setting("", "training checkpoint file or output directory to continue from")
+    # model knobs (official names and the reference's defaults)
+    max_seq_len: int = setting(1024, "tokens per training example (longer ones are cut)", low=2)
+    lora_rank: int = setting(8, "LoRA rank of the attention projections; 0: no LoRA", low=0)
+    dynamic_active_target: float = setting(0.5, "share of routed blocks a token should execute", low=0.0, high=1.0)
+    dynamic_router_hdim: int = setting(512, "hidden width of each router MLP", low=1)
+    dynamic_start_layer: int = setting(2, "the first routed block; the blocks before it always run", low=0)
+    dynamic_reserve_initials: int = setting(2, "the first tokens of a sequence run every block", low=0)
+    lambda_active: float = setting(5.0, "final weight of the rate loss (sine-annealed from 0)", low=0.0)
+    # optimisation (official names and defaults)
+    batch_size: int = setting(1, "records per step and process", low=1)
+    accum_iter: int = setting(1, "steps whose gradients are accumulated before an optimizer step", low=1)
+    epochs: int = setting(10, "passes over the training records", low=1)
+    warmup_epochs: float = setting(2.0, "epochs of linear lr warm-up before the cosine decay", low=0.0)
+    save_freq: int = setting(1, "save NAME-EPOCH.pth every this many epochs (the last epoch always)", low=1)
+    blr: float = setting(9e-3, "base lr: lr = blr * effective batch / 256", low=0.0, low_open=True)
+    lr: Optional[float] = setting(None, "absolute lr; overrides --blr", low=0.0, low_open=True)
+    min_lr: float = setting(0.0, "lr at the end of the cosine decay", low=0.0)
+    weight_decay: float = setting(0.02, "AdamW weight decay (not on biases and norms)", low=0.0)
+    seed: int = setting(0, "seed of data order, initial adapter and noise", low=0)
+    num_workers: int = setting(0, "DataLoader worker processes", low=0)
+    # ours: what it takes to reach the target in a short budget (defaults are the reference's)
+    router_lr: Optional[float] = setting(None, "absolute lr for routers (default: the same as lr)", low=0.0, low_open=True)
+    dynamic_router_bias: List[float] = setting([0.1, 2.0], "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
+    gumbel_tau: float = setting(1.0, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
+    routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
+                           "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
+    static_skip_layers: List[int] = setting([], "--routing static: the blocks every token skips, e.g. \"[3, 5]\"", low=0)
+    calibration_batches: int = setting(8, "mod/early_exit: training batches their threshold is fit on", low=1)
+    model_parallel_size: int = setting(1, "processes one model is split over (the base's shard count)", low=1)
+    log_freq: int = setting(10, "a log.jsonl line every this many steps", low=1)
+    save_steps: int = setting(0, "also save NAME-last.pth every this many steps; 0: at epoch ends only", low=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.dynamic_router_bias) != 2:
+            raise InputError(f"--dynamic_router_bias {self.dynamic_router_bias}: must be two numbers, [skip, execute]")
+
+    def model_overrides(self) -> dict:
+        """The fields that are model args too, by name."""
+        names = {f.name for f in dataclasses.fields(ModelArgs)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
+
+    def check_model(self, args: ModelArgs, params_path: str):
+        """The settings that depend on the base model, checked once its params are read."""
+        if self.routing != "dense" and self.dynamic_start_layer >= args.n_layers:
+            raise InputError(f"--dynamic_start_layer {self.dynamic_start_layer}: must be < n_layers = {args.n_layers} "
+                             f"({params_path})")
+        past = [layer for layer in self.static_skip_layers if layer >= args.n_layers]
+        if past:
+            raise InputError(f"--static_skip_layers {past[0]}: must be < n_layers = {args.n_layers} ({params_path})")
+
+    def check_resume(self, saved: dict, path: str):
+        """A resumed run continues the checkpoint's recipe: the settings the steps depend on must match."""
+        for name in RESUME_MUST_MATCH:
+            if name in saved and saved[name] != getattr(self, name):
+                raise InputError(
+                    f"{path} was trained with --{name} {saved[name]} but this run has --{name} {getattr(self, name)} "
+                    f"(finetuning.sh {name.upper()}); resume with the same value, or start a new run elsewhere")

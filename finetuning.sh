@@ -16,7 +16,7 @@
 # DYNAMIC_ROUTER_HDIM=512 ROUTER_LR= ROUTER_BIAS="0.1 2.0" LR= bash finetuning.sh
 # SmolLM2-135M-Instruct on datasets/smol (README "D-LLM on SmolLM2"; about 20 minutes alone on 2 CPU cores):
 # MODEL_PATH=models/smollm2 DATASET_NAME=smol OUTPUT_PATH=output/smollm2-dllm MAX_SEQ_LEN=256 BATCH_SIZE=4
-# EPOCHS=2 WARMUP_EPOCHS=0.2 DYNAMIC_ROUTER_HDIM=128 LAMBDA_ACTIVE=20 bash finetuning.sh
+# EPOCHS=2 WARMUP_EPOCHS=0.2 DYNAMIC_ROUTER_HDIM=128 LAMBDA_ACTIVE=20 LR=1e-3 bash finetuning.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -1,28 +1,32 @@
 """Copy a fine-tuning run's final adapter into a directory to ship: the router and LoRA tensors only
-(no optimizer state, so it stays small) with their checksum and the base's fingerprint where the run
-recorded one, and the run's params.json, log.jsonl and curves.png.
+(no optimizer state, so it stays small) with their checksum and the base's fingerprint (the one the
+run recorded, else computed from --base for runs older than fingerprints), and the run's params.json,
+log.jsonl and curves.png.
 
-    python -m tools.ship_adapter output/smollm2-dllm assets/smollm2-dllm
+    python -m tools.ship_adapter output/smollm2-dllm assets/smollm2-dllm --base models/smollm2
 """
 import os
 import shutil
 
 import fire
 
-from dllm.checkpoint import adapter_file, read_adapter, write_adapter
+from dllm.checkpoint import adapter_file, base_fingerprint, read_adapter, write_adapter
 from dllm.errors import InputError, run_cli
+from dllm.generation import Llama
 
 COMPANIONS = ("params.json", "log.jsonl", "curves.png")
 
 
-def main(run_dir: str, out_dir: str, checkpoint: str = "checkpoint-last.pth"):
+def main(run_dir: str, out_dir: str, checkpoint: str = "checkpoint-last.pth", base: str = None):
     source = adapter_file(os.path.join(run_dir, checkpoint))
     if not os.path.isfile(os.path.join(run_dir, "params.json")):
         raise InputError(f"{run_dir}: no params.json; is it a fine-tuning output directory?")
     ckpt = read_adapter(source)
+    fingerprint = ckpt.get("base_fingerprint")
+    if fingerprint is None and base:
+        fingerprint = base_fingerprint(Llama.build(base, None, max_seq_len=8, model_parallel_size=1, dense=True).model)
     os.makedirs(out_dir, exist_ok=True)
-    write_adapter(os.path.join(out_dir, "checkpoint.pth"), ckpt["model"], ckpt.get("base_fingerprint"),
-                  epoch=ckpt.get("epoch"))
+    write_adapter(os.path.join(out_dir, "checkpoint.pth"), ckpt["model"], fingerprint, epoch=ckpt.get("epoch"))
     for name in COMPANIONS:
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copy(os.path.join(run_dir, name), os.path.join(out_dir, name))

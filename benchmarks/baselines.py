@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dllm.atomic_io import atomic_write_text  # noqa: E402
+from dllm.chat import ChatFormat  # noqa: E402
 from dllm.data import load_records  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
@@ -124,7 +125,7 @@ def real_text(generator: Llama, args) -> torch.Tensor:
     """[1, n] tokens of the test split's prompts and responses, one record after another."""
     n = max(args.prefill_len, args.decode_prompt_len + args.decode_steps)
     ids = []
-    for record in load_records(args.dataset_path, args.dataset_name, "test"):
+    for record in load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(generator.tokenizer)):
         ids += generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)
         if len(ids) >= n:
             return torch.tensor([ids[:n]], device=generator.device)
@@ -159,7 +160,8 @@ def adaptivity(generator: Llama, args):
     """Blocks executed per token over the first --adaptivity_records test records (teacher forced):
     the mean, and the std across one sequence's tokens averaged over sequences."""
     means, stds = [], []
-    for record in load_records(args.dataset_path, args.dataset_name, "test")[: args.adaptivity_records]:
+    records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(generator.tokenizer))
+    for record in records[: args.adaptivity_records]:
         ids = generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)[: args.prefill_len]
         _, activation = generator.model(torch.tensor([ids], device=generator.device))
         blocks = activation[0].gt(0).sum(-1).float().tolist()

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dllm import checkpoint, distributed
+from dllm.chat import ChatFormat
 from dllm.atomic_io import atomic_write_text
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import run_cli
@@ -91,7 +92,7 @@ def main(args):
     params = checkpoint.load_params(args.llama_model_path, lora_rank=0, routing="dense", max_seq_len=args.max_seq_len)
     checkpoint.check_vocab(params, tokenizer, args.tokenizer_path or args.llama_model_path)
     model = checkpoint.build_model(params, args.llama_model_path, None, device)
-    records = load_records(args.dataset_path, args.dataset_name, "train")[: args.n_records]
+    records = load_records(args.dataset_path, args.dataset_name, "train", ChatFormat(tokenizer))[: args.n_records]
     loader = DataLoader(InstructionDataset(records, tokenizer, args.max_seq_len), batch_size=args.batch_size)
     batches = [[t.to(device) for t in trim_padding(batch)] for batch in loader]
     ranking = rank_blocks(model, batches, args.start_layer)

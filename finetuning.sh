@@ -53,6 +53,8 @@ MIN_LR=${MIN_LR:-0.0}
 ROUTER_LR=${ROUTER_LR-2e-2}               # set empty (ROUTER_LR=) for the reference: routers use LR
 ROUTER_BIAS=${ROUTER_BIAS:-"0.1 2.0"}     # initial [skip, execute] logit bias of the routers
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.02}
+DISTILL_TEACHER=${DISTILL_TEACHER:-}      # also learn the teacher's predictions: base, or a run's adapter (e.g. ROUTING=dense)
+DISTILL_WEIGHT=${DISTILL_WEIGHT:-1.0}     # weight of that KL beside the CE
 SEED=${SEED:-0}
 NUM_WORKERS=${NUM_WORKERS:-0}
 RESUME=${RESUME:-}                        # an output directory or checkpoint file to continue (see above)
@@ -87,4 +89,5 @@ exec "${launcher[@]}" finetuning.py \
     --warmup_epochs "$WARMUP_EPOCHS" --save_freq "$SAVE_FREQ" --save_steps "$SAVE_STEPS" --blr "$BLR" --min_lr "$MIN_LR" \
     --dynamic_router_bias "$(as_list "$ROUTER_BIAS")" --static_skip_layers "$(as_list "$STATIC_SKIP_LAYERS")" \
     --weight_decay "$WEIGHT_DECAY" --seed "$SEED" --num_workers "$NUM_WORKERS" \
+    --distill_teacher "$DISTILL_TEACHER" --distill_weight "$DISTILL_WEIGHT" \
     "${optional[@]}" $EXTRA_ARGS

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -191,7 +192,7 @@ def measure(args, dense, text, method, target, seed) -> dict:
 
 
 def markdown(rows, args) -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
     lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
              f"`{env + ' ' if env else ''}python benchmarks/baselines.py {' '.join(sys.argv[1:])}`", "",
              "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | prefill x | decode x "
@@ -217,7 +218,8 @@ def markdown(rows, args) -> str:
 # finetuning.sh's variables that shape the recipe, echoed in the table's command
 FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
                         "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
-                        "ACCUM_ITER", "NPROC", "TOKENIZER_PATH"}
+                        "ACCUM_ITER", "NPROC", "TOKENIZER_PATH", "ROUTER_BIAS", "DISTILL_TEACHER",
+                        "DISTILL_WEIGHT", "EXTRA_ARGS"}
 
 
 def main(args):

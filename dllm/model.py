@@ -278,6 +278,18 @@ def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return w * out + (1 - w) * x
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_weight: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the weighted positions.
+
+    student_logits, teacher_logits: [b, s, vocab] at the positions that predict a label;
+    label_weight: [b, s], 1 where a response token is predicted.
+    """
+    student = F.log_softmax(student_logits.float(), -1)
+    teacher = F.log_softmax(teacher_logits.float(), -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return (kl * label_weight).sum() / label_weight.sum().clamp(min=1)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, init_method, routing: DenseRouting):
         super().__init__()
@@ -411,12 +423,14 @@ class Transformer(nn.Module):
         local = F.linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
         return gather_from_model_parallel_region(local)
 
-    def compute_loss(self, examples, labels, example_masks, label_masks):
+    def compute_loss(self, examples, labels, example_masks, label_masks, teacher_logits=None):
         """The objective's pieces: CE on response tokens and the routing policy's aux loss (D-LLM:
         the L1 execution-rate loss), over real tokens past the reserved initial ones.
 
         act_ratio is the mean over those tokens of the share of all blocks executed (always-on
-        blocks count as executed).
+        blocks count as executed). With `teacher_logits` ([b, s, vocab], dllm/distill.py) the
+        metrics also hold `distill_loss`, a tensor with its graph: KL from the teacher on the
+        response tokens.
         """
         logits, activation, state = self.run(examples)
         label_weight = label_masks[:, 1:].float()
@@ -430,7 +444,10 @@ class Transformer(nn.Module):
         n_tokens = token_weight.sum()
         act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens.clamp(min=1)).item()
         # the counts the means are over, so callers can average across batches and ranks
-        return c_loss, a_loss, {"act_ratio": act_ratio, "n_labels": n_labels.item(), "n_tokens": n_tokens.item()}
+        metrics = {"act_ratio": act_ratio, "n_labels": n_labels.item(), "n_tokens": n_tokens.item()}
+        if teacher_logits is not None:
+            metrics["distill_loss"] = distill_loss(logits[:, :-1], teacher_logits[:, :-1], label_weight)
+        return c_loss, a_loss, metrics
 
     def merge_lora(self):
         for layer in self.layers:

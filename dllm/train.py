@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from dllm import checkpoint, distributed, schedule
+from dllm import checkpoint, distill, distributed, schedule
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.data import InstructionDataset, load_records
@@ -53,8 +53,8 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, examples, labels, example_masks, label_masks):
-        return self.model.compute_loss(examples, labels, example_masks, label_masks)
+    def forward(self, examples, labels, example_masks, label_masks, teacher_logits=None):
+        return self.model.compute_loss(examples, labels, example_masks, label_masks, teacher_logits)
 
 
 def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float):
@@ -231,6 +231,7 @@ class Trainer:
         checkpoint.check_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_model_path)
         args.check_model(self.model_args, params_path)
         self.resumed = self.read_resume(args.resume) if args.resume else None
+        distill.check_teacher(args.distill_teacher)
         chat = ChatFormat(tokenizer)
         records = {split: load_records(args.dataset_path, args.dataset_name, split, chat) for split in ("train", "test")}
         # DistributedSampler(drop_last) and DataLoader(drop_last): the training loader's length
@@ -252,6 +253,10 @@ class Trainer:
             self.model_args, args.llama_model_path, None, self.device, distributed.base_dtype(self.device)
         )
         self.fingerprint = checkpoint.base_fingerprint(self.model)
+        self.teacher = None
+        if args.distill_teacher:
+            self.teacher = distill.build_teacher(args.distill_teacher, self.model_args, args.llama_model_path,
+                                                 self.device, distributed.base_dtype(self.device))
         self.initial_adapter = {k: v.clone() for k, v in self.model.state_dict().items() if is_adapter_key(k)}
         torch.manual_seed(args.seed + distributed.dp_rank())
         self.model.set_adapter_trainable(True)
@@ -472,8 +477,10 @@ class Trainer:
             boundary = (step + 1) % args.accum_iter == 0
             sync = contextlib.nullcontext() if boundary or distributed.dp_size() == 1 else self.objective.no_sync()
             with sync:
-                c_loss, a_loss, metrics = self.objective(*batch)
+                c_loss, a_loss, metrics = self.objective(*batch, self.teacher_logits(batch[0]))
                 loss = c_loss + lam * a_loss
+                if "distill_loss" in metrics:
+                    loss = loss + args.distill_weight * metrics["distill_loss"]
                 self.check_finite(loss, indices, batch, epoch, step)
                 (loss / args.accum_iter).backward()
             if boundary:
@@ -488,11 +495,19 @@ class Trainer:
                 self.write_log({
                     "step": epoch * steps_per_epoch + step + 1, "epoch": epoch, "c_loss": c_loss.item(),
                     "a_loss": a_loss.item(), "act_ratio": metrics["act_ratio"], "lambda": lam, "lr": lr,
+                    **({"distill_loss": metrics["distill_loss"].item()} if "distill_loss" in metrics else {}),
                     "tokens_per_s": tokens * distributed.dp_size() / max(now - tick, 1e-9),
                 })
                 tick, tokens = now, 0
             if boundary and args.save_steps and (step + 1) % args.save_steps == 0:
                 self.save(epoch, step + 1, f"{args.model_save_name}-last.pth")
+
+
+    def teacher_logits(self, examples):
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(examples)[0]
 
 
 class ETA:

@@ -13,7 +13,7 @@ from dllm.routing import POLICIES
 
 # what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
-                     "routing", "max_seq_len", "lora_rank", "seed")
+                     "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight")
 
 
 @dataclass
@@ -55,6 +55,10 @@ class TrainConfig(Settings):
     routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
     static_skip_layers: List[int] = setting([], "--routing static: the blocks every token skips, e.g. \"[3, 5]\"", low=0)
+    distill_teacher: str = setting("", "also match this teacher's next-token distributions (KL) on the response tokens: "
+                                   "'base' (the base model, every block, no LoRA) or an adapter of the same base, e.g. a "
+                                   "--routing dense run; empty: labels only")
+    distill_weight: float = setting(1.0, "weight of the distillation KL beside the CE", low=0.0)
     calibration_batches: int = setting(8, "mod/early_exit: training batches their threshold is fit on", low=1)
     model_parallel_size: int = setting(1, "processes one model is split over (the base's shard count)", low=1)
     log_freq: int = setting(10, "a log.jsonl line every this many steps", low=1)

@@ -1,0 +1,79 @@
+"""Distillation from a frozen teacher (dllm/distill.py, --distill_teacher / --distill_weight)."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetuning
+from dllm import checkpoint, distill
+from dllm.generation import Llama
+from dllm.model import distill_loss
+from dllm.train import Trainer
+from train_utils import one_line_error, read_log, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def argv(tiny, out, **options):
+    return train_argv(tiny["base"], tiny["data"], str(out), **options)
+
+
+def test_distill_loss_is_the_kl_from_the_teacher_on_weighted_positions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    weight = torch.tensor([[1.0, 1, 0, 0, 1], [0, 1, 1, 0, 0]])
+    kl = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert distill_loss(student, teacher, weight).item() == pytest.approx((kl * weight).sum().item() / 5, rel=1e-5)
+    assert distill_loss(teacher, teacher, weight).item() == pytest.approx(0.0, abs=1e-6)
+    moved = student.clone()
+    moved[0, 2] += 5.0  # a position with weight 0
+    assert distill_loss(moved, teacher, weight).item() == pytest.approx(distill_loss(student, teacher, weight).item())
+
+
+def test_base_teacher_is_the_base_model_without_lora_or_routing(tiny):
+    args = checkpoint.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
+    teacher = distill.build_teacher("base", args, tiny["base"], torch.device("cpu"), torch.float32)
+    plain = checkpoint.build_model(dataclasses.replace(args, routing="dense", lora_rank=0), tiny["base"]).eval()
+    tokens = torch.randint(0, 320, (2, 12))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(layer.router is None and layer.attention.lora_q is None for layer in teacher.layers)
+    assert torch.equal(teacher(tokens)[0], plain(tokens)[0])
+
+
+@pytest.fixture(scope="module")
+def dense_run(tiny):
+    out = tiny["root"] / "distill_dense_teacher"
+    Trainer(finetuning.parse_args(argv(tiny, out, routing="dense", epochs=1))).train()
+    return str(out)
+
+
+def test_adapter_teacher_predicts_as_its_adapter_loads_for_inference(tiny, dense_run):
+    args = checkpoint.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
+    teacher = distill.build_teacher(dense_run, args, tiny["base"], torch.device("cpu"), torch.float32)
+    generator = Llama.build(tiny["base"], dense_run, max_seq_len=48, max_batch_size=2, model_parallel_size=1)
+    tokens = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():  # the generator merged LoRA into the weights: equal up to rounding
+        torch.testing.assert_close(teacher(tokens)[0], generator.model(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_teacher_at_weight_zero_changes_nothing_and_at_weight_one_trains_toward_it(tiny, dense_run, tmp_path):
+    runs = {}
+    for name, options in (("labels", {}), ("weight0", dict(distill_teacher=dense_run, distill_weight=0.0)),
+                          ("weight1", dict(distill_teacher=dense_run, distill_weight=1.0))):
+        out = tmp_path / name
+        Trainer(finetuning.parse_args(argv(tiny, out, epochs=1, **options))).train()
+        runs[name] = (checkpoint.read_adapter(str(out / "checkpoint-last.pth"))["model"], read_log(str(out)))
+    labels, weight0, weight1 = (runs[n][0] for n in ("labels", "weight0", "weight1"))
+    assert all(torch.equal(labels[k], weight0[k]) for k in labels)  # the teacher's forward draws no randomness
+    assert any(not torch.equal(labels[k], weight1[k]) for k in labels)
+    steps = [r for r in runs["weight1"][1] if "step" in r]
+    assert steps and all(r["distill_loss"] > 0 for r in steps)
+    assert all("distill_loss" not in r for r in runs["labels"][1])
+
+
+def test_a_missing_teacher_is_one_line_before_the_model_loads(tiny, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    line = one_line_error(capsys, argv(tiny, tmp_path / "run", distill_teacher=str(missing)))
+    assert line == f"error: adapter checkpoint not found: {missing}"
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,8 @@ class Packing:
     positions: torch.Tensor  # [n] its position in the sequence
     slots: torch.Tensor  # [n] where its K/V go in its row
     rank: Optional[torch.Tensor]  # [n] its rank among its row's executing tokens; None when `even`
-    key_mask: Optional[torch.Tensor]  # [batch, width, keys] True = attend; None: every key
+    key_mask: Optional[torch.Tensor]  # [batch, width, keys] True = attend; None: every key, or causal
+    causal: bool = False  # every row starts empty and runs `width` tokens: plain causal attention, no mask
 
     @property
     def even(self) -> bool:
@@ -103,13 +104,13 @@ class LayerKVCache:
         width, even = max(counts), min(counts) == max(counts)
         slots = [old[r] + j for r, j in zip(token_rows, rank)]
         index = torch.tensor([token_rows, token_cols, [start + c for c in token_cols], slots, rank], device=device)
-        key_mask = None
-        if width > 1 or not even or min(self.lengths) != max(self.lengths):
+        key_mask, causal = None, even and width > 1 and max(old) == 0
+        if not causal and (width > 1 or not even or min(self.lengths) != max(self.lengths)):
             # query j of a row sees its slots up to old + j; padded queries see the row's last key
             bound = [[old[r] + min(j, count - 1) if count else max(old[r] - 1, 0) for j in range(width)]
                      for r, count in enumerate(counts)]
             key_mask = torch.arange(max(self.lengths), device=device) <= torch.tensor(bound, device=device)[..., None]
-        return Packing(width, *index[:4], None if even else index[4], key_mask)
+        return Packing(width, *index[:4], None if even else index[4], key_mask, causal)
 
     def append_packed(self, packing: Packing, k: torch.Tensor, v: torch.Tensor):
         """k, v [n, kv_heads, head_dim] of the packed tokens -> every row's keys and values

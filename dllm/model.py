@@ -257,7 +257,7 @@ class Attention(nn.Module):
         else:
             q_pad = q.new_zeros(keys.shape[0], packing.width, *q.shape[1:])
             q_pad[packing.token_rows, packing.rank] = q
-        out = self.attend(q_pad, keys, values, packing.key_mask)
+        out = self.attend(q_pad, keys, values, packing.key_mask, causal=packing.causal)
         return self.wo(out.flatten(0, 1) if packing.even else out[packing.token_rows, packing.rank])
 
 
@@ -327,13 +327,15 @@ class TransformerBlock(nn.Module):
         if (execute is None or all(map(all, execute))) and kv.uniform():
             h = x + self.attention.forward_plain(self.attention_norm(x), freqs_cis[start : start + s], kv)
             out = self._ffn(h)
-            return (out, None) if decision is None else (blend(decision.update_weight(), out, x), decision)
+            if decision is not None and decision.scale is not None:  # else the executing tokens' weight is 1
+                out = blend(decision.update_weight(), out, x)
+            return out, decision
         packing = kv.pack(execute or [[True] * s] * b, start, x.device)
         where = (packing.token_rows, packing.token_cols)
         tokens = x[where]
         h = tokens + self.attention.forward_packed(self.attention_norm(tokens), freqs_cis[packing.positions], packing, kv)
         out = self._ffn(h)
-        if decision is not None:
+        if decision is not None and decision.scale is not None:  # else the executing tokens' weight is 1
             out = blend(decision.update_weight()[where], out, tokens)
         return x.index_put(where, out), decision
 

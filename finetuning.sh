@@ -41,6 +41,7 @@ DYNAMIC_ROUTER_HDIM=${DYNAMIC_ROUTER_HDIM:-64}
 DYNAMIC_START_LAYER=${DYNAMIC_START_LAYER:-2}
 DYNAMIC_RESERVE_INITIALS=${DYNAMIC_RESERVE_INITIALS:-2}
 LAMBDA_ACTIVE=${LAMBDA_ACTIVE:-5.0}
+RATE_LOSS_UNIT=${RATE_LOSS_UNIT:-token}   # the rate loss per token (the reference) or per sequence (tokens may differ)
 BATCH_SIZE=${BATCH_SIZE:-16}
 ACCUM_ITER=${ACCUM_ITER:-1}
 EPOCHS=${EPOCHS:-3}
@@ -85,7 +86,7 @@ exec "${launcher[@]}" finetuning.py \
     --routing "$ROUTING" --model_parallel_size "$MODEL_PARALLEL_SIZE" --max_seq_len "$MAX_SEQ_LEN" --lora_rank "$LORA_RANK" \
     --dynamic_active_target "$DYNAMIC_ACTIVE_TARGET" --dynamic_router_hdim "$DYNAMIC_ROUTER_HDIM" \
     --dynamic_start_layer "$DYNAMIC_START_LAYER" --dynamic_reserve_initials "$DYNAMIC_RESERVE_INITIALS" \
-    --lambda_active "$LAMBDA_ACTIVE" --batch_size "$BATCH_SIZE" --accum_iter "$ACCUM_ITER" --epochs "$EPOCHS" \
+    --lambda_active "$LAMBDA_ACTIVE" --rate_loss_unit "$RATE_LOSS_UNIT" --batch_size "$BATCH_SIZE" --accum_iter "$ACCUM_ITER" --epochs "$EPOCHS" \
     --warmup_epochs "$WARMUP_EPOCHS" --save_freq "$SAVE_FREQ" --save_steps "$SAVE_STEPS" --blr "$BLR" --min_lr "$MIN_LR" \
     --dynamic_router_bias "$(as_list "$ROUTER_BIAS")" --static_skip_layers "$(as_list "$STATIC_SKIP_LAYERS")" \
     --weight_decay "$WEIGHT_DECAY" --seed "$SEED" --num_workers "$NUM_WORKERS" \

@@ -57,6 +57,7 @@ class ModelArgs:
     lora_dropout: float = 0.05
     dynamic_router_bias: Tuple[float, float] = (0.1, 2.0)
     gumbel_tau: float = 1.0
+    rate_loss_unit: str = "token"  # D-LLM's rate loss holds each token's share at the target, or each sequence's mean
     execute_threshold: float = 0.5
     # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
     routing: str = "dllm"

@@ -133,14 +133,19 @@ class DLLMRouting(DenseRouting):
 
     The first `dynamic_reserve_initials` positions of every sequence always execute (attention
     sinks). The aux loss is the rate loss |share of blocks executed - target| per token, weighted
-    by the sine-annealed lambda_t.
+    by the sine-annealed lambda_t; with `rate_loss_unit` "sequence" it is |mean share over the
+    sequence's tokens - target| per sequence instead, which leaves the tokens of one sequence free
+    to differ (ours: the reference pulls every token to the target).
     """
 
     name = "dllm"
     label = "D-LLM"
+    RATE_LOSS_UNITS = ("token", "sequence")
 
     def __init__(self, args):
         super().__init__(args)
+        if args.rate_loss_unit not in self.RATE_LOSS_UNITS:
+            raise InputError(f"rate_loss_unit {args.rate_loss_unit!r}: must be one of {', '.join(self.RATE_LOSS_UNITS)}")
         self.reserve_initials = args.dynamic_reserve_initials
         self.tau = args.gumbel_tau
         self.threshold = args.execute_threshold
@@ -166,8 +171,12 @@ class DLLMRouting(DenseRouting):
 
     def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
         ratio = activation.mean(-1)
-        gap = (ratio - self.args.dynamic_active_target).abs()
-        return (gap * token_weight).sum() / token_weight.sum().clamp(min=1)
+        target = self.args.dynamic_active_target
+        if self.args.rate_loss_unit == "sequence":
+            counts = token_weight.sum(-1)
+            gap = ((ratio * token_weight).sum(-1) / counts.clamp(min=1) - target).abs()
+            return (gap * (counts > 0)).sum() / (counts > 0).sum().clamp(min=1)
+        return ((ratio - target).abs() * token_weight).sum() / token_weight.sum().clamp(min=1)
 
     def aux_weight(self, progress, lambda_active, epochs) -> float:
         return schedule.rate_loss_weight(progress, lambda_active, epochs)

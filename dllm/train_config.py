@@ -13,7 +13,8 @@ from dllm.routing import POLICIES
 
 # what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
-                     "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight")
+                     "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
+                     "rate_loss_unit")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class TrainConfig(Settings):
     # ours: what it takes to reach the target in a short budget (defaults are the reference's)
     router_lr: Optional[float] = setting(None, "absolute lr for routers (default: the same as lr)", low=0.0, low_open=True)
     dynamic_router_bias: List[float] = setting([0.1, 2.0], "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
+    rate_loss_unit: str = setting("token", "D-LLM's rate loss holds each token's executed share at the target (token, the "
+                                  "reference) or each sequence's mean share (sequence: tokens free to differ)",
+                                  choices=["token", "sequence"])
     gumbel_tau: float = setting(1.0, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))

@@ -2,6 +2,7 @@
 hand, incremental decoding equal to teacher forcing, the evicting cache keeping only executed
 pairs, its adapter restored by name; and a policy defined here, outside the model, that runs through
 the unchanged block code."""
+import dataclasses
 import json
 import math
 import shutil
@@ -274,6 +275,18 @@ def test_dllm_aux_loss_is_the_rate_loss_at_inference_too():
     ratio = act[:, 2:].mean(-1)
     assert a_loss.item() == pytest.approx((ratio - 0.5).abs().mean().item(), rel=1e-6)
     assert metrics["act_ratio"] == pytest.approx(ratio.mean().item(), rel=1e-6)
+
+
+def test_dllm_sequence_rate_loss_holds_the_sequence_mean_and_lets_tokens_differ():
+    activation = torch.tensor([[[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [9.0, 9.0]],
+                               [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]])  # [b 2, s 4, layers 2]
+    weight = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # the 9s are padding
+    args = small_args(dynamic_active_target=0.5)
+    per_token = DLLMRouting(args).aux_loss(None, {}, activation, None, weight)
+    per_sequence = DLLMRouting(dataclasses.replace(args, rate_loss_unit="sequence")).aux_loss(
+        None, {}, activation, None, weight)
+    assert per_token.item() == pytest.approx((0.5 + 0.5 + 0 + 0.5 + 0.5) / 5)
+    assert per_sequence.item() == pytest.approx((abs(0.5 - 0.5) + abs(1.0 - 0.5)) / 2)
 
 
 # ---------------------------------------------------------------- a policy added from outside

@@ -1,5 +1,9 @@
 """benchmarks/baselines.py: the runs the sweep makes (its smoke run is in the report of issue 9)."""
-from conftest import load_script
+import os
+
+import pytest
+
+from conftest import ROOT, load_script
 
 baselines = load_script("benchmarks/baselines.py")
 
@@ -12,3 +16,28 @@ def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_sprea
         spread = [0, 1, 2] if method in ("dllm", "static_ppl", "static_taylor") else [0]
         assert mine == [(0.4, 0)] + [(0.5, s) for s in spread] + [(0.7, 0)]
     assert len(runs) == len(set(runs)) == 1 + 5 * 3 + 3 * 2
+
+
+attempts = load_script("benchmarks/dllm_attempts.py")
+
+
+def test_every_attempt_sets_only_variables_finetuning_sh_reads_and_the_teacher_runs_first():
+    with open(os.path.join(ROOT, "finetuning.sh")) as f:
+        script = f.read()
+    for attempt in attempts.ATTEMPTS:
+        for name in attempt.variables:
+            assert f"{name}=${{{name}" in script, (attempt.name, name)
+    names = [a.name for a in attempts.ATTEMPTS]
+    users = [n for a, n in zip(attempts.ATTEMPTS, names) if attempts.TEACHER in a.variables.values()]
+    assert users and all(names.index("dense") < names.index(n) for n in users)
+
+
+def test_attempts_are_set_against_static_pruning_interpolated_at_their_flops():
+    sweep = [dict(method="static_ppl", target=0.4, flops_ratio=0.4, val_ce=5.0),
+             dict(method="static_ppl", target=0.5, flops_ratio=0.5, val_ce=4.0),
+             dict(method="static_ppl", target=0.5, flops_ratio=0.5, val_ce=4.2),
+             dict(method="dllm", target=0.5, flops_ratio=0.6, val_ce=0.0)]
+    curve = attempts.static_curve(sweep)
+    assert curve == [(0.4, 5.0), (0.5, 4.1)]
+    assert attempts.interpolate(curve, 0.45) == pytest.approx(4.55)
+    assert attempts.interpolate(curve, 0.6) is None

@@ -1,0 +1,147 @@
+"""Issue 9's attempts to make D-LLM beat static pruning on the demo, from one command.
+
+    python benchmarks/dllm_attempts.py    # runs each attempt's missing rows under runs/dllm-attempts
+
+Each attempt is a `benchmarks/baselines.py` run (the same harness: fine-tune, evaluate.py on the
+test split, timings, blocks per token) with some finetuning.sh variables changed from the sweep's
+recipe (EPOCHS=1 WARMUP_EPOCHS=0.2, seed 0, target 0.5; three epochs where the attempt says so).
+The distillation teacher is the attempt `dense` (LoRA only, the same recipe), so it runs first.
+Writes benchmarks/results/dllm_attempts_demo.json (baselines.py's rows plus `attempt` and
+`variables`) and .md, where each one-epoch row is set against static pruning (perplexity ranking)
+at the same FLOPs ratio, interpolated along the sweep's one-epoch curve (baselines_demo.json).
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dllm.atomic_io import atomic_write_text  # noqa: E402
+from dllm.errors import run_cli  # noqa: E402
+
+ONE_EPOCH = {"EPOCHS": "1", "WARMUP_EPOCHS": "0.2"}
+TEACHER = os.path.join("runs", "dllm-attempts", "dense", "dense-1-s0")
+
+
+@dataclass
+class Attempt:
+    name: str
+    why: str
+    variables: Dict[str, str] = field(default_factory=dict)
+    methods: str = "dllm"
+    targets: str = "0.5"
+    spread_seeds: str = ""  # seeds at target 0.5 besides seed 0
+    epochs: int = 1
+
+
+ATTEMPTS = [
+    Attempt("dense", "the distillation teacher: LoRA only, the same recipe", methods="dense"),
+    Attempt("router_lr_reference", "routers at the LoRA learning rate (the reference; 5.6e-4 here)", {"ROUTER_LR": ""}),
+    Attempt("router_lr_5e-3", "a router learning rate between that and the demo's 2e-2", {"ROUTER_LR": "5e-3"}),
+    Attempt("lambda_2", "a weaker rate loss", {"LAMBDA_ACTIVE": "2"}),
+    Attempt("lambda_10", "a stronger rate loss", {"LAMBDA_ACTIVE": "10"}),
+    Attempt("bias_neutral", "routers that start undecided", {"ROUTER_BIAS": "1.0 1.0"}),
+    Attempt("reserve_0", "no reserved initial tokens", {"DYNAMIC_RESERVE_INITIALS": "0"}),
+    Attempt("distill_dense", "distillation from the dense LoRA run, for D-LLM and for static pruning",
+            {"DISTILL_TEACHER": TEACHER}, methods="dllm,static_ppl"),
+    Attempt("distill_base", "distillation from the base model", {"DISTILL_TEACHER": "base"}),
+    Attempt("rate_per_sequence", "the rate loss on each sequence's mean: its tokens free to differ",
+            {"RATE_LOSS_UNIT": "sequence"}, targets="0.45,0.5", spread_seeds="0,1,2"),
+    Attempt("rate_per_sequence_distill", "both", {"RATE_LOSS_UNIT": "sequence", "DISTILL_TEACHER": TEACHER}),
+    Attempt("epochs3_token", "the quick start's recipe: three epochs", epochs=3),
+    Attempt("epochs3_static", "static pruning at three epochs", methods="static_ppl", epochs=3),
+    Attempt("epochs3_sequence", "the per-sequence rate loss at three epochs", {"RATE_LOSS_UNIT": "sequence"}, epochs=3),
+]
+
+
+def run_attempt(attempt: Attempt, work_dir: str) -> list:
+    out = os.path.join(work_dir, f"{attempt.name}.json")
+    variables = {k: (os.path.join(ROOT, v) if v == TEACHER else v) for k, v in attempt.variables.items()}
+    env = dict(os.environ, **(ONE_EPOCH if attempt.epochs == 1 else {}), **variables)
+    spread = (["--spread_methods", attempt.methods, "--spread_target", "0.5", "--spread_seeds", attempt.spread_seeds]
+              if attempt.spread_seeds else ["--spread_methods", "none"])
+    command = [sys.executable, os.path.join("benchmarks", "baselines.py"), "--methods", attempt.methods, "--targets",
+               attempt.targets, *spread, "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
+    print(f"=== {attempt.name}: {attempt.why}", flush=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    with open(out) as f:
+        return [dict(row, attempt=attempt.name, variables=recipe(attempt), epochs=attempt.epochs) for row in json.load(f)]
+
+
+def recipe(attempt: Attempt) -> str:
+    """The finetuning.sh variables the attempt sets, as a command prefix."""
+    variables = dict(ONE_EPOCH if attempt.epochs == 1 else {}, **attempt.variables)
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
+
+
+def static_curve(sweep_rows: list) -> list:
+    """(FLOPs ratio, CE) of static pruning by perplexity in the one-epoch sweep, seeds averaged."""
+    by_target = {}
+    for r in sweep_rows:
+        if r["method"] == "static_ppl":
+            by_target.setdefault(r["target"], []).append(r)
+    return sorted((statistics.fmean(r["flops_ratio"] for r in rows), statistics.fmean(r["val_ce"] for r in rows))
+                  for rows in by_target.values())
+
+
+def interpolate(curve: list, x: float) -> Optional[float]:
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def markdown(rows: list, curve: list, reference: list) -> str:
+    lines = ["### D-LLM attempts on the demo (issue 9)", "", "`python benchmarks/dllm_attempts.py`", "",
+             "Reference, one epoch (`benchmarks/results/baselines_demo.json`): "
+             + "; ".join(f"{name} {flops:.3f} / {ce:.3f}" for name, flops, ce in reference)
+             + " (FLOPs ratio / val CE, mean of seeds 0-2 at target 0.5).", "",
+             "| attempt | finetuning.sh variables | method | target | seed | FLOPs ratio | KV ratio | val CE "
+             "| static (ppl) at this FLOPs | CE - static | blocks/token | std in sequence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        static = interpolate(curve, r["flops_ratio"]) if r["epochs"] == 1 and r["method"] == "dllm" else None
+        versus = ("", "") if static is None else (f"{static:.3f}", f"{r['val_ce'] - static:+.3f}")
+        lines.append(f"| {r['attempt']} | `{r['variables']}` | {r['method']} | {r['target']:g} | {r['seed']} "
+                     f"| {r['flops_ratio']:.3f} | {r['kv_ratio']:.3f} | {r['val_ce']:.3f} | {versus[0]} | {versus[1]} "
+                     f"| {r['blocks_per_token']:.2f} | {r['blocks_std_in_sequence']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    work_dir, out = os.path.abspath(args.work_dir), os.path.abspath(args.out)
+    with open(os.path.abspath(args.sweep)) as f:
+        sweep = json.load(f)
+    reference = []
+    for method in ("dllm", "static_ppl"):
+        rows = [r for r in sweep if r["method"] == method and r["target"] == 0.5]
+        reference.append((method, statistics.fmean(r["flops_ratio"] for r in rows),
+                          statistics.fmean(r["val_ce"] for r in rows)))
+    rows = []
+    for attempt in ATTEMPTS:
+        if not args.only or attempt.name in args.only.split(","):
+            rows += run_attempt(attempt, work_dir)
+            atomic_write_text(json.dumps(rows, indent=2) + "\n", out)
+            atomic_write_text(markdown(rows, static_curve(sweep), reference), os.path.splitext(out)[0] + ".md")
+    print(markdown(rows, static_curve(sweep), reference))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work_dir", default=os.path.join("runs", "dllm-attempts"), help="one directory per attempt")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "dllm_attempts_demo.json"))
+    p.add_argument("--sweep", default=os.path.join("benchmarks", "results", "baselines_demo.json"),
+                   help="the one-epoch sweep the rows are set against")
+    p.add_argument("--only", default="", help="comma-separated attempt names (default: all)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())

@@ -62,6 +62,16 @@ def plan(args):
         for target in [1.0] if method == "dense" else floats(args.targets):
             spread = method in args.spread_methods.split(",") and math.isclose(target, args.spread_target)
             runs += [(method, target, seed) for seed in (ints(args.spread_seeds) if spread else ints(args.seeds))]
+    for run in filter(None, args.extra_runs.split(",")):
+        method, _, rest = run.partition(":")
+        try:
+            target, *seed = rest.split(":")
+            if method not in METHODS or len(seed) > 1:
+                raise ValueError
+            runs.append((method, float(target), int(seed[0]) if seed else 0))
+        except ValueError:
+            raise InputError(f"--extra_runs {run!r}: expected METHOD:TARGET[:SEED], METHOD one of "
+                             f"{', '.join(METHODS)}") from None
     return runs
 
 
@@ -247,6 +257,8 @@ def parse_args(argv=None):
     p.add_argument("--spread_target", type=float, default=0.5, help="the target where --spread_methods run more seeds")
     p.add_argument("--spread_seeds", default="0,1,2")
     p.add_argument("--spread_methods", default="dllm,static_ppl,static_taylor")
+    p.add_argument("--extra_runs", default="", help="more runs after those, e.g. static_ppl:0.54,dllm:0.6:1 "
+                   "(METHOD:TARGET[:SEED], seed 0 when left out)")
     p.add_argument("--work_dir", default=os.path.join("runs", "baselines-demo"), help="one directory per run")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "baselines_demo.json"))
     p.add_argument("--prefill_len", type=int, default=256, help="tokens of the timed prefill (batch 1)")

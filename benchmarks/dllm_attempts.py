@@ -6,6 +6,8 @@ Each attempt is a `benchmarks/baselines.py` run (the same harness: fine-tune, ev
 test split, timings, blocks per token) with some finetuning.sh variables changed from the sweep's
 recipe (EPOCHS=1 WARMUP_EPOCHS=0.2, seed 0, target 0.5; three epochs where the attempt says so).
 The distillation teacher is the attempt `dense` (LoRA only, the same recipe), so it runs first.
+D-LLM with the reference's per-token rate loss at three epochs is the quick start itself
+(`bash finetuning.sh`, README "Fine-tuning the demo"), so it is not repeated here.
 Writes benchmarks/results/dllm_attempts_demo.json (baselines.py's rows plus `attempt` and
 `variables`) and .md, where each one-epoch row is set against static pruning (perplexity ranking)
 at the same FLOPs ratio, interpolated along the sweep's one-epoch curve (baselines_demo.json).
@@ -55,7 +57,6 @@ ATTEMPTS = [
     Attempt("rate_per_sequence", "the rate loss on each sequence's mean: its tokens free to differ",
             {"RATE_LOSS_UNIT": "sequence"}, targets="0.45,0.5", spread_seeds="0,1,2"),
     Attempt("rate_per_sequence_distill", "both", {"RATE_LOSS_UNIT": "sequence", "DISTILL_TEACHER": TEACHER}),
-    Attempt("epochs3_token", "the quick start's recipe: three epochs", epochs=3),
     Attempt("epochs3_static", "static pruning at three epochs", methods="static_ppl", epochs=3),
     Attempt("epochs3_sequence", "the per-sequence rate loss at three epochs", {"RATE_LOSS_UNIT": "sequence"}, epochs=3),
 ]

@@ -4,6 +4,7 @@ import os
 import pytest
 
 from conftest import ROOT, load_script
+from dllm.errors import InputError
 
 baselines = load_script("benchmarks/baselines.py")
 
@@ -16,6 +17,15 @@ def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_sprea
         spread = [0, 1, 2] if method in ("dllm", "static_ppl", "static_taylor") else [0]
         assert mine == [(0.4, 0)] + [(0.5, s) for s in spread] + [(0.7, 0)]
     assert len(runs) == len(set(runs)) == 1 + 5 * 3 + 3 * 2
+
+
+def test_extra_runs_follow_the_plan_and_a_malformed_one_is_refused():
+    runs = baselines.plan(baselines.parse_args(["--methods", "dllm", "--targets", "0.5", "--spread_methods", "none",
+                                                "--extra_runs", "static_ppl:0.54,dllm:0.6:2"]))
+    assert runs == [("dllm", 0.5, 0), ("static_ppl", 0.54, 0), ("dllm", 0.6, 2)]
+    for bad in ("static:0.5", "dllm:half", "dllm", "dllm:0.5:1:2"):
+        with pytest.raises(InputError, match=f"--extra_runs '{bad}': expected METHOD:TARGET"):
+            baselines.plan(baselines.parse_args(["--extra_runs", bad]))
 
 
 attempts = load_script("benchmarks/dllm_attempts.py")

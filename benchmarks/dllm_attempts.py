@@ -39,7 +39,8 @@ class Attempt:
     variables: Dict[str, str] = field(default_factory=dict)
     methods: str = "dllm"
     targets: str = "0.5"
-    spread_seeds: str = ""  # seeds at target 0.5 besides seed 0
+    spread_seeds: str = ""  # seeds at target 0.5 (default: seed 0 only)
+    extra_runs: str = ""  # baselines.py --extra_runs
     epochs: int = 1
 
 
@@ -52,11 +53,12 @@ ATTEMPTS = [
     Attempt("bias_neutral", "routers that start undecided", {"ROUTER_BIAS": "1.0 1.0"}),
     Attempt("reserve_0", "no reserved initial tokens", {"DYNAMIC_RESERVE_INITIALS": "0"}),
     Attempt("distill_dense", "distillation from the dense LoRA run, for D-LLM and for static pruning",
-            {"DISTILL_TEACHER": TEACHER}, methods="dllm,static_ppl"),
+            {"DISTILL_TEACHER": TEACHER}, methods="dllm,static_ppl", extra_runs="static_ppl:0.7"),
     Attempt("distill_base", "distillation from the base model", {"DISTILL_TEACHER": "base"}),
     Attempt("rate_per_sequence", "the rate loss on each sequence's mean: its tokens free to differ",
             {"RATE_LOSS_UNIT": "sequence"}, targets="0.45,0.5", spread_seeds="0,1,2"),
-    Attempt("rate_per_sequence_distill", "both", {"RATE_LOSS_UNIT": "sequence", "DISTILL_TEACHER": TEACHER}),
+    Attempt("rate_per_sequence_distill", "both", {"RATE_LOSS_UNIT": "sequence", "DISTILL_TEACHER": TEACHER},
+            spread_seeds="0,1,2"),
     Attempt("epochs3_static", "static pruning at three epochs", methods="static_ppl", epochs=3),
     Attempt("epochs3_sequence", "the per-sequence rate loss at three epochs", {"RATE_LOSS_UNIT": "sequence"}, epochs=3),
 ]
@@ -69,7 +71,7 @@ def run_attempt(attempt: Attempt, work_dir: str) -> list:
     spread = (["--spread_methods", attempt.methods, "--spread_target", "0.5", "--spread_seeds", attempt.spread_seeds]
               if attempt.spread_seeds else ["--spread_methods", "none"])
     command = [sys.executable, os.path.join("benchmarks", "baselines.py"), "--methods", attempt.methods, "--targets",
-               attempt.targets, *spread, "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
+               attempt.targets, *spread, "--extra_runs", attempt.extra_runs, "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
     print(f"=== {attempt.name}: {attempt.why}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     with open(out) as f:

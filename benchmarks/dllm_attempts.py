@@ -9,8 +9,9 @@ The distillation teacher is the attempt `dense` (LoRA only, the same recipe), so
 D-LLM with the reference's per-token rate loss at three epochs is the quick start itself
 (`bash finetuning.sh`, README "Fine-tuning the demo"), so it is not repeated here.
 Writes benchmarks/results/dllm_attempts_demo.json (baselines.py's rows plus `attempt` and
-`variables`) and .md, where each one-epoch row is set against static pruning (perplexity ranking)
-at the same FLOPs ratio, interpolated along the sweep's one-epoch curve (baselines_demo.json).
+`variables`) and .md, where each one-epoch D-LLM row is set against static pruning (perplexity
+ranking) at the same FLOPs ratio, interpolated along the sweep's one-epoch curve
+(baselines_demo.json), or along static pruning distilled from the same teacher for distilled rows.
 """
 import argparse
 import json
@@ -101,16 +102,25 @@ def interpolate(curve: list, x: float) -> Optional[float]:
     return None
 
 
-def markdown(rows: list, curve: list, reference: list) -> str:
+def static_curves(sweep: list, rows: list) -> dict:
+    """The static curve each D-LLM row is set against: the sweep's, or for rows distilled from the
+    dense run, static pruning distilled from it too (attempt distill_dense)."""
+    distilled = static_curve([r for r in rows if r["attempt"] == "distill_dense"])
+    by_name = {a.name: a for a in ATTEMPTS}
+    return {r["attempt"]: distilled if by_name[r["attempt"]].variables.get("DISTILL_TEACHER") == TEACHER
+            else static_curve(sweep) for r in rows}
+
+
+def markdown(rows: list, curves: dict, reference: list) -> str:
     lines = ["### D-LLM attempts on the demo (issue 9)", "", "`python benchmarks/dllm_attempts.py`", "",
              "Reference, one epoch (`benchmarks/results/baselines_demo.json`): "
              + "; ".join(f"{name} {flops:.3f} / {ce:.3f}" for name, flops, ce in reference)
              + " (FLOPs ratio / val CE, mean of seeds 0-2 at target 0.5).", "",
              "| attempt | finetuning.sh variables | method | target | seed | FLOPs ratio | KV ratio | val CE "
-             "| static (ppl) at this FLOPs | CE - static | blocks/token | std in sequence |",
+             "| static (ppl, same teacher) at this FLOPs | CE - static | blocks/token | std in sequence |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        static = interpolate(curve, r["flops_ratio"]) if r["epochs"] == 1 and r["method"] == "dllm" else None
+        static = interpolate(curves[r["attempt"]], r["flops_ratio"]) if r["epochs"] == 1 and r["method"] == "dllm" else None
         versus = ("", "") if static is None else (f"{static:.3f}", f"{r['val_ce'] - static:+.3f}")
         lines.append(f"| {r['attempt']} | `{r['variables']}` | {r['method']} | {r['target']:g} | {r['seed']} "
                      f"| {r['flops_ratio']:.3f} | {r['kv_ratio']:.3f} | {r['val_ce']:.3f} | {versus[0]} | {versus[1]} "
@@ -132,8 +142,8 @@ def main(args):
         if not args.only or attempt.name in args.only.split(","):
             rows += run_attempt(attempt, work_dir)
             atomic_write_text(json.dumps(rows, indent=2) + "\n", out)
-            atomic_write_text(markdown(rows, static_curve(sweep), reference), os.path.splitext(out)[0] + ".md")
-    print(markdown(rows, static_curve(sweep), reference))
+            atomic_write_text(markdown(rows, static_curves(sweep, rows), reference), os.path.splitext(out)[0] + ".md")
+    print(markdown(rows, static_curves(sweep, rows), reference))
 
 
 def parse_args(argv=None):

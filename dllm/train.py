@@ -502,7 +502,6 @@ class Trainer:
             if boundary and args.save_steps and (step + 1) % args.save_steps == 0:
                 self.save(epoch, step + 1, f"{args.model_save_name}-last.pth")
 
-
     def teacher_logits(self, examples):
         if self.teacher is None:
             return None

@@ -9,7 +9,7 @@ from typing import List, Optional
 from dllm.config import Settings, setting
 from dllm.errors import InputError
 from dllm.model import ModelArgs
-from dllm.routing import POLICIES
+from dllm.routing import POLICIES, DLLMRouting
 
 # what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
@@ -54,7 +54,7 @@ class TrainConfig(Settings):
     dynamic_router_bias: List[float] = setting([0.1, 2.0], "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
     rate_loss_unit: str = setting("token", "D-LLM's rate loss holds each token's executed share at the target (token, the "
                                   "reference) or each sequence's mean share (sequence: tokens free to differ)",
-                                  choices=["token", "sequence"])
+                                  choices=list(DLLMRouting.RATE_LOSS_UNITS))
     gumbel_tau: float = setting(1.0, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))

@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import List
 
 import torch
 
@@ -132,15 +133,20 @@ def build(args, adapter=None) -> Llama:
                        max_batch_size=1, model_parallel_size=1, dense=adapter is None)
 
 
-def real_text(generator: Llama, args) -> torch.Tensor:
-    """[1, n] tokens of the test split's prompts and responses, one record after another."""
+def test_sequences(generator: Llama, args) -> List[List[int]]:
+    """Every test record's prompt and response as tokens (in the model's chat template where the
+    dataset asks for it); read once, shared by the timings and the per-token counts of every run."""
+    records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(generator.tokenizer))
+    return [generator.tokenizer.encode(r.prompt + r.response, bos=True, eos=True) for r in records]
+
+
+def real_text(sequences: List[List[int]], args, device) -> torch.Tensor:
+    """[1, n] tokens of the test sequences, one after another."""
     n = max(args.prefill_len, args.decode_prompt_len + args.decode_steps)
-    ids = []
-    for record in load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(generator.tokenizer)):
-        ids += generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)
-        if len(ids) >= n:
-            return torch.tensor([ids[:n]], device=generator.device)
-    raise InputError(f"{args.dataset_name}: the test split has fewer than {n} tokens to time on")
+    ids = [token for sequence in sequences for token in sequence]
+    if len(ids) < n:
+        raise InputError(f"{args.dataset_name}: the test split has fewer than {n} tokens to time on")
+    return torch.tensor([ids[:n]], device=device)
 
 
 @torch.inference_mode()
@@ -167,21 +173,19 @@ def speedups(dense: Llama, generator: Llama, text, args):
 
 
 @torch.inference_mode()
-def adaptivity(generator: Llama, args):
+def adaptivity(generator: Llama, sequences: List[List[int]], args):
     """Blocks executed per token over the first --adaptivity_records test records (teacher forced):
     the mean, and the std across one sequence's tokens averaged over sequences."""
     means, stds = [], []
-    records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(generator.tokenizer))
-    for record in records[: args.adaptivity_records]:
-        ids = generator.tokenizer.encode(record.prompt + record.response, bos=True, eos=True)[: args.prefill_len]
-        _, activation = generator.model(torch.tensor([ids], device=generator.device))
+    for ids in sequences[: args.adaptivity_records]:
+        _, activation = generator.model(torch.tensor([ids[: args.prefill_len]], device=generator.device))
         blocks = activation[0].gt(0).sum(-1).float().tolist()
         means.append(statistics.fmean(blocks))
         stds.append(statistics.pstdev(blocks))
     return statistics.fmean(means), statistics.fmean(stds)
 
 
-def measure(args, dense, text, method, target, seed) -> dict:
+def measure(args, dense, sequences, text, method, target, seed) -> dict:
     out_dir = os.path.join(args.work_dir, f"{method}-{target:g}-s{seed}")
     row_path = os.path.join(out_dir, "row.json")
     if os.path.isfile(row_path):
@@ -192,7 +196,7 @@ def measure(args, dense, text, method, target, seed) -> dict:
     ppl = evaluate(args, adapter, os.path.join(out_dir, "eval"))
     generator = build(args, adapter)
     prefill, decode = speedups(dense, generator, text, args)
-    blocks_mean, blocks_std = adaptivity(generator, args)
+    blocks_mean, blocks_std = adaptivity(generator, sequences, args)
     row = {"method": method, "target": target, "seed": seed, "flops_ratio": ppl["flops_ratio"],
            "kv_ratio": ppl["kv_ratio"], "val_ce": math.log(ppl["value"]), "val_ppl": ppl["value"],
            "prefill_speedup": prefill, "decode_speedup": decode, "blocks_per_token": blocks_mean,
@@ -237,10 +241,11 @@ def main(args):
         setattr(args, key, os.path.abspath(getattr(args, key)))
     os.makedirs(args.work_dir, exist_ok=True)
     dense = build(args)
-    text = real_text(dense, args)
+    sequences = test_sequences(dense, args)
+    text = real_text(sequences, args, dense.device)
     rows = []
     for method, target, seed in plan(args):
-        rows.append(measure(args, dense, text, method, target, seed))
+        rows.append(measure(args, dense, sequences, text, method, target, seed))
         atomic_write_text(json.dumps(rows, indent=2) + "\n", args.out)
         atomic_write_text(markdown(rows, args), os.path.splitext(args.out)[0] + ".md")
     print(markdown(rows, args))

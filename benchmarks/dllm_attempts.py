@@ -44,6 +44,10 @@ class Attempt:
     extra_runs: str = ""  # baselines.py --extra_runs
     epochs: int = 1
 
+    def finetuning_variables(self) -> Dict[str, str]:
+        """What the attempt sets in finetuning.sh: one epoch unless it says three, and its own variables."""
+        return dict(ONE_EPOCH if self.epochs == 1 else {}, **self.variables)
+
 
 ATTEMPTS = [
     Attempt("dense", "the distillation teacher: LoRA only, the same recipe", methods="dense"),
@@ -67,12 +71,13 @@ ATTEMPTS = [
 
 def run_attempt(attempt: Attempt, work_dir: str) -> list:
     out = os.path.join(work_dir, f"{attempt.name}.json")
-    variables = {k: (os.path.join(ROOT, v) if v == TEACHER else v) for k, v in attempt.variables.items()}
-    env = dict(os.environ, **(ONE_EPOCH if attempt.epochs == 1 else {}), **variables)
+    variables = {k: (os.path.join(ROOT, v) if v == TEACHER else v) for k, v in attempt.finetuning_variables().items()}
+    env = dict(os.environ, **variables)
     spread = (["--spread_methods", attempt.methods, "--spread_target", "0.5", "--spread_seeds", attempt.spread_seeds]
               if attempt.spread_seeds else ["--spread_methods", "none"])
     command = [sys.executable, os.path.join("benchmarks", "baselines.py"), "--methods", attempt.methods, "--targets",
-               attempt.targets, *spread, "--extra_runs", attempt.extra_runs, "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
+               attempt.targets, *spread, "--extra_runs", attempt.extra_runs,
+               "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
     print(f"=== {attempt.name}: {attempt.why}", flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     with open(out) as f:
@@ -81,8 +86,7 @@ def run_attempt(attempt: Attempt, work_dir: str) -> list:
 
 def recipe(attempt: Attempt) -> str:
     """The finetuning.sh variables the attempt sets, as a command prefix."""
-    variables = dict(ONE_EPOCH if attempt.epochs == 1 else {}, **attempt.variables)
-    return " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in attempt.finetuning_variables().items())
 
 
 def static_curve(sweep_rows: list) -> list:

@@ -350,14 +350,16 @@ class EarlyExitRouting(DenseRouting):
         pairs = state.get("early_exit", [])
         if not pairs:
             return logits.new_zeros(())
-        final = logits.argmax(-1)
+        counted = token_weight > 0  # the head at every block costs more than the model: only where it counts
+        weight = token_weight[counted]
+        final = logits[counted].argmax(-1)
         total = 0.0
         for x, router_logits in pairs:
             with torch.no_grad():
-                go_on = model.project_vocab(model.norm(x)).argmax(-1) != final
-            ce = F.cross_entropy(router_logits.flatten(0, 1), go_on.long().flatten(), reduction="none")
-            total = total + (ce * token_weight.flatten()).sum()
-        return total / (len(pairs) * token_weight.sum().clamp(min=1))
+                go_on = model.project_vocab(model.norm(x[counted])).argmax(-1) != final
+            ce = F.cross_entropy(router_logits[counted], go_on.long(), reduction="none")
+            total = total + (ce * weight).sum()
+        return total / (len(pairs) * weight.sum().clamp(min=1))
 
     def aux_weight(self, progress, lambda_active, epochs) -> float:
         return 1.0  # it trains only the classifiers (detached inputs), so a schedule would only slow them

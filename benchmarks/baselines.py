@@ -14,7 +14,8 @@ sequence (averaged over sequences).
 Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl and static_taylor
 (tools/rank_blocks.py ranks the blocks once; round((1 - target) * n_layers) least important
 pruned), early_exit (threshold fit to the target after training). The target is the share of all
-(token, block) pairs executed, for every method. A run whose row.json exists is not repeated.
+(token, block) pairs executed, for every method. A run whose row.json exists is not repeated
+(--retime times its speed-ups again).
 Writes --out (a JSON list of rows) and the same path with .md (the tables).
 """
 import argparse
@@ -190,7 +191,12 @@ def measure(args, dense, sequences, text, method, target, seed) -> dict:
     row_path = os.path.join(out_dir, "row.json")
     if os.path.isfile(row_path):
         with open(row_path) as f:
-            return json.load(f)
+            row = json.load(f)
+        if args.retime:
+            generator = build(args, os.path.join(ROOT, row["adapter"]))
+            row["prefill_speedup"], row["decode_speedup"] = speedups(dense, generator, text, args)
+            atomic_write_text(json.dumps(row, indent=2) + "\n", row_path)
+        return row
     extra = fine_tune(args, method, target, seed, out_dir)
     adapter = os.path.join(out_dir, "checkpoint-last.pth")
     ppl = evaluate(args, adapter, os.path.join(out_dir, "eval"))
@@ -270,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--decode_prompt_len", type=int, default=64)
     p.add_argument("--decode_steps", type=int, default=32, help="single-token steps timed (batch 1)")
     p.add_argument("--repeats", type=int, default=3, help="timings per run, interleaved with dense; the best kept")
+    p.add_argument("--retime", action="store_true", help="time the prefill and decode of runs already done again "
+                   "(their row.json keeps everything else): for one quiet pass after sweeps that shared the cores")
     p.add_argument("--adaptivity_records", type=int, default=32, help="test records the per-token counts come from")
     return p.parse_args(argv)
 

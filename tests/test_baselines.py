@@ -1,4 +1,5 @@
 """benchmarks/baselines.py: the runs the sweep makes (its smoke run is in the report of issue 9)."""
+import json
 import os
 
 import pytest
@@ -26,6 +27,24 @@ def test_extra_runs_follow_the_plan_and_a_malformed_one_is_refused():
     for bad in ("static:0.5", "dllm:half", "dllm", "dllm:0.5:1:2"):
         with pytest.raises(InputError, match=f"--extra_runs '{bad}': expected METHOD:TARGET"):
             baselines.plan(baselines.parse_args(["--extra_runs", bad]))
+
+
+@pytest.mark.parametrize("retime", [False, True])
+def test_a_finished_run_is_reused_and_retime_replaces_only_its_speedups(tmp_path, monkeypatch, retime):
+    args = baselines.parse_args(["--work_dir", str(tmp_path)] + (["--retime"] if retime else []))
+    row = {"method": "dllm", "target": 0.5, "seed": 0, "val_ce": 4.3, "prefill_speedup": 1.1, "decode_speedup": 1.2,
+           "adapter": "runs/x/dllm-0.5-s0/checkpoint-last.pth"}
+    os.makedirs(tmp_path / "dllm-0.5-s0")
+    (tmp_path / "dllm-0.5-s0" / "row.json").write_text(json.dumps(row))
+    built = []
+    monkeypatch.setattr(baselines, "fine_tune", lambda *a: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(baselines, "build", lambda args, adapter=None: built.append(adapter) or "generator")
+    monkeypatch.setattr(baselines, "speedups", lambda dense, generator, text, args: (2.0, 3.0))
+    measured = baselines.measure(args, "dense", [], None, "dllm", 0.5, 0)
+    expected = dict(row, prefill_speedup=2.0, decode_speedup=3.0) if retime else row
+    assert measured == expected
+    assert json.loads((tmp_path / "dllm-0.5-s0" / "row.json").read_text()) == expected
+    assert built == ([os.path.join(ROOT, row["adapter"])] if retime else [])
 
 
 attempts = load_script("benchmarks/dllm_attempts.py")

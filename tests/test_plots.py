@@ -121,6 +121,25 @@ def test_quality_flops_cli(tmp_path, monkeypatch):
         plot_quality_flops.main([str(out), f"dense={tmp_path / 'missing'}"])
 
 
+def test_quality_flops_takes_the_seed_0_runs_of_a_baselines_table(tmp_path):
+    rows = []
+    for method, seed, ppl in (("static_ppl", 0, 76.0), ("static_ppl", 1, 77.0), ("dllm", 0, 78.0)):
+        run = tmp_path / f"{method}-0.5-s{seed}"
+        run.mkdir()
+        results(run, "eval", [("demo", "ppl", ppl, 0.57)])
+        rows.append({"method": method, "target": 0.5, "seed": seed, "adapter": str(run / "checkpoint-last.pth")})
+    table = tmp_path / "baselines.json"
+    table.write_text(json.dumps(rows))
+    runs = plot_quality_flops.baseline_runs(str(table))
+    assert [(label, [r["value"] for r in rows]) for label, rows in runs] == [("static (ppl)", [76.0]), ("D-LLM", [78.0])]
+    assert [label for label, _ in plot_quality_flops.baseline_runs(f"D-LLM, per sequence={table}")] == [
+        "D-LLM, per sequence", "D-LLM, per sequence"]
+    with pytest.raises(InputError, match="no such baselines file"):
+        plot_quality_flops.baseline_runs(str(tmp_path / "missing.json"))
+    with pytest.raises(InputError, match="nothing to plot"):
+        plot_quality_flops.main([str(tmp_path / "q.png")])
+
+
 def test_routing_grid_draws_the_cells():
     kinds = [[ALWAYS_ON, RESERVED, RESERVED], [ALWAYS_ON, EXECUTED, SKIPPED], [ALWAYS_ON, SKIPPED, EXECUTED]]
     seq = SequenceRouting(pieces=["<s>", "A", " b"], n_prompt=2, kinds=kinds, exec_ratio=7 / 9, kv_ratio=7 / 9,

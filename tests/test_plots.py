@@ -134,6 +134,7 @@ def test_quality_flops_takes_the_seed_0_runs_of_a_baselines_table(tmp_path):
     assert [(label, [r["value"] for r in rows]) for label, rows in runs] == [("static (ppl)", [76.0]), ("D-LLM", [78.0])]
     assert [label for label, _ in plot_quality_flops.baseline_runs(f"D-LLM, per sequence={table}")] == [
         "D-LLM, per sequence", "D-LLM, per sequence"]
+    assert [label for label, _ in plot_quality_flops.baseline_runs(str(table), ["dllm"])] == ["D-LLM"]
     with pytest.raises(InputError, match="no such baselines file"):
         plot_quality_flops.baseline_runs(str(tmp_path / "missing.json"))
     with pytest.raises(InputError, match="nothing to plot"):

@@ -6,7 +6,8 @@
 
 Each METHOD=PATH names a results directory (or its results.json); repeat a method for its runs.
 `--baselines [LABEL=]JSON` adds the runs of a benchmarks/baselines.py table (seed 0 of each method
-and target). `--datasets demo,piqa` keeps those datasets' rows only.
+and target; `--methods dllm,static_ppl` keeps those methods' runs). `--datasets demo,piqa` keeps
+those datasets' rows only.
 
     python -m tools.plot_quality_flops docs/baselines-demo.png --baselines benchmarks/results/baselines_demo.json
 """
@@ -30,7 +31,7 @@ def parse_run(text: str):
     return method, read_results(path)
 
 
-def baseline_runs(text: str):
+def baseline_runs(text: str, methods=None):
     """The seed-0 runs of a baselines.py JSON: each row's evaluate.py results, in eval/ beside its
     adapter (paths relative to the repository), under LABEL or the row's method."""
     label, sep, path = text.partition("=")
@@ -42,7 +43,7 @@ def baseline_runs(text: str):
         rows = json.load(f)
     return [(label or BASELINE_NAMES.get(row["method"], row["method"]),
              read_results(os.path.join(ROOT, os.path.dirname(row["adapter"]), "eval")))
-            for row in rows if row["seed"] == 0]
+            for row in rows if row["seed"] == 0 and (methods is None or row["method"] in methods)]
 
 
 def main(argv=None):
@@ -50,9 +51,11 @@ def main(argv=None):
     p.add_argument("out", help="PNG to write")
     p.add_argument("runs", nargs="*", help="METHOD=RESULTS_DIR (or METHOD=path/to/results.json)")
     p.add_argument("--baselines", action="append", default=[], help="[LABEL=]JSON written by benchmarks/baselines.py")
+    p.add_argument("--methods", default=None, help="comma-separated baselines.py methods to plot (default: all)")
     p.add_argument("--datasets", default=None, help="comma-separated datasets to plot (default: all)")
     args = p.parse_args(argv)
-    runs = [parse_run(r) for r in args.runs] + [run for table in args.baselines for run in baseline_runs(table)]
+    runs = [parse_run(r) for r in args.runs] + [
+        run for table in args.baselines for run in baseline_runs(table, args.methods and args.methods.split(","))]
     if not runs:
         raise InputError("nothing to plot: give METHOD=RESULTS_DIR or --baselines JSON")
     if args.datasets:

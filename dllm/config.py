@@ -17,7 +17,7 @@ import math
 import typing
 from typing import Any, Optional, Sequence
 
-from dllm.errors import InputError, speaks
+from dllm.errors import InputError, speaks, wait_for_rank_0
 
 
 def setting(default: Any, help: str, *, low: Optional[float] = None, high: Optional[float] = None,
@@ -93,6 +93,10 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         if speaks():
             super()._print_message(message, file)
+
+    def error(self, message):
+        wait_for_rank_0()
+        super().error(message)
 
 
 def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

@@ -307,6 +307,11 @@ class StaticRouting(DenseRouting):
         return layer_id in self.skipped
 
 
+def settled(model, x: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """Whether the head on hidden states x already gives the final top-1 tokens: early exit's label."""
+    return model.project_vocab(model.norm(x)).argmax(-1) == final
+
+
 class EarlyExitRouting(DenseRouting):
     """Early exit, Ada-Infer-style (Fan et al. 2024): from dynamic_start_layer on, a classifier on
     each block's input says whether the token's prediction has settled; if so the token stops
@@ -356,7 +361,7 @@ class EarlyExitRouting(DenseRouting):
         total = 0.0
         for x, router_logits in pairs:
             with torch.no_grad():
-                go_on = model.project_vocab(model.norm(x[counted])).argmax(-1) != final
+                go_on = ~settled(model, x[counted], final)
             ce = F.cross_entropy(router_logits[counted], go_on.long(), reduction="none")
             total = total + (ce * weight).sum()
         return total / (len(pairs) * weight.sum().clamp(min=1))

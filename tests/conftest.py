@@ -1,13 +1,20 @@
-"""Shared fixtures: a tiny random model configuration and a tokenizer trained in a second."""
+"""Shared fixtures and helpers: tiny random models and their configurations, a tokenizer trained in a
+second, generators and checkpoints built from them."""
 import contextlib
 import importlib.util
+import json
 import os
 import socket
 
 import pytest
 import sentencepiece as spm
+import torch
 
-from dllm.model import ModelArgs
+from dllm.atomic_io import atomic_save
+from dllm.checkpoint import adapter_state_dict, save_meta_checkpoint
+from dllm.generation import Llama
+from dllm.model import ModelArgs, Transformer, is_adapter_key
+from dllm.tokenizer import Tokenizer
 
 # transformers (the tests' oracle) reads this when first imported: no hub lookups, ever
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,6 +105,74 @@ def tiny_args(**overrides) -> ModelArgs:
                 dynamic_router_hdim=16, dynamic_start_layer=1, max_seq_len=64, lora_dropout=0.0)
     base.update(overrides)
     return ModelArgs(**base)
+
+
+def randomize(model: Transformer, seed: int, router_scale: float = 0.0, lora_b_std: float = 0.0):
+    """Weights large enough that attention is far from uniform (so layout mistakes show), norm
+    weights away from 1, optionally random routers (so some tokens skip) and nonzero LoRA B."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter_key(name):
+                continue
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name == "tok_embeddings.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        for layer in model.layers:
+            if router_scale and layer.router is not None:
+                layer.router.linear_2.weight.copy_(router_scale * torch.randn(2, layer.router.linear_2.in_features, generator=g))
+                layer.router.linear_2.bias.zero_()
+            lora = layer.attention
+            if lora_b_std and lora.lora_q is not None:
+                for part in (lora.lora_q, lora.lora_k, lora.lora_v):
+                    part.linear_B.weight.copy_(lora_b_std * torch.randn(part.linear_B.weight.shape, generator=g))
+    return model
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def small_args(**overrides) -> ModelArgs:
+    base = dict(dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=10, multiple_of=4,
+                dynamic_router_hdim=4, dynamic_start_layer=1)
+    base.update(overrides)
+    return ModelArgs(**base)
+
+
+# layer 0 has no router (start layer 1): always executed.
+#            position:  0  1  2  3
+SMALL_EXECUTED = torch.tensor([[[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]]], dtype=torch.float32)  # [1, 4, 3]
+
+
+PROMPTS = ["The quick brown fox", "She sold 48 clips in April and half as many in May. Question:", "A"]
+
+
+def make_generator(tokenizer_path, seed=3, **overrides) -> Llama:
+    tokenizer = Tokenizer(tokenizer_path)
+    torch.manual_seed(seed)
+    args = tiny_args(vocab_size=tokenizer.n_words, max_seq_len=96, **overrides)
+    model = randomize(Transformer(args), seed=seed, router_scale=3.0, lora_b_std=0.1).eval()
+    return Llama(model, tokenizer)
+
+
+def encode(generator, prompts):
+    return [generator.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+
+
+def write_demo_like(tmp_path, tokenizer_path, mp_size):
+    """A base checkpoint (mp_size shards), an adapter, its model args and a tokenizer on disk."""
+    generator = make_generator(tokenizer_path)
+    model = generator.model
+    base = tmp_path / "base"
+    save_meta_checkpoint(model, str(base), dtype=torch.float32, mp_size=mp_size)
+    (base / "tokenizer.model").write_bytes(open(tokenizer_path, "rb").read())
+    atomic_save({"epoch": 1, "model": adapter_state_dict(model)}, str(tmp_path / "adapter.pth"))
+    (tmp_path / "args.json").write_text(json.dumps(model.params.to_dict()))
+    return generator, base
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import load_script, tiny_args
-from dllm import checkpoint
+from dllm import checkpoint, errors
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
@@ -202,3 +202,21 @@ def test_explicit_model_args_are_checked_against_the_adapters_own(ws):
         Llama.build(ws["base"], ws["run"], str(ws["root"] / "conflicting.json"))
     assert str(e.value).startswith(str(ws["root"] / "conflicting.json"))
     assert "dynamic_reserve_initials 2 vs 3" in str(e.value)
+
+
+@pytest.mark.parametrize("rank, waits", [("0", False), ("1", True)])
+def test_a_rank_other_than_0_waits_for_rank_0_to_report_before_it_exits(rank, waits, capsys, monkeypatch):
+    """torchrun stops every rank once one exits: a quiet rank that exited at once could stop rank 0
+    before it says the error they share. If the wait runs out, the quiet rank says its own error."""
+    monkeypatch.setenv("RANK", rank)
+    slept = []
+    monkeypatch.setattr(errors.time, "sleep", slept.append)
+
+    def fails():
+        raise InputError("data.json: record 3 has no 'output'")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fails)
+    assert exit_info.value.code == 1
+    assert slept == ([errors.QUIET_RANK_WAIT_S] if waits else [])
+    assert capsys.readouterr().err == "error: data.json: record 3 has no 'output'\n"

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, randomize, tiny_args
 from dllm.atomic_io import atomic_save, atomic_write
 from dllm.checkpoint import (
     adapter_state_dict, base_shard_path, load_adapter, load_base, load_file,
@@ -16,7 +16,6 @@ from dllm.checkpoint import (
 from dllm.errors import InputError
 from dllm.model import ModelArgs, Transformer
 from dllm.routing import DLLMRouting
-from test_model import randomize
 
 ADAPTER_ARGS = dict(n_layers=2, lora_rank=4)
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_args
+from conftest import randomize, tiny_args
 from dllm.kv_cache import LayerKVCache
 from dllm.model import Transformer
-from test_model import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 aten = torch.ops.aten

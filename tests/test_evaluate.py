@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, tiny_args
+from conftest import free_port, make_generator, randomize, tiny_args, write_demo_like
 from dllm import flops
 from dllm.data import load_records
 from dllm.errors import InputError
@@ -20,8 +20,6 @@ from dllm.generation import Llama
 from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
-from test_generation import make_generator, write_demo_like
-from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

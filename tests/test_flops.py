@@ -5,23 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import SMALL_EXECUTED, randomize, small_args, tiny_args
 from dllm import flops
-from dllm.model import ModelArgs, Transformer
+from dllm.model import Transformer
 from dllm.routing import DLLMRouting, mlp_flops
-from test_model import randomize
-
-
-def small_args(**overrides) -> ModelArgs:
-    base = dict(dim=8, n_layers=3, n_heads=2, n_kv_heads=1, vocab_size=10, multiple_of=4,
-                dynamic_router_hdim=4, dynamic_start_layer=1)
-    base.update(overrides)
-    return ModelArgs(**base)
-
-
-# layer 0 has no router (start layer 1): always executed.
-#            position:  0  1  2  3
-EXECUTED = torch.tensor([[[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]]], dtype=torch.float32)  # [1, 4, 3]
 
 
 def test_token_flops_by_hand():
@@ -50,17 +37,17 @@ def test_forward_flops_by_hand():
     lm_head = 4 * 160
     expected = 9 * block + 19 * 32 + routers + lm_head
     assert expected == 13824 + 608 + 640 + 640 == 15712
-    assert flops.forward_flops(args, EXECUTED, routing=DLLMRouting(args)) == expected
-    assert flops.forward_flops(args, EXECUTED) == expected - routers
+    assert flops.forward_flops(args, SMALL_EXECUTED, routing=DLLMRouting(args)) == expected
+    assert flops.forward_flops(args, SMALL_EXECUTED) == expected - routers
 
     # dense: 12 pairs, 3 blocks x (1 + 2 + 3 + 4) = 30 (query, key) pairs, no routers
     dense = 12 * block + 30 * 32 + lm_head
     assert dense == 18432 + 960 + 640 == 20032
-    assert flops.forward_flops(args, torch.ones_like(EXECUTED)) == dense
-    assert flops.flops_ratio(args, EXECUTED, routing=DLLMRouting(args)) == pytest.approx(15712 / 20032, rel=1e-12)
-    assert flops.flops_ratio(args, EXECUTED) == pytest.approx((15712 - 640) / 20032, rel=1e-12)
+    assert flops.forward_flops(args, torch.ones_like(SMALL_EXECUTED)) == dense
+    assert flops.flops_ratio(args, SMALL_EXECUTED, routing=DLLMRouting(args)) == pytest.approx(15712 / 20032, rel=1e-12)
+    assert flops.flops_ratio(args, SMALL_EXECUTED) == pytest.approx((15712 - 640) / 20032, rel=1e-12)
     # executed pairs over all pairs
-    assert flops.kv_ratio(EXECUTED) == pytest.approx(9 / 12, rel=1e-12)
+    assert flops.kv_ratio(SMALL_EXECUTED) == pytest.approx(9 / 12, rel=1e-12)
 
 
 def test_dense_ratio_is_one_and_routers_cost_a_little():

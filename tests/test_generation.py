@@ -9,31 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, tiny_args
-from dllm.checkpoint import adapter_state_dict, save_meta_checkpoint
+from conftest import PROMPTS, encode, free_port, make_generator, write_demo_like
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.chat import ChatFormat
-from dllm.tokenizer import Tokenizer
-from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["The quick brown fox", "She sold 48 clips in April and half as many in May. Question:", "A"]
-
-
-def make_generator(tokenizer_path, seed=3, **overrides) -> Llama:
-    tokenizer = Tokenizer(tokenizer_path)
-    torch.manual_seed(seed)
-    args = tiny_args(vocab_size=tokenizer.n_words, max_seq_len=96, **overrides)
-    model = randomize(Transformer(args), seed=seed, router_scale=3.0, lora_b_std=0.1).eval()
-    return Llama(model, tokenizer)
-
-
-def encode(generator, prompts):
-    return [generator.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
 
 
 def teacher_forced(model, tokens):
@@ -142,18 +125,6 @@ def test_batch_and_length_limits(tokenizer_path):
         generator.generate(encode(generator, PROMPTS), 4)
     with pytest.raises(InputError, match="prompt 0 has 100 tokens, longer than max_seq_len 96"):
         generator.generate([[1] * 100], 4)
-
-
-def write_demo_like(tmp_path, tokenizer_path, mp_size):
-    """A base checkpoint (mp_size shards), an adapter, its model args and a tokenizer on disk."""
-    generator = make_generator(tokenizer_path)
-    model = generator.model
-    base = tmp_path / "base"
-    save_meta_checkpoint(model, str(base), dtype=torch.float32, mp_size=mp_size)
-    (base / "tokenizer.model").write_bytes(open(tokenizer_path, "rb").read())
-    atomic_save({"epoch": 1, "model": adapter_state_dict(model)}, str(tmp_path / "adapter.pth"))
-    (tmp_path / "args.json").write_text(json.dumps(model.params.to_dict()))
-    return generator, base
 
 
 def build_from(tmp_path, base, **kwargs):

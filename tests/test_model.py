@@ -12,38 +12,13 @@ import inspect
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import max_diff, randomize, tiny_args
 from dllm.model import Transformer, is_adapter_key
 from dllm.routing import DenseRouting, DLLMRouting, FixedRouting
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def randomize(model: Transformer, seed: int, router_scale: float = 0.0, lora_b_std: float = 0.0):
-    """Weights large enough that attention is far from uniform (so layout mistakes show), norm
-    weights away from 1, optionally random routers (so some tokens skip) and nonzero LoRA B."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter_key(name):
-                continue
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name == "tok_embeddings.weight":
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-        for layer in model.layers:
-            if router_scale and layer.router is not None:
-                layer.router.linear_2.weight.copy_(router_scale * torch.randn(2, layer.router.linear_2.in_features, generator=g))
-                layer.router.linear_2.bias.zero_()
-            lora = layer.attention
-            if lora_b_std and lora.lora_q is not None:
-                for part in (lora.lora_q, lora.lora_k, lora.lora_v):
-                    part.linear_B.weight.copy_(lora_b_std * torch.randn(part.linear_B.weight.shape, generator=g))
-    return model
 
 
 def force_execute(model: Transformer):
@@ -103,10 +78,6 @@ def meta_to_hf(model: Transformer):
 def make_model(seed=0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(tiny_args(**overrides))
-
-
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
 
 
 def routed_layers(model):

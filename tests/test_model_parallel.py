@@ -10,12 +10,11 @@ import sys
 
 import torch
 
-from conftest import free_port, tiny_args
+from conftest import free_port, randomize, tiny_args
 from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, save_meta_checkpoint
 from dllm.atomic_io import atomic_save
 from dllm.model import Transformer
 from mp_worker import inference_probes, training_probe
-from test_model import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")

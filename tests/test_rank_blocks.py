@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from conftest import tiny_args
+from conftest import randomize, tiny_args
 from dllm.data import InstructionDataset, Record
 from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
-from test_model import randomize
 from tools.rank_blocks import blocks_to_skip, rank_blocks
 from train_utils import records
 

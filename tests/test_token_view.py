@@ -9,10 +9,10 @@ import tempfile
 import pytest
 import torch
 
+from conftest import PROMPTS, encode, make_generator
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
 from dllm.routing import DenseRouting
-from test_generation import PROMPTS, encode, make_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")

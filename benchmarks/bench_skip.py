@@ -148,7 +148,10 @@ class TransformersRunner:
         with torch.device("meta"):
             hf = LlamaForCausalLM(config)
         base = {k: v for k, v in model.state_dict().items() if ".router." not in k and ".lora_" not in k}
-        hf.load_state_dict(hf_checkpoint.meta_to_hf(base, model.params), strict=True, assign=True)
+        weights = hf_checkpoint.meta_to_hf(base, model.params)
+        if config.tie_word_embeddings:  # one tensor under both names, as transformers ties them
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        hf.load_state_dict(weights, strict=True, assign=True)
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(device)  # buffers not in a state dict
         self.hf, self.config = hf.eval(), config
 

@@ -6,10 +6,10 @@
 Every method gets the same fine-tune: finetuning.sh with its defaults or the environment's variables
 (data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING, DYNAMIC_ACTIVE_TARGET,
 SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Then evaluate.py on the dataset's test
-split (held-out CE, FLOPs and KV ratios from the routing that happened), prefill and decode timed
-against the dense base model in this process (best of --repeats, interleaved, real text), and the
-per-token adaptivity: blocks executed per token, its mean and its std across the tokens of one
-sequence (averaged over sequences).
+split (held-out CE, top-1 agreement, FLOPs and KV ratios from the routing that happened), prefill
+and decode timed against the dense base model in this process (best of --repeats, interleaved, real
+text), and the per-token adaptivity: blocks executed per token, its mean and its std across the
+tokens of one sequence (averaged over sequences).
 
 Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl and static_taylor
 (tools/rank_blocks.py ranks the blocks once; round((1 - target) * n_layers) least important
@@ -39,12 +39,10 @@ from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.chat import ChatFormat  # noqa: E402
 from dllm.data import load_records  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
+from dllm.evaluate import read_results  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
+from dllm.routing import BASELINE_METHODS  # noqa: E402
 from tools.rank_blocks import blocks_to_skip  # noqa: E402
-
-# method -> (routing policy, static pruning criterion)
-METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None), "static_ppl": ("static", "ppl"),
-           "static_taylor": ("static", "taylor"), "early_exit": ("early_exit", None)}
 
 
 def floats(text: str):
@@ -59,8 +57,8 @@ def plan(args):
     """(method, target, seed) of every run; dense has no target (1.0: every block)."""
     runs = []
     for method in args.methods.split(","):
-        if method not in METHODS:
-            raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        if method not in BASELINE_METHODS:
+            raise InputError(f"unknown method {method!r}; known: {', '.join(BASELINE_METHODS)}")
         for target in [1.0] if method == "dense" else floats(args.targets):
             spread = method in args.spread_methods.split(",") and math.isclose(target, args.spread_target)
             runs += [(method, target, seed) for seed in (ints(args.spread_seeds) if spread else ints(args.seeds))]
@@ -68,12 +66,12 @@ def plan(args):
         method, _, rest = run.partition(":")
         try:
             target, *seed = rest.split(":")
-            if method not in METHODS or len(seed) > 1:
+            if method not in BASELINE_METHODS or len(seed) > 1:
                 raise ValueError
             runs.append((method, float(target), int(seed[0]) if seed else 0))
         except ValueError:
             raise InputError(f"--extra_runs {run!r}: expected METHOD:TARGET[:SEED], METHOD one of "
-                             f"{', '.join(METHODS)}") from None
+                             f"{', '.join(BASELINE_METHODS)}") from None
     return runs
 
 
@@ -104,7 +102,7 @@ def ranking(args) -> dict:
 
 
 def fine_tune(args, method, target, seed, out_dir) -> dict:
-    routing, criterion = METHODS[method]
+    routing, criterion = BASELINE_METHODS[method]
     env = dict(os.environ, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.model_path, DATASET_PATH=args.dataset_path,
                DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir, MASTER_PORT=str(free_port()))
     extra = {}
@@ -117,15 +115,23 @@ def fine_tune(args, method, target, seed, out_dir) -> dict:
     return extra
 
 
-def evaluate(args, adapter, out_dir) -> dict:
-    """evaluate.py on the test split; the ppl row."""
+def evaluate(args, adapter, out_dir):
+    """evaluate.py on the test split, into out_dir."""
     command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.model_path, "--dynamic_ckpt_dir", adapter,
                "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir, "--overwrite"]
     if os.environ.get("TOKENIZER_PATH"):
         command += ["--tokenizer_path", os.environ["TOKENIZER_PATH"]]
     run(command)
-    with open(os.path.join(out_dir, "results.json")) as f:
-        return next(r for r in json.load(f)["rows"] if r["metric"] == "ppl")
+
+
+def quality(eval_dir) -> dict:
+    """A row's fields from evaluate.py's results: the FLOPs and KV ratios of the routing that
+    happened, held-out CE and perplexity, top-1 agreement with the answers (None where the dataset's
+    metrics lack it)."""
+    results = {r["metric"]: r for r in read_results(eval_dir)}
+    ppl, top1 = results["ppl"], results.get("top-1 agreement")
+    return {"flops_ratio": ppl["flops_ratio"], "kv_ratio": ppl["kv_ratio"], "val_ce": math.log(ppl["value"]),
+            "val_ppl": ppl["value"], "top1_agreement": top1["value"] if top1 else None}
 
 
 def build(args, adapter=None) -> Llama:
@@ -188,38 +194,41 @@ def adaptivity(generator: Llama, sequences: List[List[int]], args):
 
 def measure(args, dense, sequences, text, method, target, seed) -> dict:
     out_dir = os.path.join(args.work_dir, f"{method}-{target:g}-s{seed}")
-    row_path = os.path.join(out_dir, "row.json")
+    row_path, eval_dir = os.path.join(out_dir, "row.json"), os.path.join(out_dir, "eval")
     if os.path.isfile(row_path):
         with open(row_path) as f:
             row = json.load(f)
+        row.update(quality(eval_dir))
         if args.retime:
             generator = build(args, os.path.join(ROOT, row["adapter"]))
             row["prefill_speedup"], row["decode_speedup"] = speedups(dense, generator, text, args)
-            atomic_write_text(json.dumps(row, indent=2) + "\n", row_path)
-        return row
-    extra = fine_tune(args, method, target, seed, out_dir)
-    adapter = os.path.join(out_dir, "checkpoint-last.pth")
-    ppl = evaluate(args, adapter, os.path.join(out_dir, "eval"))
-    generator = build(args, adapter)
-    prefill, decode = speedups(dense, generator, text, args)
-    blocks_mean, blocks_std = adaptivity(generator, sequences, args)
-    row = {"method": method, "target": target, "seed": seed, "flops_ratio": ppl["flops_ratio"],
-           "kv_ratio": ppl["kv_ratio"], "val_ce": math.log(ppl["value"]), "val_ppl": ppl["value"],
-           "prefill_speedup": prefill, "decode_speedup": decode, "blocks_per_token": blocks_mean,
-           "blocks_std_in_sequence": blocks_std, "adapter": os.path.relpath(adapter, ROOT), **extra}
+    else:
+        extra = fine_tune(args, method, target, seed, out_dir)
+        adapter = os.path.join(out_dir, "checkpoint-last.pth")
+        evaluate(args, adapter, eval_dir)
+        generator = build(args, adapter)
+        prefill, decode = speedups(dense, generator, text, args)
+        blocks_mean, blocks_std = adaptivity(generator, sequences, args)
+        row = {"method": method, "target": target, "seed": seed, **quality(eval_dir),
+               "prefill_speedup": prefill, "decode_speedup": decode, "blocks_per_token": blocks_mean,
+               "blocks_std_in_sequence": blocks_std, "adapter": os.path.relpath(adapter, ROOT), **extra}
     atomic_write_text(json.dumps(row, indent=2) + "\n", row_path)
     return row
+
+
+def top1_cell(row) -> str:
+    return "-" if row.get("top1_agreement") is None else f"{row['top1_agreement']:.3f}"
 
 
 def markdown(rows, args) -> str:
     env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
     lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
              f"`{env + ' ' if env else ''}python benchmarks/baselines.py {' '.join(sys.argv[1:])}`", "",
-             "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | prefill x | decode x "
-             "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | top-1 | prefill x | decode x "
+             "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['target']:g} | {r['seed']} | {r['flops_ratio']:.3f} | {r['kv_ratio']:.3f} "
-                     f"| {r['val_ce']:.3f} | {r['val_ppl']:.1f} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} "
+                     f"| {r['val_ce']:.3f} | {r['val_ppl']:.1f} | {top1_cell(r)} | {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} "
                      f"| {r['blocks_per_token']:.2f} | {r['blocks_std_in_sequence']:.2f} |")
     groups = {}
     for r in rows:
@@ -262,7 +271,7 @@ def parse_args(argv=None):
     p.add_argument("--model_path", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo", help="fine-tuned on its train split, evaluated on its test split")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(BASELINE_METHODS), help=f"comma-separated, of {', '.join(BASELINE_METHODS)}")
     p.add_argument("--targets", default="0.4,0.5,0.7", help="shares of all blocks executed, one run each")
     p.add_argument("--seeds", default="0", help="seeds of every run")
     p.add_argument("--spread_target", type=float, default=0.5, help="the target where --spread_methods run more seeds")

@@ -28,8 +28,8 @@ from dllm.routing import settled  # noqa: E402
 
 @torch.inference_mode()
 def settled_shares(model, sequences: List[Tuple[List[int], int]]) -> List[float]:
-    """Per block, the share of response positions (prompt length onwards, predicting the next token)
-    settled at the block's input; sequences are (token ids, prompt length)."""
+    """Per block, the share of the positions that predict a response token (prompt length - 1 up to
+    the last but one) settled at the block's input; sequences are (token ids, prompt length)."""
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda block, args: inputs.__setitem__(block.layer_id, args[0]))
              for layer in model.layers]
@@ -37,9 +37,9 @@ def settled_shares(model, sequences: List[Tuple[List[int], int]]) -> List[float]
     try:
         for ids, prompt_length in sequences:
             logits, _ = model(torch.tensor([ids], device=model.tok_embeddings.weight.device))
-            final = logits[0, prompt_length - 1 :].argmax(-1)
+            final = logits[0, prompt_length - 1 : -1].argmax(-1)
             for layer_id, x in inputs.items():
-                counts[layer_id] += settled(model, x[0, prompt_length - 1 :], final).sum().item()
+                counts[layer_id] += settled(model, x[0, prompt_length - 1 : -1], final).sum().item()
             total += len(final)
     finally:
         for hook in hooks:

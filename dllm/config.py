@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import math
+import sys
 import typing
 from typing import Any, Optional, Sequence
 
@@ -88,7 +89,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Under torchrun every rank parses the same flags: only rank 0 prints the help or the error."""
+    """Under torchrun every rank parses the same flags: only rank 0 prints the help; the others wait
+    for rank 0 to print a bad flag's error (as run_cli does for other bad input)."""
 
     def _print_message(self, message, file=None):
         if speaks():
@@ -96,7 +98,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         wait_for_rank_0()
-        super().error(message)
+        sys.stderr.write(f"{self.format_usage()}{self.prog}: error: {message}\n")
+        sys.exit(2)
 
 
 def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:

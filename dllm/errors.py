@@ -15,7 +15,7 @@ def speaks() -> bool:
 
 
 # how long a rank other than 0 waits for rank 0 to report the error they share
-QUIET_RANK_WAIT_S = 10.0
+QUIET_RANK_WAIT_S = 30.0
 
 
 def wait_for_rank_0():

@@ -249,6 +249,18 @@ def write_results(rows: List[Row], output_dir: str, title: str, provenance: Opti
     atomic_write_text(table, os.path.join(output_dir, "results.md"))
 
 
+def read_results(path: str) -> List[dict]:
+    """The rows of a results.json (or of the one in a results directory); files written before
+    results.json carried its provenance are a bare list of rows."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such results file")
+    with open(path) as f:
+        data = json.load(f)
+    return data["rows"] if isinstance(data, dict) else data
+
+
 def check_output_dir(output_dir: str, overwrite: bool):
     """Before any evaluation: earlier results are kept unless --overwrite, and the directory takes files."""
     existing = [name for name in RESULT_FILES if os.path.exists(os.path.join(output_dir, name))]

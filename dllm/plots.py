@@ -116,18 +116,6 @@ def write_curves_or_warn(output_dir: str, warn: Callable[[str], None]):
 # ------------------------------------------------------------------ quality versus FLOPs
 
 
-def read_results(path: str) -> List[dict]:
-    """The rows of a results.json (or of the one in a results directory); files written before
-    results.json carried its provenance are a bare list of rows."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "results.json")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such results file")
-    with open(path) as f:
-        data = json.load(f)
-    return data["rows"] if isinstance(data, dict) else data
-
-
 def quality_points(runs: List[Tuple[str, List[dict]]]) -> Dict[Tuple[str, str], Dict[str, List[Tuple[float, float]]]]:
     """{(dataset, metric): {method: [(flops ratio, value)] sorted by FLOPs ratio}}, methods in first-seen order."""
     panels = defaultdict(dict)

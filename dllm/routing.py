@@ -396,6 +396,17 @@ class FixedRouting(DenseRouting):
 
 POLICIES = {policy.name: policy for policy in (DLLMRouting, MoDRouting, StaticRouting, EarlyExitRouting, DenseRouting)}
 
+# the methods the baselines compare (benchmarks/baselines.py): a policy and, for static pruning, the
+# block ranking it prunes by (tools/rank_blocks.py)
+BASELINE_METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None),
+                    "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"),
+                    "early_exit": ("early_exit", None)}
+
+
+def baseline_label(method: str) -> str:
+    policy, criterion = BASELINE_METHODS[method]
+    return POLICIES[policy].label + (f" ({criterion})" if criterion else "")
+
 
 def make_routing(args) -> DenseRouting:
     """The policy `args.routing` names, built from the model args."""

@@ -72,8 +72,6 @@ def free_port() -> int:
 def one_torch_thread():
     """Two cores shared with other jobs: more threads than that only slow tiny models down. Runs
     compared bit for bit must use the same thread count (reductions split differently)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -198,7 +196,6 @@ def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
     """SmolLM2 converted from its GGUF to the Hugging Face layout in fp32 (the dequantized values, exactly)."""
-    import torch
 
     from dllm.convert import convert
 
@@ -210,7 +207,6 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def transformers_smollm2(smollm2_gguf):
     """The independent oracle: transformers' own loading of the same GGUF file, fp32, and its tokenizer."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, name = os.path.split(smollm2_gguf)

@@ -1,5 +1,6 @@
 """benchmarks/baselines.py: the runs the sweep makes (its smoke run is in the report of issue 9)."""
 import json
+import math
 import os
 
 import pytest
@@ -31,20 +32,31 @@ def test_extra_runs_follow_the_plan_and_a_malformed_one_is_refused():
 
 @pytest.mark.parametrize("retime", [False, True])
 def test_a_finished_run_is_reused_and_retime_replaces_only_its_speedups(tmp_path, monkeypatch, retime):
+    """Its quality comes from evaluate.py's results (top-1 agreement too), its timings from row.json
+    unless --retime times them again."""
     args = baselines.parse_args(["--work_dir", str(tmp_path)] + (["--retime"] if retime else []))
-    row = {"method": "dllm", "target": 0.5, "seed": 0, "val_ce": 4.3, "prefill_speedup": 1.1, "decode_speedup": 1.2,
+    row = {"method": "dllm", "target": 0.5, "seed": 0, "flops_ratio": 0.6, "kv_ratio": 0.5, "val_ce": 4.3,
+           "val_ppl": 73.7, "prefill_speedup": 1.1, "decode_speedup": 1.2, "blocks_per_token": 4.2,
+           "blocks_std_in_sequence": 0.7,
            "adapter": "runs/x/dllm-0.5-s0/checkpoint-last.pth"}
-    os.makedirs(tmp_path / "dllm-0.5-s0")
+    os.makedirs(tmp_path / "dllm-0.5-s0" / "eval")
     (tmp_path / "dllm-0.5-s0" / "row.json").write_text(json.dumps(row))
+    results = [{"dataset": "demo", "metric": "ppl", "value": 70.0, "flops_ratio": 0.61, "kv_ratio": 0.52},
+               {"dataset": "demo", "metric": "top-1 agreement", "value": 0.2, "flops_ratio": 0.61, "kv_ratio": 0.52}]
+    (tmp_path / "dllm-0.5-s0" / "eval" / "results.json").write_text(json.dumps({"rows": results}))
     built = []
     monkeypatch.setattr(baselines, "fine_tune", lambda *a: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(baselines, "build", lambda args, adapter=None: built.append(adapter) or "generator")
     monkeypatch.setattr(baselines, "speedups", lambda dense, generator, text, args: (2.0, 3.0))
     measured = baselines.measure(args, "dense", [], None, "dllm", 0.5, 0)
-    expected = dict(row, prefill_speedup=2.0, decode_speedup=3.0) if retime else row
+    expected = dict(row, flops_ratio=0.61, kv_ratio=0.52, val_ce=pytest.approx(math.log(70.0)), val_ppl=70.0,
+                    top1_agreement=0.2)
+    if retime:
+        expected.update(prefill_speedup=2.0, decode_speedup=3.0)
     assert measured == expected
     assert json.loads((tmp_path / "dllm-0.5-s0" / "row.json").read_text()) == expected
     assert built == ([os.path.join(ROOT, row["adapter"])] if retime else [])
+    assert "| 0.200 |" in baselines.markdown([measured], args)
 
 
 attempts = load_script("benchmarks/dllm_attempts.py")

@@ -4,6 +4,7 @@ from typing import List, Optional
 
 import pytest
 
+from dllm import errors
 from dllm.config import Settings, setting
 from dllm.errors import InputError
 
@@ -64,3 +65,17 @@ def test_help_describes_every_flag_with_its_default(capsys):
     for phrase in ("records per forward pass (default: 8)", "sampling temperature; 0 is greedy (default: 0.1)",
                    "--dense, --no-dense", "(default: ['Hi.'])", "routing policy (default: 'dllm')"):
         assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("rank, waits", [("0", False), ("1", True)])
+def test_under_torchrun_a_rank_other_than_0_waits_for_rank_0_to_say_a_bad_flag(rank, waits, capsys, monkeypatch):
+    """Every rank parses the same flags; one that exited at once could let torchrun stop rank 0
+    before it speaks. If the wait runs out, the rank says the error itself."""
+    monkeypatch.setenv("RANK", rank)
+    slept = []
+    monkeypatch.setattr(errors.time, "sleep", slept.append)
+    with pytest.raises(SystemExit) as exit_info:
+        Example.parse(["--bogus"])
+    assert exit_info.value.code == 2
+    assert slept == ([errors.QUIET_RANK_WAIT_S] if waits else [])
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: --bogus\n")

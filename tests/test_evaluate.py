@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, make_generator, randomize, tiny_args, write_demo_like
+from conftest import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
 from dllm import flops
 from dllm.data import load_records
 from dllm.errors import InputError
@@ -21,7 +21,6 @@ from dllm.model import Transformer
 from dllm.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALPACA = [
     {"instruction": "Name a fox.", "input": "", "output": "The quick brown fox."},

@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PROMPTS, encode, free_port, make_generator, write_demo_like
+from conftest import PROMPTS, ROOT, encode, free_port, make_generator, write_demo_like
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.routing import DenseRouting
 from dllm.chat import ChatFormat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def teacher_forced(model, tokens):

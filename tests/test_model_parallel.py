@@ -10,13 +10,12 @@ import sys
 
 import torch
 
-from conftest import free_port, randomize, tiny_args
+from conftest import ROOT, free_port, randomize, subprocess_env, tiny_args
 from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, save_meta_checkpoint
 from dllm.atomic_io import atomic_save
 from dllm.model import Transformer
 from mp_worker import inference_probes, training_probe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")
 
 
@@ -49,9 +48,7 @@ def test_model_parallel_2_matches_single_process(tmp_path):
     inputs, out = tmp_path / "inputs.pth", tmp_path / "out.pth"
     torch.save({"tokens": tokens, "masks": {str(k): v for k, v in masks.items()}, "overrides": json.dumps(overrides),
                 "seed": torch.tensor(seed)}, inputs)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            WORKER, str(ckpt), str(adapter), str(inputs), str(out)]

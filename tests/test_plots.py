@@ -121,7 +121,8 @@ def test_quality_flops_cli(tmp_path, monkeypatch):
         plot_quality_flops.main([str(out), f"dense={tmp_path / 'missing'}"])
 
 
-def test_quality_flops_takes_the_seed_0_runs_of_a_baselines_table(tmp_path):
+def baselines_table(tmp_path):
+    """A benchmarks/baselines.py table of three runs, each with its evaluate.py results in eval/."""
     rows = []
     for method, seed, ppl in (("static_ppl", 0, 76.0), ("static_ppl", 1, 77.0), ("dllm", 0, 78.0)):
         run = tmp_path / f"{method}-0.5-s{seed}"
@@ -130,15 +131,32 @@ def test_quality_flops_takes_the_seed_0_runs_of_a_baselines_table(tmp_path):
         rows.append({"method": method, "target": 0.5, "seed": seed, "adapter": str(run / "checkpoint-last.pth")})
     table = tmp_path / "baselines.json"
     table.write_text(json.dumps(rows))
-    runs = plot_quality_flops.baseline_runs(str(table))
-    assert [(label, [r["value"] for r in rows]) for label, rows in runs] == [("static (ppl)", [76.0]), ("D-LLM", [78.0])]
-    assert [label for label, _ in plot_quality_flops.baseline_runs(f"D-LLM, per sequence={table}")] == [
-        "D-LLM, per sequence", "D-LLM, per sequence"]
-    assert [label for label, _ in plot_quality_flops.baseline_runs(str(table), ["dllm"])] == ["D-LLM"]
-    with pytest.raises(InputError, match="no such baselines file"):
-        plot_quality_flops.baseline_runs(str(tmp_path / "missing.json"))
-    with pytest.raises(InputError, match="nothing to plot"):
-        plot_quality_flops.main([str(tmp_path / "q.png")])
+    return str(table)
+
+
+def test_quality_flops_takes_the_seed_0_runs_of_a_baselines_table_under_their_methods_names(tmp_path):
+    table = baselines_table(tmp_path)
+    runs = plot_quality_flops.baseline_runs(table)
+    assert [(label, [r["value"] for r in rows]) for label, rows in runs] == [
+        ("static pruning (ppl)", [76.0]), ("D-LLM", [78.0])]
+    assert [label for label, _ in plot_quality_flops.baseline_runs(f"D-LLM, per sequence={table}", ["dllm"])] == [
+        "D-LLM, per sequence"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baselines", "missing.json"], "missing.json: no such baselines file"),
+    (["--baselines", "LABEL={table}"], "a LABEL names one line, but the table holds dllm, static_ppl"),
+    (["--baselines", "{table}", "--methods", "dllm,static"], "--methods: unknown static; known: dense, dllm"),
+    (["--baselines", "{bad}"], "not a benchmarks/baselines.py table"),
+    ([], "nothing to plot"),
+])
+def test_quality_flops_refuses_a_bad_baselines_request_in_one_line(tmp_path, monkeypatch, argv, message):
+    table = baselines_table(tmp_path)
+    (tmp_path / "bad.json").write_text('[{"method": "dllm"}]')
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(table=table, bad=tmp_path / "bad.json") for a in argv]
+    with pytest.raises(InputError, match=message):
+        plot_quality_flops.main([str(tmp_path / "q.png")] + argv)
 
 
 def test_routing_grid_draws_the_cells():

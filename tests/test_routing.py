@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import finetuning
-from conftest import SMALL_EXECUTED, ROOT, load_script, max_diff, randomize, small_args, tiny_args
+from conftest import SMALL_EXECUTED, ROOT, max_diff, randomize, small_args, tiny_args
 from dllm import flops, routing
 from dllm.checkpoint import adapter_state_dict, build_model, read_adapter, save_meta_checkpoint
 from dllm.atomic_io import atomic_save
@@ -101,7 +101,7 @@ def test_every_policy_is_chosen_by_name():
 # ---------------------------------------------------------------- FLOPs by hand
 
 
-# SMALL_EXECUTED (tests/test_flops.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
+# SMALL_EXECUTED (tests/conftest.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
 # attention cost 15072 FLOPs, the LM head included (dim 8, router hdim 4, vocab 10)
 BLOCKS_AND_HEAD = 15712 - 640
 
@@ -261,31 +261,6 @@ def test_early_exit_aux_loss_by_hand():
             logp = layer.router(x).log_softmax(-1)
         total += -(logp.gather(-1, go_on.long()[..., None])[..., 0] * weight).sum() / weight.sum()
     assert a_loss.item() == pytest.approx(total.item() / (5 - START), rel=1e-5)
-
-
-settled_depth = load_script("benchmarks/settled_depth.py")
-
-
-def test_settled_depth_counts_response_positions_whose_top1_is_final_at_each_block_input():
-    """Blocks 2 and 3 made identities: their inputs are the last hidden state, so every response
-    position is settled there; block 0's input is the embedding, checked by hand."""
-    torch.manual_seed(0)
-    model = randomize(Transformer(tiny_args()), seed=0).eval()
-    with torch.no_grad():
-        for layer in model.layers[2:]:
-            layer.attention.wo.weight.zero_()
-            layer.feed_forward.w2.weight.zero_()
-    sequences = [(list(range(3, 15)), 5), (list(range(40, 60)), 1)]
-    shares = settled_depth.settled_shares(model, sequences)
-    assert shares[2:] == [1.0, 1.0]
-    hits = total = 0
-    with torch.no_grad():
-        for ids, prompt_length in sequences:
-            tokens = torch.tensor([ids])
-            final = model(tokens)[0][0, prompt_length - 1 :].argmax(-1)
-            hits += routing.settled(model, model.tok_embeddings(tokens)[0, prompt_length - 1 :], final).sum().item()
-            total += len(final)
-    assert shares[0] == pytest.approx(hits / total) and 0 < shares[0] < 1
 
 
 def test_dllm_aux_loss_is_the_rate_loss_at_inference_too():

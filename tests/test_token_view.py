@@ -9,12 +9,11 @@ import tempfile
 import pytest
 import torch
 
-from conftest import PROMPTS, encode, make_generator
+from conftest import PROMPTS, ROOT, encode, make_generator
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
 from dllm.routing import DenseRouting
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,12 +16,11 @@ import json
 import os
 
 from dllm.errors import InputError, run_cli
-from dllm.plots import quality_flops_figure, read_results, save_png
+from dllm.evaluate import read_results
+from dllm.plots import quality_flops_figure, save_png
+from dllm.routing import BASELINE_METHODS, baseline_label
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# benchmarks/baselines.py's methods, as a legend names them
-BASELINE_NAMES = {"dense": "dense LoRA", "dllm": "D-LLM", "mod": "MoD", "static_ppl": "static (ppl)",
-                  "static_taylor": "static (Taylor)", "early_exit": "early exit"}
 
 
 def parse_run(text: str):
@@ -32,18 +31,25 @@ def parse_run(text: str):
 
 
 def baseline_runs(text: str, methods=None):
-    """The seed-0 runs of a baselines.py JSON: each row's evaluate.py results, in eval/ beside its
-    adapter (paths relative to the repository), under LABEL or the row's method."""
+    """The seed-0 runs of a baselines.py JSON (of `methods` only, if given): each row's evaluate.py
+    results, in eval/ beside its adapter (paths relative to the repository), under its method's
+    name, or under LABEL for a table of one method."""
     label, sep, path = text.partition("=")
     if not sep:
         label, path = "", text
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such baselines file")
-    with open(path) as f:
-        rows = json.load(f)
-    return [(label or BASELINE_NAMES.get(row["method"], row["method"]),
-             read_results(os.path.join(ROOT, os.path.dirname(row["adapter"]), "eval")))
-            for row in rows if row["seed"] == 0 and (methods is None or row["method"] in methods)]
+    try:
+        with open(path) as f:
+            rows = [(row["method"], row["adapter"]) for row in json.load(f) if row["seed"] == 0]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such baselines file") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{path}: not a benchmarks/baselines.py table ({type(e).__name__}: {e})") from None
+    rows = [(method, adapter) for method, adapter in rows if methods is None or method in methods]
+    if label and len({method for method, _ in rows}) > 1:
+        raise InputError(f"{text}: a LABEL names one line, but the table holds "
+                         f"{', '.join(sorted({m for m, _ in rows}))}; keep one with --methods")
+    return [(label or baseline_label(method), read_results(os.path.join(ROOT, os.path.dirname(adapter), "eval")))
+            for method, adapter in rows]
 
 
 def main(argv=None):
@@ -54,8 +60,11 @@ def main(argv=None):
     p.add_argument("--methods", default=None, help="comma-separated baselines.py methods to plot (default: all)")
     p.add_argument("--datasets", default=None, help="comma-separated datasets to plot (default: all)")
     args = p.parse_args(argv)
-    runs = [parse_run(r) for r in args.runs] + [
-        run for table in args.baselines for run in baseline_runs(table, args.methods and args.methods.split(","))]
+    methods = args.methods.split(",") if args.methods else None
+    unknown = set(methods or ()) - set(BASELINE_METHODS)
+    if unknown:
+        raise InputError(f"--methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(BASELINE_METHODS)}")
+    runs = [parse_run(r) for r in args.runs] + [run for table in args.baselines for run in baseline_runs(table, methods)]
     if not runs:
         raise InputError("nothing to plot: give METHOD=RESULTS_DIR or --baselines JSON")
     if args.datasets:

@@ -22,24 +22,26 @@ from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.chat import ChatFormat  # noqa: E402
 from dllm.data import load_records  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
+from dllm.evaluate import scored_tokens  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
 from dllm.routing import settled  # noqa: E402
 
 
 @torch.inference_mode()
 def settled_shares(model, sequences: List[Tuple[List[int], int]]) -> List[float]:
-    """Per block, the share of the positions that predict a response token (prompt length - 1 up to
-    the last but one) settled at the block's input; sequences are (token ids, prompt length)."""
+    """Per block, the share of the positions that predict a response token (from the one before the
+    first response token to the last but one) settled at the block's input; sequences are (token
+    ids, index of the first response token), as evaluate.py scores them."""
     inputs = {}
     hooks = [layer.register_forward_pre_hook(lambda block, args: inputs.__setitem__(block.layer_id, args[0]))
              for layer in model.layers]
     counts, total = torch.zeros(len(model.layers)), 0
     try:
-        for ids, prompt_length in sequences:
+        for ids, start in sequences:
             logits, _ = model(torch.tensor([ids], device=model.tok_embeddings.weight.device))
-            final = logits[0, prompt_length - 1 : -1].argmax(-1)
+            final = logits[0, start - 1 : -1].argmax(-1)
             for layer_id, x in inputs.items():
-                counts[layer_id] += settled(model, x[0, prompt_length - 1 : -1], final).sum().item()
+                counts[layer_id] += settled(model, x[0, start - 1 : -1], final).sum().item()
             total += len(final)
     finally:
         for hook in hooks:
@@ -52,12 +54,7 @@ def main(args):
                             model_parallel_size=1, dense=True)
     tokenizer = generator.tokenizer
     records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(tokenizer))[: args.records]
-    sequences = []
-    for record in records:
-        ids = tokenizer.encode(record.prompt + record.response, bos=True, eos=True)[: args.max_seq_len]
-        prompt_length = len(tokenizer.encode(record.prompt, bos=True, eos=False))
-        if prompt_length < len(ids):
-            sequences.append((ids, prompt_length))
+    sequences = [scored_tokens(tokenizer, r.prompt, r.response, args.max_seq_len) for r in records]
     shares = settled_shares(generator.model, sequences)
     print("block  settled at its input")
     for layer_id, share in enumerate(shares):

@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass, replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,16 @@ def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat) ->
     return records
 
 
+def scored_tokens(tokenizer, prompt: str, continuation: str, max_seq_len: int) -> Tuple[List[int], int]:
+    """prompt + continuation as tokens (eos included) and the index of the first scored token: the
+    continuation's first. Too long: the prompt's start is dropped (as generation does), never the
+    scored tokens."""
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    full = tokenizer.encode(prompt + continuation, bos=True, eos=True)
+    cut = max(0, len(full) - max_seq_len)
+    return full[cut:], max(1, min(len(prompt_ids), len(full) - 1) - cut)
+
+
 class Evaluator:
     def __init__(self, generator: Llama, batch_size: int, max_gen_len: int, n_shot: int, dataset_path: str):
         self.generator = generator
@@ -141,14 +151,8 @@ class Evaluator:
     def _score(self, prompts: List[str], continuations: List[str], tally: Tally):
         """Teacher-forced log-likelihood, token count and top-1 hits (argmax = the next token) of each
         continuation after its prompt, eos included, in one right-padded forward."""
-        seqs, starts = [], []
-        for prompt, continuation in zip(prompts, continuations):
-            prompt_ids = self.tokenizer.encode(prompt, bos=True, eos=False)
-            full = self.tokenizer.encode(prompt + continuation, bos=True, eos=True)
-            # too long: drop the prompt's start (as generation does), never the scored tokens
-            cut = max(0, len(full) - self.args.max_seq_len)
-            seqs.append(full[cut:])
-            starts.append(max(1, min(len(prompt_ids), len(full) - 1) - cut))
+        seqs, starts = zip(*(scored_tokens(self.tokenizer, prompt, continuation, self.args.max_seq_len)
+                             for prompt, continuation in zip(prompts, continuations)))
         width = max(len(s) for s in seqs)
         device = self.generator.device
         tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)

@@ -391,9 +391,24 @@ FINGERPRINT_SAMPLES = (("tok_embeddings.weight", lambda w: w[:8, 0]), ("layers.0
 FINGERPRINT_RTOL = 1e-2  # the same base in bf16 or fp32 agrees; another base's weights do not
 
 
+# a float setting as a conversion may store it: GGUF keeps rms_norm_eps as float32, so transformers'
+# save_pretrained of a GGUF writes 1e-05 as 9.999999747378752e-06
+FLOAT_DIGITS = 6
+
+
+def arch_value(value):
+    """An architecture setting with its floats rounded to FLOAT_DIGITS significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{FLOAT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {k: arch_value(v) for k, v in value.items()}
+    return value
+
+
 def base_fingerprint(model: Transformer) -> dict:
-    """Which base an adapter was trained on: a hash of its architecture and a sample of its weights."""
-    arch = {key: getattr(model.params, key) for key in FINGERPRINT_KEYS}
+    """Which base an adapter was trained on: a hash of its architecture (floats rounded, so every
+    conversion of one base hashes alike) and a sample of its weights."""
+    arch = {key: arch_value(getattr(model.params, key)) for key in FINGERPRINT_KEYS}
     own = model.state_dict()
     sample = torch.cat([take(own[name].detach()).float() for name, take in FINGERPRINT_SAMPLES])
     if distributed.mp_size() > 1:  # every rank reports model-parallel rank 0's values
@@ -524,12 +539,12 @@ def build_model(args: ModelArgs, llama_ckpt_dir: str, adapter_path: str = None, 
 
 
 def check_args_match(args: ModelArgs, base: ModelArgs, args_path: str, base_path: str):
-    """The adapter's model args must describe the same base architecture as the checkpoint's."""
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "head_dim",
-                "ffn_hidden_dim", "tie_word_embeddings", "rope_scaling"):
+    """The adapter's model args must describe the same base architecture as the checkpoint's (floats
+    to FLOAT_DIGITS significant digits)."""
+    for key in FINGERPRINT_KEYS:
         if key == "vocab_size" and base.vocab_size == -1:
             continue
-        if getattr(args, key) != getattr(base, key):
+        if arch_value(getattr(args, key)) != arch_value(getattr(base, key)):
             raise InputError(
                 f"{args_path}: {key}={getattr(args, key)} but the base model's {base_path} has {getattr(base, key)}"
             )

@@ -1,7 +1,8 @@
 """Instruction datasets for the paper's benchmarks, in the reference repo's layout.
 
-`datasets/NAME/{train,test,prompt}.json`: train/test are JSON lists of records in the field
-layout of each benchmark's public release; `prompt.json` holds the Alpaca-style templates. One
+`datasets/NAME/{train,validation,test,prompt}.json`: the splits are JSON lists of records in the
+field layout of each benchmark's public release (validation.json is ours and optional: training
+validates on it, else on test.json); `prompt.json` holds the Alpaca-style templates. One
 handler per dataset maps a raw record to a `Record` (prompt text, target response, and for
 evaluation the options and the gold answer).
 
@@ -31,7 +32,13 @@ import torch
 
 from dllm.errors import InputError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+
+
+def validation_split(dataset_path: str, name: str) -> str:
+    """The split choices are made on: `validation.json` where the dataset has one; else `test.json`
+    (the reference's layout has no validation split), which the caller must say aloud."""
+    return "validation" if os.path.isfile(os.path.join(dataset_path, name, "validation.json")) else "test"
 
 
 @dataclass

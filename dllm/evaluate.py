@@ -98,10 +98,10 @@ class Row:
     n_unit: str = "records"  # what n counts: "tokens" (perplexity, top-1 agreement) or "records" (accuracy)
 
 
-def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat) -> List[Record]:
-    """A dataset's test records, each prompt led by the first `n_shot` training examples, checked for
-    what scoring needs (a gold number, an answer among the options)."""
-    records = load_records(dataset_path, name, "test", chat)
+def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat, split: str = "test") -> List[Record]:
+    """A dataset's records of `split`, each prompt led by the first `n_shot` training examples, checked
+    for what scoring needs (a gold number, an answer among the options)."""
+    records = load_records(dataset_path, name, split, chat)
     if n_shot:
         shots = load_records(dataset_path, name, "train", chat)
         if len(shots) < n_shot:
@@ -112,9 +112,9 @@ def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat) ->
     metric = task(name).metric
     for i, r in enumerate(records):
         if metric == "math" and r.answer is None:
-            raise InputError(f"{name}/test.json: record {i} has no gold number to score")
+            raise InputError(f"{name}/{split}.json: record {i} has no gold number to score")
         if metric == "choice" and (not r.choices or r.answer not in r.choices):
-            raise InputError(f"{name}/test.json: record {i} has no options or its answer is not one of them")
+            raise InputError(f"{name}/{split}.json: record {i} has no options or its answer is not one of them")
     return records
 
 
@@ -129,7 +129,8 @@ def scored_tokens(tokenizer, prompt: str, continuation: str, max_seq_len: int) -
 
 
 class Evaluator:
-    def __init__(self, generator: Llama, batch_size: int, max_gen_len: int, n_shot: int, dataset_path: str):
+    def __init__(self, generator: Llama, batch_size: int, max_gen_len: int, n_shot: int, dataset_path: str,
+                 split: str = "test"):
         self.generator = generator
         self.model = generator.model
         self.tokenizer = generator.tokenizer
@@ -138,10 +139,11 @@ class Evaluator:
         self.max_gen_len = max_gen_len
         self.n_shot = n_shot
         self.dataset_path = dataset_path
+        self.split = split
 
     def records(self, name: str) -> List[Record]:
         """This data-parallel rank's share, strided so every rank sees a similar mix."""
-        records = task_records(self.dataset_path, name, self.n_shot, ChatFormat(self.tokenizer))
+        records = task_records(self.dataset_path, name, self.n_shot, ChatFormat(self.tokenizer), self.split)
         return records[distributed.dp_rank():: distributed.dp_size()]
 
     def _batches(self, items, desc):
@@ -298,6 +300,8 @@ class EvalConfig(ModelSettings):
                                 "per dataset")
     datasets: List[str] = setting(["demo"], f"datasets to evaluate, comma-separated (demo,piqa) or a list "
                                   f"(\"['demo', 'piqa']\"); known: {', '.join(sorted(TASKS))}", choices=sorted(TASKS))
+    split: str = setting("test", "the split evaluated: validation to choose a recipe or an operating point, test "
+                         "for the reported table", choices=["validation", "test"])
     output_dir: str = setting("results/eval", "where results.md and results.json are written")
     overwrite: bool = setting(False, "replace results an earlier evaluation left in --output_dir")
     n_shot: int = setting(0, "training examples put before each test prompt", low=0)
@@ -317,10 +321,11 @@ def evaluate(config: EvalConfig):
     check_output_dir(config.output_dir, config.overwrite)
     chat = ChatFormat(Tokenizer(config.tokenizer_path or config.llama_ckpt_dir))
     for name in config.datasets:
-        task_records(config.dataset_path, name, config.n_shot, chat)
+        task_records(config.dataset_path, name, config.n_shot, chat, config.split)
     adapter = config.adapter()
     generator = config.build(adapter, config.batch_size)
-    evaluator = Evaluator(generator, config.batch_size, config.max_gen_len, config.n_shot, config.dataset_path)
+    evaluator = Evaluator(generator, config.batch_size, config.max_gen_len, config.n_shot, config.dataset_path,
+                          config.split)
     rows = [row for name in config.datasets for row in evaluator.evaluate(name)]
     routing = generator.model.routing
     label = f"{routing.label} ({adapter})" if adapter else f"dense base model ({config.llama_ckpt_dir})"
@@ -331,8 +336,9 @@ def evaluate(config: EvalConfig):
         "execute_threshold": generator.model.params.execute_threshold if adapter else None,
         "n_shot": config.n_shot,
         "datasets": config.datasets,
+        "split": config.split,
         "dataset_path": os.path.abspath(config.dataset_path),
         "code_version": code_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_results(rows, config.output_dir, f"{label}, {config.n_shot}-shot", provenance)
+    write_results(rows, config.output_dir, f"{label}, {config.n_shot}-shot, {config.split} split", provenance)

@@ -43,13 +43,18 @@ def _masked(executed: torch.Tensor, token_mask: Optional[torch.Tensor]):
 
 
 def forward_flops(args: ModelArgs, executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None,
-                  routing: Optional[DenseRouting] = None) -> float:
+                  routing: Optional[DenseRouting] = None, counted: Optional[torch.Tensor] = None) -> float:
     """executed: [b, T, n_layers] (1 = token ran the block), whole sequences from position 0;
     token_mask: [b, T], 1 for real tokens (right padding is left out); routing: the policy that
-    decided, whose own cost is added (None: the plain model)."""
+    decided, whose own cost is added (None: the plain model); counted: [b, T], the tokens whose
+    FLOPs are summed (default: every real one), e.g. only the response's, still attending to the
+    prompt's keys."""
     f = token_flops(args)
     executed, mask = _masked(executed, token_mask)
     keys_seen = executed.cumsum(1)  # kept keys at or before each position, per row and block
+    if counted is not None:
+        mask = mask * counted.detach().cpu().double()
+        executed = executed * mask[..., None]
     total = (executed.sum() * (f.qkvo + f.ffn) + (executed * keys_seen).sum() * f.attn_per_key).item()
     n_tokens = mask.sum().item()
     if routing is not None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dllm import checkpoint, distill, distributed, schedule
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
-from dllm.data import InstructionDataset, load_records
+from dllm.data import InstructionDataset, load_records, validation_split
 from dllm.errors import InputError
 from dllm.model import Transformer, is_adapter_key
 from dllm.plots import write_curves_or_warn
@@ -233,7 +233,12 @@ class Trainer:
         self.resumed = self.read_resume(args.resume) if args.resume else None
         distill.check_teacher(args.distill_teacher)
         chat = ChatFormat(tokenizer)
-        records = {split: load_records(args.dataset_path, args.dataset_name, split, chat) for split in ("train", "test")}
+        self.val_split = validation_split(args.dataset_path, args.dataset_name)
+        if self.val_split == "test":
+            self.log(f"warning: {args.dataset_name} has no validation.json: validating on test.json, so choose no "
+                     f"recipe by these numbers")
+        records = {split: load_records(args.dataset_path, args.dataset_name, split, chat)
+                   for split in ("train", self.val_split)}
         # DistributedSampler(drop_last) and DataLoader(drop_last): the training loader's length
         if len(records["train"]) // distributed.dp_size() // args.batch_size < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(records['train'])} training records give fewer batches than --accum_iter")
@@ -268,10 +273,10 @@ class Trainer:
                 tqdm(records[split], desc=f"tokenise {split}", disable=not self.main, leave=False),
                 tokenizer, args.max_seq_len, args.seed,
             ))
-            for split in ("train", "test")
+            for split in ("train", self.val_split)
         }
         self.train_loader = train_loader(tokenised["train"], args.batch_size, args.seed, args.num_workers)
-        self.val_loader = val_loader(tokenised["test"], args.batch_size, args.num_workers)
+        self.val_loader = val_loader(tokenised[self.val_split], args.batch_size, args.num_workers)
         # the first training records, in file order: what a calibrated threshold is fit on
         n_calibration = min(len(records["train"]), args.calibration_batches * args.batch_size)
         self.calibration_loader = val_loader(Subset(tokenised["train"], range(n_calibration)), args.batch_size,
@@ -449,7 +454,7 @@ class Trainer:
         return "\n".join([
             f"done in {format_duration(time.time() - self.started)}: adapter in {out}/ "
             f"({args.model_save_name}-last.pth, params.json, log.jsonl, curves.png)",
-            f"final validation: executed {metrics['val_act_ratio']:.3f} of the blocks, CE {metrics['val_c_loss']:.3f}, "
+            f"final validation ({self.val_split}.json): executed {metrics['val_act_ratio']:.3f} of the blocks, CE {metrics['val_c_loss']:.3f}, "
             f"perplexity {math.exp(min(metrics['val_c_loss'], 50.0)):.1f}",
             f"generate with it: torchrun --nproc_per_node {nproc} example.py {use}",
             f"evaluate it:      torchrun --nproc_per_node {nproc} evaluate.py {use}",

@@ -173,7 +173,7 @@ def test_template_with_unknown_field(tmp_path):
         load_records(str(tmp_path), "piqa", "train")
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_chat_dataset_prompts_are_the_models_chat_prompts(split, smollm2_tokenizer_dir):
     """datasets/smol ("format": "chat"): each prompt encodes to exactly what chat_completion sends."""
     tokenizer = Tokenizer(smollm2_tokenizer_dir)
@@ -185,6 +185,33 @@ def test_chat_dataset_prompts_are_the_models_chat_prompts(split, smollm2_tokeniz
         user = f"{raw['instruction']}\n\n{raw['input']}" if raw["input"] else raw["instruction"]
         assert tokenizer.encode(record.prompt, bos=True, eos=False) == chat.encode_dialog([{"role": "user", "content": user}])
         assert record.response == raw["output"]
+
+
+def _raw(name: str, split: str) -> list:
+    with open(os.path.join(DATASETS, name, f"{split}.json")) as f:
+        return json.load(f)
+
+
+def _passage_lines(records: list) -> set:
+    return {line.strip() for r in records for line in r["input"].splitlines() if len(line.strip()) > 40}
+
+
+@pytest.mark.parametrize("name", ["demo", "smol"])
+def test_validation_shares_no_passage_with_train_or_test(name):
+    """Cut from other documents: no long line of a validation passage appears in a train or test one."""
+    validation = _passage_lines(_raw(name, "validation"))
+    assert len(validation) >= 50
+    assert not validation & (_passage_lines(_raw(name, "train")) | _passage_lines(_raw(name, "test")))
+
+
+def test_smol_validation_questions_use_fill_values_of_their_own():
+    questions = {split: {r["instruction"] for r in _raw("smol", split) if not r["input"]}
+                 for split in ("train", "validation", "test")}
+    assert len(questions["validation"]) >= 30
+    assert not questions["validation"] & (questions["train"] | questions["test"])
+    operands = {split: {int(n) for q in qs if q.startswith("What is ") for n in re.findall(r"\d+", q)}
+                for split, qs in questions.items()}
+    assert min(operands["validation"]) >= 100 > max(operands["train"] | operands["test"])
 
 
 def test_chat_dataset_needs_a_chat_template(tokenizer):

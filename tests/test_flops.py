@@ -154,3 +154,19 @@ def test_measured_routing_matches_cache_and_closed_form(tokenizer_path):
     router = mlp_flops(wide.dim, wide.dynamic_router_hdim, 2)
     blend = (share * L * (fw.qkvo + fw.ffn) + n_routed * router + fw.lm_head) / (L * (fw.qkvo + fw.ffn) + fw.lm_head)
     assert flops.flops_ratio(wide, activation, routing=DLLMRouting(wide)) == pytest.approx(blend, rel=2e-3)
+
+
+def test_counted_tokens_split_the_total_and_still_attend_to_the_others():
+    """The response's FLOPs plus the prompt's are the whole forward's; a response token's attention
+    counts the prompt keys it reads."""
+    args = small_args()
+    routing = DLLMRouting(args)
+    prompt = torch.tensor([[1, 1, 0, 0]], dtype=torch.float32)
+    response = 1 - prompt
+    whole = flops.forward_flops(args, SMALL_EXECUTED, None, routing)
+    first = flops.forward_flops(args, SMALL_EXECUTED, None, routing, counted=prompt)
+    second = flops.forward_flops(args, SMALL_EXECUTED, None, routing, counted=response)
+    assert first + second == whole
+    assert first == flops.forward_flops(args, SMALL_EXECUTED[:, :2], None, routing)
+    # positions 2 and 3 by hand: layer 0 both (keys 3, 4), layer 1 position 3 (keys 3), layer 2 none
+    assert second == 3 * (384 + 1152) + (3 + 4 + 3) * 32 + 2 * 2 * 80 + 2 * 160

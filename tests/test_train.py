@@ -258,7 +258,7 @@ def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_p
     final = read_log(str(out))[-1]
     assert lines[0].startswith("done in ") and lines[0].endswith(
         f"s: adapter in {out}/ (checkpoint-last.pth, params.json, log.jsonl, curves.png)"), lines[0]
-    assert lines[1] == (f"final validation: executed {final['val_act_ratio']:.3f} of the blocks, CE "
+    assert lines[1] == (f"final validation (test.json): executed {final['val_act_ratio']:.3f} of the blocks, CE "
                         f"{final['val_c_loss']:.3f}, perplexity {math.exp(final['val_c_loss']):.1f}")
     use = f"--llama_ckpt_dir {tiny['base']} --dynamic_ckpt_dir {out}"
     assert lines[2] == f"generate with it: torchrun --nproc_per_node 1 example.py {use}"
@@ -438,6 +438,23 @@ def test_missing_dataset_file(tiny, tmp_path, capsys):
     os.remove(os.path.join(data, "demo", "test.json"))
     line = one_line_error(capsys, argv(tiny, tmp_path / "out", dataset_path=data))
     assert line == f"error: file not found: {os.path.join(data, 'demo', 'test.json')}"
+
+
+def test_a_validation_split_is_validated_on_and_test_is_never_read(tiny, tmp_path, capsys):
+    data = _dataset_copy(tiny, tmp_path)
+    shutil.copy(os.path.join(data, "demo", "test.json"), os.path.join(data, "demo", "validation.json"))
+    os.remove(os.path.join(data, "demo", "test.json"))
+    capsys.readouterr()
+    train(finetuning.parse_args(argv(tiny, tmp_path / "out", dataset_path=data, epochs=1)))
+    out = capsys.readouterr().out
+    assert "final validation (validation.json): executed" in out and "no validation.json" not in out
+
+
+def test_without_a_validation_split_the_run_says_it_validates_on_test(tiny, tmp_path, capsys):
+    capsys.readouterr()
+    train(finetuning.parse_args(argv(tiny, tmp_path / "out", epochs=1)))
+    out = capsys.readouterr().out
+    assert "warning: demo has no validation.json: validating on test.json" in out
 
 
 def test_malformed_record_names_file_index_and_field(tiny, tmp_path, capsys):

@@ -9,16 +9,20 @@ Instructions: tasks on public-domain passages (King James Bible and Shakespeare,
 summarise, continue, explain, main idea, list names, rewrite, title, who acts) and short general
 questions from templates (capitals, tips, definitions, poems, arithmetic, lists, translation,
 code). Test passages come from the corpus's held-out documents and test questions from fill
-values never used in training. The dense model answers each through its chat template, greedy,
+values never used in training. Validation passages come from training documents that no training
+record was cut from (a hash bucket of them, `validation_documents`), validation questions from fill
+values of their own (`VALIDATION_FILLS`, operands 100 to 149): disjoint from both other splits by
+source document and by fill value, and built after them, so train and test do not change with it. The dense model answers each through its chat template, greedy,
 at most `max_gen_len` tokens; an answer that does not end within that is dropped (its end would
-be a false end-of-turn target), and the count is recorded. Same arguments, same files.
+be a false end-of-turn target), and the count is recorded. Same arguments, same files; `--splits`
+builds only the named splits into a directory that lacks them.
 
-    python -m tools.build_smol_dataset --model_dir models/smollm2 --out_dir datasets/smol   # about 30 minutes on 2 cores
+    python -m tools.build_smol_dataset --model_dir models/smollm2 --out_dir datasets/smol   # about 35 minutes on 2 cores
 """
 import json
 import os
 import random
-from typing import List, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import fire
 import torch
@@ -29,7 +33,7 @@ from dllm.atomic_io import atomic_write_text
 from dllm.data import Templates, instruction_prompt
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
-from tools.corpus import load_corpus
+from tools.corpus import load_corpus, validation_documents
 
 PASSAGE_TASKS = [
     "Summarize the following passage in one sentence.",
@@ -73,9 +77,35 @@ QUESTION_TEMPLATES = [
 ]
 
 
+# validation questions' own fill values, none of them in the lists above
+VALIDATION_FILLS = {
+    "What is the capital of {}?": ["Belgium", "Denmark", "Hungary", "Colombia", "Ghana", "Indonesia", "Iceland",
+                                   "Switzerland"],
+    "Give me three short tips for {}.": ["learning to draw", "waking up early", "writing a letter", "riding a bike",
+                                         "organising a desk", "planning a picnic"],
+    "Explain what {} is in one sentence.": ["a magnet", "an earthquake", "a cell", "a telescope", "a verb",
+                                            "a desert", "a battery", "an ocean current"],
+    "Write a four-line poem about {}.": ["a sunflower", "the ocean at dawn", "a village bell", "winter roads",
+                                         "a kite", "the evening sky"],
+    "Name three {}.": ["desserts", "continents", "reptiles", "gemstones", "breakfast foods", "constellations"],
+    "Translate '{}' into French.": ["the door is open", "I need water", "we are friends", "the dog is running",
+                                    "thank you for dinner", "the train is late"],
+    "Write a short Python function that {}.": ["returns the length of a list", "checks whether a list is empty",
+                                              "returns the last item of a list", "multiplies two numbers"],
+}
+ARITHMETIC_OPERANDS = {"train": (2, 49), "test": (50, 99), "validation": (100, 149)}
+
+
 def split_values(values: List[str]) -> Tuple[List[str], List[str]]:
     """Every fourth value is held out for test questions."""
     return [v for i, v in enumerate(values) if i % 4], values[::4]
+
+
+def fill_values(template: str, values: List[str], split: str) -> List[str]:
+    if split == "validation":
+        return VALIDATION_FILLS[template]
+    train_values, test_values = split_values(values)
+    return test_values if split == "test" else train_values
 
 
 def passage(document: str, rng: random.Random, max_chars: int) -> str:
@@ -89,23 +119,28 @@ def passage(document: str, rng: random.Random, max_chars: int) -> str:
     return "\n".join(out)
 
 
-def instructions(documents: List[str], test: bool, n: int, rng: random.Random, max_chars: int) -> List[dict]:
-    """n records {"instruction", "input"}: about 60% passage tasks, the rest general questions."""
+def instructions(documents: List[str], split: str, n: int, rng: random.Random, max_chars: int,
+                 used: Optional[Set[int]] = None) -> List[dict]:
+    """n records {"instruction", "input"}: about 60% passage tasks, the rest general questions;
+    the index of each document a passage is cut from goes into `used`."""
     records = []
-    arithmetic_range = (50, 99) if test else (2, 49)  # test operands never appear in training
     for _ in range(n):
         kind = rng.random()
         if kind < 0.6:
-            records.append({"instruction": rng.choice(PASSAGE_TASKS), "input": passage(rng.choice(documents), rng, max_chars)})
+            task = rng.choice(PASSAGE_TASKS)
+            doc = rng.randrange(len(documents))
+            if used is not None:
+                used.add(doc)
+            records.append({"instruction": task, "input": passage(documents[doc], rng, max_chars)})
         elif kind < 0.67:
-            a, b = rng.randint(*arithmetic_range), rng.randint(*arithmetic_range)
+            a, b = rng.randint(*ARITHMETIC_OPERANDS[split]), rng.randint(*ARITHMETIC_OPERANDS[split])
             op = rng.choice(["plus", "times", "minus"])
             records.append({"instruction": f"What is {a} {op} {b}? Answer with the number.", "input": ""})
         else:
             template, values = rng.choice(QUESTION_TEMPLATES)
-            train_values, test_values = split_values(values)
-            records.append({"instruction": template.format(rng.choice(test_values if test else train_values)), "input": ""})
+            records.append({"instruction": template.format(rng.choice(fill_values(template, values, split))), "input": ""})
     return records
+
 
 
 # the user's message; "format": "chat" puts it in the model's chat template (dllm/data.py)
@@ -132,26 +167,46 @@ def answer(generator: Llama, records: List[dict], batch_size: int, max_gen_len: 
     return [{**records[i], "output": answers[i]} for i in range(len(records)) if i in answers and answers[i]]
 
 
+def questions(n_train: int, n_test: int, n_validation: int, max_passage_chars: int, seed: int) -> Dict[str, List[dict]]:
+    """Every split's instructions; train and test draw from one stream in that order, validation
+    from its own, so adding it changed neither."""
+    train_docs, heldout_docs = load_corpus()
+    rng, used = random.Random(seed), set()
+    train = instructions(train_docs, "train", n_train, rng, max_passage_chars, used)
+    test = instructions(heldout_docs, "test", n_test, rng, max_passage_chars)
+    validation = instructions(validation_documents(train_docs, used), "validation", n_validation,
+                              random.Random(f"{seed}-validation"), max_passage_chars)
+    return {"train": train, "validation": validation, "test": test}
+
+
 def main(model_dir: str = "models/smollm2", out_dir: str = "datasets/smol", n_train: int = 640, n_test: int = 140,
-         max_gen_len: int = 96, max_passage_chars: int = 300, batch_size: int = 16, seed: int = 0):
-    if os.path.exists(os.path.join(out_dir, "train.json")):
-        raise InputError(f"{out_dir} already holds a dataset; build into a new directory")
+         n_validation: int = 140, max_gen_len: int = 96, max_passage_chars: int = 300, batch_size: int = 16,
+         seed: int = 0, splits: Tuple[str, ...] = ("train", "validation", "test")):
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    unknown = sorted(set(splits) - {"train", "validation", "test"})
+    if unknown:
+        raise InputError(f"--splits {unknown}: known splits are train, validation, test")
+    present = [s for s in splits if os.path.exists(os.path.join(out_dir, f"{s}.json"))]
+    if present:
+        raise InputError(f"{out_dir} already holds {', '.join(s + '.json' for s in present)}; build into a new "
+                         f"directory or name only the missing --splits")
     torch.manual_seed(seed)
     generator = Llama.build(model_dir, max_seq_len=512, max_batch_size=batch_size, model_parallel_size=1)
-    train_docs, heldout_docs = load_corpus()
-    rng = random.Random(seed)
-    splits = {"train": instructions(train_docs, False, n_train, rng, max_passage_chars),
-              "test": instructions(heldout_docs, True, n_test, rng, max_passage_chars)}
-    info = {"model_dir": model_dir, "n_train": n_train, "n_test": n_test, "max_gen_len": max_gen_len,
-            "max_passage_chars": max_passage_chars, "batch_size": batch_size, "seed": seed,
+    asked = questions(n_train, n_test, n_validation, max_passage_chars, seed)
+    info_path = os.path.join(out_dir, "build_info.json")
+    info = {"model_dir": model_dir, "n_train": n_train, "n_test": n_test, "n_validation": n_validation,
+            "max_gen_len": max_gen_len, "max_passage_chars": max_passage_chars, "batch_size": batch_size, "seed": seed,
             "decoding": "greedy, the model's chat template, stop at its end-of-turn token", "kept": {}}
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            info["kept"] = json.load(f)["kept"]
     os.makedirs(out_dir, exist_ok=True)
-    for split, records in splits.items():
-        answered = answer(generator, records, batch_size, max_gen_len, f"answer {split}")
-        info["kept"][split] = {"asked": len(records), "kept": len(answered)}
+    for split in splits:
+        answered = answer(generator, asked[split], batch_size, max_gen_len, f"answer {split}")
+        info["kept"][split] = {"asked": len(asked[split]), "kept": len(answered)}
         atomic_write_text(json.dumps(answered, indent=1, ensure_ascii=False) + "\n", os.path.join(out_dir, f"{split}.json"))
     atomic_write_text(json.dumps(PROMPT, indent=1) + "\n", os.path.join(out_dir, "prompt.json"))
-    atomic_write_text(json.dumps(info, indent=1) + "\n", os.path.join(out_dir, "build_info.json"))
+    atomic_write_text(json.dumps(info, indent=1) + "\n", info_path)
     print(json.dumps(info["kept"]))
 
 

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 import zlib
-from typing import List, Tuple
+from typing import Iterable, List, Tuple
 
 from dllm.errors import InputError
 
@@ -53,3 +53,10 @@ def load_corpus(heldout_every: int = 50) -> Tuple[List[str], List[str]]:
     for doc in bible_chapters() + shakespeare_scenes():
         (heldout if zlib.crc32(doc.encode()) % heldout_every == 0 else train).append(doc)
     return train, heldout
+
+
+def validation_documents(train_docs: List[str], used: Iterable[int], bucket: int = 25, every: int = 50) -> List[str]:
+    """Training documents in one hash bucket (not load_corpus's held-out one) that no training record
+    was cut from (`used`: their indices): a validation split disjoint from train and test by document."""
+    used = set(used)
+    return [doc for i, doc in enumerate(train_docs) if i not in used and zlib.crc32(doc.encode()) % every == bucket]

@@ -1,0 +1,112 @@
+r"""What each adapter keeps of the dense base, and where its compute goes (dllm/fidelity.py), on one
+split, in one run.
+
+    python -m benchmarks.fidelity --llama_ckpt_dir models/smollm2 --split validation \
+        --runs "shipped=assets/smollm2-dllm/checkpoint.pth" --out benchmarks/results/fidelity_smollm2_shipped_validation.json
+
+`--runs` is `label=adapter` separated by `;`. Per run: KL(base || model) per response token, top-1
+agreement with the base and CE (teacher forced on every record of the split); greedy answers of both
+models on every prompt compared (exact, first ten words, ROUGE-L); execution share and FLOPs ratio over
+prompt and response tokens, and over prefill and decode in generation; prefill and decode speed
+against the base, timed in the same generations (batch 1, model and base alternating). The JSON keeps
+every answer; the Markdown table shows each run's first three, in file order.
+"""
+import datetime
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.config import Settings, setting
+from dllm.data import TASKS, load_records
+from dllm.errors import InputError, run_cli
+from dllm.evaluate import code_version
+from dllm.fidelity import Sums, generation, summary, teacher_forced
+from dllm.generation import Llama
+
+COLUMNS = [("KL", "kl", "{:.3f}"), ("top-1", "top1_agreement", "{:.3f}"), ("CE", "ce", "{:.3f}"),
+           ("gen exact", "gen_exact", "{:.2f}"), ("gen first 10 words", "gen_first_words", "{:.2f}"),
+           ("gen ROUGE-L", "gen_rouge_l", "{:.3f}"), ("share prompt", "share_prompt", "{:.3f}"),
+           ("share response", "share_response", "{:.3f}"), ("FLOPs prompt", "flops_prompt", "{:.3f}"),
+           ("FLOPs response", "flops_response", "{:.3f}"), ("FLOPs all", "flops_all", "{:.3f}"),
+           ("share decode", "share_decode", "{:.3f}"), ("FLOPs generation", "flops_generation", "{:.3f}"),
+           ("prefill x", "prefill_speedup", "{:.2f}"), ("decode x", "decode_speedup", "{:.2f}")]
+
+
+@dataclass
+class FidelityConfig(Settings):
+    llama_ckpt_dir: str = setting("models/smollm2", "base model directory (the dense reference)")
+    runs: str = setting("", "label=adapter separated by ';'", required=True)
+    dataset_path: str = setting("datasets", "directory of the datasets")
+    dataset_name: str = setting("smol", "dataset measured", choices=sorted(TASKS))
+    split: str = setting("validation", "split measured: validation for choices, test for the final tables",
+                         choices=["validation", "test"])
+    records: int = setting(0, "the split's first N records (0: all)", low=0)
+    max_gen_len: int = setting(96, "most tokens per greedy answer", low=1)
+    batch_size: int = setting(8, "records per teacher-forced forward", low=1)
+    max_seq_len: int = setting(512, "longest prompt plus answer", low=1)
+    out: str = setting("", "JSON written at the end (the Markdown table beside it)", required=True)
+
+
+def parse_runs(runs: str):
+    out = []
+    for item in runs.split(";"):
+        label, sep, adapter = item.partition("=")
+        if not sep or not label.strip() or not adapter.strip():
+            raise InputError(f"--runs {item!r}: expected label=adapter")
+        out.append((label.strip(), adapter.strip()))
+    return out
+
+
+def measure(config: FidelityConfig, base: Llama, adapter: str, records) -> dict:
+    generator = Llama.build(config.llama_ckpt_dir, adapter, max_seq_len=config.max_seq_len,
+                            max_batch_size=config.batch_size, model_parallel_size=1)
+    chat = ChatFormat(generator.tokenizer)
+    sums, answers = Sums(), []
+    teacher_forced(generator.model, base.model, generator.tokenizer, records, sums, config.batch_size)
+    generation(generator, base, records, sums, config.max_gen_len, chat.stop_ids, answers)
+    return {"adapter": os.path.abspath(adapter), "routing": generator.model.params.routing,
+            **summary(sums, generator.model.n_layers), "sums": asdict(sums), "answers": answers}
+
+
+def markdown(config: FidelityConfig, rows: dict, command: str) -> str:
+    lines = [f"### What each adapter keeps of {config.llama_ckpt_dir}, {config.dataset_name} {config.split} split", "",
+             f"`{command}`", "",
+             "| run | " + " | ".join(name for name, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |")
+    for label, row in rows.items():
+        lines += ["", f"#### {label}: the first three answers beside the base's", ""]
+        for answer in row["answers"][:3]:
+            lines += [f"- base: {json.dumps(answer['base'])}", f"  - model: {json.dumps(answer['model'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(config: FidelityConfig, command: str):
+    runs = parse_runs(config.runs)
+    if not config.out.endswith(".json"):
+        raise InputError(f"--out {config.out}: expected a .json path")
+    base = Llama.build(config.llama_ckpt_dir, dense=True, max_seq_len=config.max_seq_len,
+                       max_batch_size=config.batch_size, model_parallel_size=1)
+    records = load_records(config.dataset_path, config.dataset_name, config.split, ChatFormat(base.tokenizer))
+    records = records[: config.records] if config.records else records
+    rows = {}
+    for label, adapter in runs:
+        rows[label] = measure(config, base, adapter, records)
+        print(label, json.dumps({k: v for k, v in rows[label].items() if k not in ("sums", "answers")}))
+    meta = {"command": command, "base_model": config.llama_ckpt_dir, "dataset": config.dataset_name,
+            "split": config.split, "records": len(records), "max_gen_len": config.max_gen_len,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "code_version": code_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    table = markdown(config, rows, command)
+    print(table)
+    atomic_write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, ensure_ascii=False) + "\n", config.out)
+    atomic_write_text(table, config.out[: -len(".json")] + ".md")
+
+
+if __name__ == "__main__":
+    run_cli(main, FidelityConfig.parse(description=__doc__), "python -m benchmarks.fidelity " + " ".join(sys.argv[1:]))

@@ -4,7 +4,9 @@ split, in one run.
     python -m benchmarks.fidelity --llama_ckpt_dir models/smollm2 --split validation \
         --runs "shipped=assets/smollm2-dllm/checkpoint.pth" --out benchmarks/results/fidelity_smollm2_shipped_validation.json
 
-`--runs` is `label=adapter` separated by `;`. Per run: KL(base || model) per response token, top-1
+`--runs` is `label=adapter` separated by `;`; a label `METHOD:NAME` (e.g. `static:13`, `dllm:t0.85`)
+puts the run on METHOD's line in the picture (tools/plot_fidelity.py). `--append` adds the runs to an
+existing --out (measured on the same split), so a curve grows as its fine-tunes finish. Per run: KL(base || model) per response token, top-1
 agreement with the base and CE (teacher forced on every record of the split); greedy answers of both
 models on every prompt compared (exact, first ten words, ROUGE-L); execution share and FLOPs ratio over
 prompt and response tokens, and over prefill and decode in generation; prefill and decode speed
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -50,6 +53,7 @@ class FidelityConfig(Settings):
     batch_size: int = setting(8, "records per teacher-forced forward", low=1)
     max_seq_len: int = setting(512, "longest prompt plus answer", low=1)
     out: str = setting("", "JSON written at the end (the Markdown table beside it)", required=True)
+    append: bool = setting(False, "add the runs to the rows --out already holds (same base, dataset and split)")
 
 
 def parse_runs(runs: str):
@@ -73,12 +77,32 @@ def measure(config: FidelityConfig, base: Llama, adapter: str, records) -> dict:
             **summary(sums, generator.model.n_layers), "sums": asdict(sums), "answers": answers}
 
 
-def markdown(config: FidelityConfig, rows: dict, command: str) -> str:
-    lines = [f"### What each adapter keeps of {config.llama_ckpt_dir}, {config.dataset_name} {config.split} split", "",
-             f"`{command}`", "",
-             "| run | " + " | ".join(name for name, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def static_at(rows: dict, x_key: str, y_key: str, x: float) -> Optional[float]:
+    """Static pruning's y at FLOPs x, linear between its two neighbouring depths (None outside its curve)."""
+    points = sorted((row[x_key], row[y_key]) for row in rows.values() if row["routing"] == "static")
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def against_static(rows: dict, row: dict, x_key: str) -> str:
+    if row["routing"] == "static":
+        return ""
+    static = static_at(rows, x_key, "kl", row[x_key])
+    return "outside its curve" if static is None else f"{row['kl'] - static:+.3f}"
+
+
+def markdown(meta: dict, rows: dict) -> str:
+    lines = [f"### What each adapter keeps of {meta['base_model']}, {meta['dataset']} {meta['split']} split", ""]
+    lines += [f"`{command}`" for command in meta["commands"]]
+    lines += ["", "KL − static: the run's KL minus static pruning's at the same FLOPs ratio (interpolated between "
+              "its depths), over all teacher-forced tokens and over generation.", "",
+              "| run | " + " | ".join(name for name, _, _ in COLUMNS) + " | KL − static, all-token FLOPs "
+              "| KL − static, generation FLOPs |", "|---" * (len(COLUMNS) + 3) + "|"]
     for label, row in rows.items():
-        lines.append(f"| {label} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) +
+                     f" | {against_static(rows, row, 'flops_all')} | {against_static(rows, row, 'flops_generation')} |")
     for label, row in rows.items():
         lines += ["", f"#### {label}: the first three answers beside the base's", ""]
         for answer in row["answers"][:3]:
@@ -86,23 +110,48 @@ def markdown(config: FidelityConfig, rows: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier(config: FidelityConfig, labels) -> tuple:
+    """(meta, rows) --out holds, checked to be this measurement's; empty without --append."""
+    if not config.append:
+        if os.path.exists(config.out):
+            raise InputError(f"--out {config.out} exists; pass --append to add runs to it, or choose another path")
+        return None, {}
+    if not os.path.isfile(config.out):
+        return None, {}
+    with open(config.out) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    for key, value in (("base_model", config.llama_ckpt_dir), ("dataset", config.dataset_name),
+                       ("split", config.split), ("max_gen_len", config.max_gen_len)):
+        if meta[key] != value:
+            raise InputError(f"--out {config.out}: its runs have {key} {meta[key]!r}, this one {value!r}")
+    twice = sorted(set(labels) & set(data["runs"]))
+    if twice:
+        raise InputError(f"--out {config.out} already has runs {', '.join(twice)}")
+    return meta, data["runs"]
+
+
 def main(config: FidelityConfig, command: str):
     runs = parse_runs(config.runs)
     if not config.out.endswith(".json"):
         raise InputError(f"--out {config.out}: expected a .json path")
+    meta, rows = earlier(config, [label for label, _ in runs])
     base = Llama.build(config.llama_ckpt_dir, dense=True, max_seq_len=config.max_seq_len,
                        max_batch_size=config.batch_size, model_parallel_size=1)
     records = load_records(config.dataset_path, config.dataset_name, config.split, ChatFormat(base.tokenizer))
     records = records[: config.records] if config.records else records
-    rows = {}
+    if meta is not None and meta["records"] != len(records):
+        raise InputError(f"--out {config.out}: its runs were measured on {meta['records']} records, this one on "
+                         f"{len(records)}")
     for label, adapter in runs:
         rows[label] = measure(config, base, adapter, records)
         print(label, json.dumps({k: v for k, v in rows[label].items() if k not in ("sums", "answers")}))
-    meta = {"command": command, "base_model": config.llama_ckpt_dir, "dataset": config.dataset_name,
-            "split": config.split, "records": len(records), "max_gen_len": config.max_gen_len,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "code_version": code_version(),
+    meta = {"commands": (meta["commands"] if meta else []) + [command], "base_model": config.llama_ckpt_dir,
+            "dataset": config.dataset_name, "split": config.split, "records": len(records),
+            "max_gen_len": config.max_gen_len, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "code_version": code_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    table = markdown(config, rows, command)
+    table = markdown(meta, rows)
     print(table)
     atomic_write_text(json.dumps({"meta": meta, "runs": rows}, indent=1, ensure_ascii=False) + "\n", config.out)
     atomic_write_text(table, config.out[: -len(".json")] + ".md")

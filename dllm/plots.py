@@ -146,6 +146,35 @@ def quality_flops_figure(runs: List[Tuple[str, List[dict]]]) -> Figure:
     return fig
 
 
+# ------------------------------------------------------------------ what is kept of the base
+
+
+FIDELITY_PANELS = (("kl", "KL(base || model) per response token (lower is better)"),
+                   ("gen_first_words", "greedy answers: first 10 words equal the base's"),
+                   ("gen_rouge_l", "greedy answers: ROUGE-L F1 against the base's"))
+
+
+def fidelity_figure(runs: Dict[str, dict], x_key: str = "flops_generation") -> Figure:
+    """benchmarks/fidelity.py's runs against their FLOPs ratio in generation: one line per method
+    (the label before ':'), through its runs in FLOPs order."""
+    if not runs:
+        raise InputError("no runs to draw")
+    methods = defaultdict(list)
+    for label, row in runs.items():
+        methods[label.split(":")[0]].append(row)
+    fig = Figure(figsize=(4.4 * len(FIDELITY_PANELS), 3.6))
+    for ax, (key, title) in zip(fig.subplots(1, len(FIDELITY_PANELS), squeeze=False).ravel(), FIDELITY_PANELS):
+        for method, rows in methods.items():
+            points = sorted((row[x_key], row[key]) for row in rows)
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("FLOPs ratio in generation (vs dense)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # ------------------------------------------------------------------ routing grid
 
 

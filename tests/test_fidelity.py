@@ -47,3 +47,49 @@ def test_a_routed_model_loses_some_of_the_base_and_saves_compute(models):
     assert result["flops_all"] < 1 and result["flops_generation"] < 1
     assert 0 < result["share_prefill"] < 1 and 0 < result["share_decode"] < 1
     assert result["answers"] == len(RECORDS)
+
+
+def _row(routing: str, flops_all: float, flops_generation: float, kl: float) -> dict:
+    return {"routing": routing, "flops_all": flops_all, "flops_generation": flops_generation, "kl": kl,
+            "gen_first_words": 1 - kl, "gen_rouge_l": 1 - kl / 2}
+
+
+def test_runs_are_set_against_static_pruning_at_equal_flops():
+    from benchmarks.fidelity import against_static, static_at
+
+    rows = {"static:14": _row("static", 0.6, 0.62, 0.5), "static:10": _row("static", 0.8, 0.81, 0.2),
+            "dllm:a": _row("dllm", 0.7, 0.75, 0.3), "dllm:b": _row("dllm", 0.9, 0.9, 0.1)}
+    assert static_at(rows, "flops_all", "kl", 0.7) == pytest.approx(0.35)
+    assert against_static(rows, rows["dllm:a"], "flops_all") == "-0.050"
+    # in generation the same run sits further along static's curve
+    assert against_static(rows, rows["dllm:a"], "flops_generation") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
+    assert against_static(rows, rows["dllm:b"], "flops_all") == "outside its curve"
+    assert against_static(rows, rows["static:14"], "flops_all") == ""
+
+
+def test_fidelity_picture_has_a_line_per_method():
+    from dllm.plots import fidelity_figure
+
+    rows = {"static:14": _row("static", 0.6, 0.62, 0.5), "static:10": _row("static", 0.8, 0.81, 0.2),
+            "dllm:a": _row("dllm", 0.7, 0.75, 0.3)}
+    kl_panel = fidelity_figure(rows).axes[0]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in kl_panel.get_lines()}
+    assert lines == {"static": ([0.62, 0.81], [0.5, 0.2]), "dllm": ([0.75], [0.3])}
+
+
+def test_append_refuses_a_run_measured_another_way(tmp_path):
+    from benchmarks.fidelity import FidelityConfig, earlier
+    from dllm.errors import InputError
+
+    out = tmp_path / "f.json"
+    out.write_text('{"meta": {"base_model": "m", "dataset": "smol", "split": "validation", "max_gen_len": 96, '
+                   '"records": 3, "commands": []}, "runs": {"dllm:a": {}}}')
+    config = FidelityConfig(llama_ckpt_dir="m", runs="x=y", out=str(out), append=True, split="test")
+    with pytest.raises(InputError, match="its runs have split 'validation', this one 'test'"):
+        earlier(config, ["dllm:b"])
+    config = FidelityConfig(llama_ckpt_dir="m", runs="x=y", out=str(out), append=True)
+    with pytest.raises(InputError, match="already has runs dllm:a"):
+        earlier(config, ["dllm:a"])
+    assert list(earlier(config, ["dllm:b"])[1]) == ["dllm:a"]
+    with pytest.raises(InputError, match="exists; pass --append"):
+        earlier(FidelityConfig(llama_ckpt_dir="m", runs="x=y", out=str(out)), ["dllm:b"])

@@ -16,7 +16,10 @@ Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl and
 pruned), early_exit (threshold fit to the target after training). The target is the share of all
 (token, block) pairs executed, for every method. A run whose row.json exists is not repeated
 (--retime times its speed-ups again).
-Writes --out (a JSON list of rows) and the same path with .md (the tables).
+Writes --out (a JSON list of rows) and the same path with .md (the tables). With
+`--fidelity_splits validation,test` every run is also measured against the base by
+benchmarks/fidelity.py (KL, answer agreement, compute in generation) on each split, as
+`METHOD:TARGET-sSEED` in OUT_fidelity_SPLIT.json.
 """
 import argparse
 import json
@@ -216,6 +219,24 @@ def measure(args, dense, sequences, text, method, target, seed) -> dict:
     return row
 
 
+def fidelity(args, row):
+    """The run measured against the base on each --fidelity_splits split (once: a label its file holds is kept)."""
+    from benchmarks.fidelity import FidelityConfig, main as measure_fidelity
+
+    label = f"{row['method']}:{row['target']:g}-s{row['seed']}"
+    for split in filter(None, args.fidelity_splits.split(",")):
+        out = f"{os.path.splitext(args.out)[0]}_fidelity_{split}.json"
+        if os.path.isfile(out):
+            with open(out) as f:
+                if label in json.load(f)["runs"]:
+                    continue
+        config = FidelityConfig(llama_ckpt_dir=args.model_path, runs=f"{label}={os.path.join(ROOT, row['adapter'])}",
+                                dataset_path=args.dataset_path, dataset_name=args.dataset_name, split=split, out=out,
+                                append=True)
+        measure_fidelity(config, f"python -m benchmarks.fidelity --llama_ckpt_dir {args.model_path} --dataset_name "
+                                 f"{args.dataset_name} --split {split} --runs {config.runs} --out {out} --append")
+
+
 def top1_cell(row) -> str:
     return "-" if row.get("top1_agreement") is None else f"{row['top1_agreement']:.3f}"
 
@@ -261,6 +282,7 @@ def main(args):
     rows = []
     for method, target, seed in plan(args):
         rows.append(measure(args, dense, sequences, text, method, target, seed))
+        fidelity(args, rows[-1])
         atomic_write_text(json.dumps(rows, indent=2) + "\n", args.out)
         atomic_write_text(markdown(rows, args), os.path.splitext(args.out)[0] + ".md")
     print(markdown(rows, args))
@@ -288,6 +310,8 @@ def parse_args(argv=None):
     p.add_argument("--retime", action="store_true", help="time the prefill and decode of runs already done again "
                    "(their row.json keeps everything else): for one quiet pass after sweeps that shared the cores")
     p.add_argument("--adaptivity_records", type=int, default=32, help="test records the per-token counts come from")
+    p.add_argument("--fidelity_splits", default="", help="also measure every run against the base on these splits "
+                   "(validation,test): benchmarks/fidelity.py into OUT_fidelity_SPLIT.json")
     return p.parse_args(argv)
 
 

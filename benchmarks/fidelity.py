@@ -4,8 +4,9 @@ split, in one run.
     python -m benchmarks.fidelity --llama_ckpt_dir models/smollm2 --split validation \
         --runs "shipped=assets/smollm2-dllm/checkpoint.pth" --out benchmarks/results/fidelity_smollm2_shipped_validation.json
 
-`--runs` is `label=adapter` separated by `;`; a label `METHOD:NAME` (e.g. `static:13`, `dllm:t0.85`)
-puts the run on METHOD's line in the picture (tools/plot_fidelity.py). `--append` adds the runs to an
+`--runs` is `label=adapter` separated by `;`; a label `METHOD:NAME` (e.g. `static_ppl:13`,
+`dllm:t0.85`) puts the run on METHOD's line in the picture (tools/plot_fidelity.py), and every run is
+set against the `static_ppl` runs' curve at equal FLOPs. `--append` adds the runs to an
 existing --out (measured on the same split), so a curve grows as its fine-tunes finish. Per run: KL(base || model) per response token, top-1
 agreement with the base and CE (teacher forced on every record of the split); greedy answers of both
 models on every prompt compared (exact, first ten words, ROUGE-L); execution share and FLOPs ratio over
@@ -77,18 +78,27 @@ def measure(config: FidelityConfig, base: Llama, adapter: str, records) -> dict:
             **summary(sums, generator.model.n_layers), "sums": asdict(sums), "answers": answers}
 
 
+# the curve every run is set against: static pruning by the perplexity ranking (labels "static_ppl:...")
+REFERENCE_METHOD = "static_ppl"
+
+
+def method_of(label: str) -> str:
+    return label.split(":")[0]
+
+
 def static_at(rows: dict, x_key: str, y_key: str, x: float) -> Optional[float]:
     """Static pruning's y at FLOPs x, linear between its two neighbouring depths (None outside its curve)."""
-    points = sorted((row[x_key], row[y_key]) for row in rows.values() if row["routing"] == "static")
+    points = sorted((row[x_key], row[y_key]) for label, row in rows.items() if method_of(label) == REFERENCE_METHOD)
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
 
 
-def against_static(rows: dict, row: dict, x_key: str) -> str:
-    if row["routing"] == "static":
+def against_static(rows: dict, label: str, x_key: str) -> str:
+    if method_of(label) == REFERENCE_METHOD:
         return ""
+    row = rows[label]
     static = static_at(rows, x_key, "kl", row[x_key])
     return "outside its curve" if static is None else f"{row['kl'] - static:+.3f}"
 
@@ -96,13 +106,13 @@ def against_static(rows: dict, row: dict, x_key: str) -> str:
 def markdown(meta: dict, rows: dict) -> str:
     lines = [f"### What each adapter keeps of {meta['base_model']}, {meta['dataset']} {meta['split']} split", ""]
     lines += [f"`{command}`" for command in meta["commands"]]
-    lines += ["", "KL − static: the run's KL minus static pruning's at the same FLOPs ratio (interpolated between "
+    lines += ["", "KL − static: the run's KL minus static pruning's (perplexity ranking) at the same FLOPs ratio (interpolated between "
               "its depths), over all teacher-forced tokens and over generation.", "",
               "| run | " + " | ".join(name for name, _, _ in COLUMNS) + " | KL − static, all-token FLOPs "
               "| KL − static, generation FLOPs |", "|---" * (len(COLUMNS) + 3) + "|"]
     for label, row in rows.items():
         lines.append(f"| {label} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) +
-                     f" | {against_static(rows, row, 'flops_all')} | {against_static(rows, row, 'flops_generation')} |")
+                     f" | {against_static(rows, label, 'flops_all')} | {against_static(rows, label, 'flops_generation')} |")
     for label, row in rows.items():
         lines += ["", f"#### {label}: the first three answers beside the base's", ""]
         for answer in row["answers"][:3]:

@@ -59,6 +59,20 @@ def test_a_finished_run_is_reused_and_retime_replaces_only_its_speedups(tmp_path
     assert "| 0.200 |" in baselines.markdown([measured], args)
 
 
+def test_each_run_is_measured_against_the_base_once_per_split(tmp_path, monkeypatch):
+    import benchmarks.fidelity
+
+    out = tmp_path / "b.json"
+    args = baselines.parse_args(["--out", str(out), "--fidelity_splits", "validation,test"])
+    (tmp_path / "b_fidelity_validation.json").write_text(json.dumps({"runs": {"dllm:0.5-s1": {}}}))
+    measured = []
+    monkeypatch.setattr(benchmarks.fidelity, "main", lambda config, command: measured.append(
+        (config.split, config.runs, config.out, config.append)))
+    baselines.fidelity(args, {"method": "dllm", "target": 0.5, "seed": 1, "adapter": "runs/a/checkpoint-last.pth"})
+    assert measured == [("test", f"dllm:0.5-s1={os.path.join(ROOT, 'runs/a/checkpoint-last.pth')}",
+                         str(tmp_path / "b_fidelity_test.json"), True)]
+
+
 attempts = load_script("benchmarks/dllm_attempts.py")
 
 

@@ -57,24 +57,24 @@ def _row(routing: str, flops_all: float, flops_generation: float, kl: float) -> 
 def test_runs_are_set_against_static_pruning_at_equal_flops():
     from benchmarks.fidelity import against_static, static_at
 
-    rows = {"static:14": _row("static", 0.6, 0.62, 0.5), "static:10": _row("static", 0.8, 0.81, 0.2),
+    rows = {"static_ppl:14": _row("static", 0.6, 0.62, 0.5), "static_ppl:10": _row("static", 0.8, 0.81, 0.2),
             "dllm:a": _row("dllm", 0.7, 0.75, 0.3), "dllm:b": _row("dllm", 0.9, 0.9, 0.1)}
     assert static_at(rows, "flops_all", "kl", 0.7) == pytest.approx(0.35)
-    assert against_static(rows, rows["dllm:a"], "flops_all") == "-0.050"
+    assert against_static(rows, "dllm:a", "flops_all") == "-0.050"
     # in generation the same run sits further along static's curve
-    assert against_static(rows, rows["dllm:a"], "flops_generation") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
-    assert against_static(rows, rows["dllm:b"], "flops_all") == "outside its curve"
-    assert against_static(rows, rows["static:14"], "flops_all") == ""
+    assert against_static(rows, "dllm:a", "flops_generation") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
+    assert against_static(rows, "dllm:b", "flops_all") == "outside its curve"
+    assert against_static(rows, "static_ppl:14", "flops_all") == ""
 
 
 def test_fidelity_picture_has_a_line_per_method():
     from dllm.plots import fidelity_figure
 
-    rows = {"static:14": _row("static", 0.6, 0.62, 0.5), "static:10": _row("static", 0.8, 0.81, 0.2),
+    rows = {"static_ppl:14": _row("static", 0.6, 0.62, 0.5), "static_ppl:10": _row("static", 0.8, 0.81, 0.2),
             "dllm:a": _row("dllm", 0.7, 0.75, 0.3)}
     kl_panel = fidelity_figure(rows).axes[0]
     lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in kl_panel.get_lines()}
-    assert lines == {"static": ([0.62, 0.81], [0.5, 0.2]), "dllm": ([0.75], [0.3])}
+    assert lines == {"static_ppl": ([0.62, 0.81], [0.5, 0.2]), "dllm": ([0.75], [0.3])}
 
 
 def test_append_refuses_a_run_measured_another_way(tmp_path):

@@ -78,10 +78,14 @@ def answer(config: InstructConfig):
         return
     stats = generator.last_stats
     for row, ((instruct, text), reply) in enumerate(zip(pairs, answers)):
-        print(f"### Instruction: {instruct}")
-        if text:
-            print(f"### Input: {text}")
-        print(f"### Response: {reply.strip()}")
+        if config.chat:  # a dialogue, as Meta's chat example prints it
+            print(f"User: {instruct}\n\n{text}" if text else f"User: {instruct}")
+            print(f"\n> Assistant: {reply.strip()}")
+        else:
+            print(f"### Instruction: {instruct}")
+            if text:
+                print(f"### Input: {text}")
+            print(f"### Response: {reply.strip()}")
         print(
             f"[blocks executed: {100 * stats.exec_share(row):.1f}% of {stats.n_layers} per token | "
             f"KV cache kept: {stats.kv_bytes(row) / 1024:.1f} KiB of {stats.kv_bytes_dense(row) / 1024:.1f} KiB dense]\n"

@@ -225,3 +225,17 @@ def test_chat_completion_formats_dialogs(tokenizer_path):
     assert [o["generation"]["content"] for o in out] == [generator.tokenizer.decode(t) for t in tokens]
     with pytest.raises(InputError, match="last message of a dialog must be from the user"):
         generator.chat_completion([[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]])
+
+
+def test_example_chat_prints_a_dialogue(tmp_path, tokenizer_path, capsys):
+    from dllm.instruct import InstructConfig, answer
+
+    _, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
+    config = InstructConfig(llama_ckpt_dir=str(base), dynamic_ckpt_dir=str(tmp_path / "adapter.pth"),
+                            model_args_path=str(tmp_path / "args.json"), max_seq_len=96, max_gen_len=4,
+                            temperature=0.0, chat=True, instructs=["The quick brown fox", "A"], inputs=["", "B"])
+    capsys.readouterr()
+    answer(config)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "User: The quick brown fox" and lines[2].startswith("> Assistant: ")
+    assert "User: A" in lines and "B" in lines and "###" not in "\n".join(lines)

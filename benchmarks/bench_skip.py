@@ -12,7 +12,11 @@ small batch is bound by reading weights: a block costs its full weight read as s
 the batch executes it, so decode's ideal is the smaller of 1 / FLOPs ratio and 1 / weight-read
 ratio (the bytes of weights read, counting a block at a step when any row executes it, plus the
 routers and the LM head, over dense). The weight-read share is the share of (step, routed block)
-pairs where at least one row executes. `dllm-agree@s` measures what batched decode could gain if
+pairs where at least one row executes. The bytes ideal counts what a decode step must read at the
+least, weights and K/V alike: dense reads every block's weights and every row's K/V; D-LLM the
+weights of the blocks some row executes (plus the routers), and at each block only the rows that
+execute it read their own kept pairs. At long contexts K/V outweigh the weights, and that is where
+eviction can pay. `dllm-agree@s` measures what batched decode could gain if
 routers agreed across the batch: the first row decides for every row (a different model, only a
 measurement of the bound; its quality is not measured).
 
@@ -46,7 +50,10 @@ from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
 
 
 @dataclass
-class BenchConfig(Settings):
+class BenchBase(Settings):
+    """What every speed benchmark of this model shares: the model (a random-weight Llama of this
+    shape, or a real base), the shares measured, the decode steps timed, the repeats, the output."""
+
     dim: int = setting(1024, "model width (random weights)", low=1)
     n_layers: int = setting(8, "decoder blocks", low=1)
     n_heads: int = setting(8, "attention heads", low=1)
@@ -54,17 +61,21 @@ class BenchConfig(Settings):
     vocab_size: int = setting(32000, "vocabulary size", low=1)
     router_hdim: int = setting(512, "router hidden width", low=1)
     start_layer: int = setting(2, "blocks below this always execute", low=0)
-    prompt_len: int = setting(512, "prefill prompt length (batch 1)", low=1)
-    decode_prompt_len: int = setting(128, "prompt length before the timed decode steps", low=1)
-    decode_steps: int = setting(32, "timed decode steps", low=1)
-    decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
     shares: List[float] = setting([0.25, 0.5, 0.75], "execution shares of the routed blocks", low=0, high=1,
                                   low_open=True)
+    decode_steps: int = setting(32, "timed decode steps", low=1)
     repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
     dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     seed: int = setting(0, "random seed")
     llama_ckpt_dir: Optional[str] = setting(None, "a real base (Meta or HF layout) instead of random weights")
     out: Optional[str] = setting(None, "write the table's JSON here (default: print only)")
+
+
+@dataclass
+class BenchConfig(BenchBase):
+    prompt_len: int = setting(512, "prefill prompt length (batch 1)", low=1)
+    decode_prompt_len: int = setting(128, "prompt length before the timed decode steps", low=1)
+    decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
 
 
 class CalibratedRouting(DLLMRouting):
@@ -115,24 +126,28 @@ class DllmRunner:
     def __init__(self, model: Transformer, routing):
         self.model, self.routing = model, routing
 
-    def prefill(self, tokens, device):
+    def prefill(self, tokens, device, room: int = 0):
+        """Time a prefill of `tokens` into a fresh cache (`room`: tokens to follow; dllm's cache grows)."""
         self.model.routing = self.routing
         cache = self.model.new_cache(tokens.shape[0])
         seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device)
         return seconds, activation, cache
 
-    def decode(self, prompt, steps, device):
-        """Prefill `prompt` (untimed), then time one token at a time for every step of `steps`."""
+    def steps(self, cache, steps, start: int, device):
+        """Time one token at a time for every column of `steps`, at positions from `start` on."""
         self.model.routing = self.routing
-        cache = self.model.new_cache(prompt.shape[0])
-        _, prompt_activation = self.model(prompt, 0, cache)
-        n = prompt.shape[1]
 
         def run():
-            return [self.model(steps[:, i : i + 1], n + i, cache)[1] for i in range(steps.shape[1])]
+            return torch.cat([self.model(steps[:, i : i + 1], start + i, cache)[1] for i in range(steps.shape[1])], 1)
 
-        seconds, activations = timed(run, device)
-        return seconds, torch.cat([prompt_activation] + activations, 1), cache
+        seconds, activation = timed(run, device)
+        return seconds, activation
+
+    def decode(self, prompt, steps, device):
+        """Prefill `prompt` (untimed), then time the steps; the activation covers both."""
+        _, prompt_activation, cache = self.prefill(prompt, device)
+        seconds, activation = self.steps(cache, steps, prompt.shape[1], device)
+        return seconds, torch.cat([prompt_activation, activation], 1), cache
 
 
 class TransformersRunner:
@@ -155,31 +170,34 @@ class TransformersRunner:
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(device)  # buffers not in a state dict
         self.hf, self.config = hf.eval(), config
 
-    def prefill(self, tokens, device):
+    def prefill(self, tokens, device, room: int = 0):
+        """Time a prefill into a fresh static cache with `room` slots for the tokens to follow."""
         def run():
-            cache = self.cache_class(self.config, max_cache_len=tokens.shape[1])
-            return self.hf(tokens, cache=cache, use_cache=True)
-        seconds, _ = timed(run, device)
-        return seconds, None, None
+            cache = self.cache_class(self.config, max_cache_len=tokens.shape[1] + room)
+            self.hf(tokens, cache=cache, use_cache=True)
+            return cache
+        seconds, cache = timed(run, device)
+        return seconds, None, cache
 
-    def decode(self, prompt, steps, device):
-        n = prompt.shape[1]
-        cache = self.cache_class(self.config, max_cache_len=n + steps.shape[1])
-        self.hf(prompt, cache=cache, use_cache=True)
-        positions = torch.arange(n, n + steps.shape[1], device=device)
+    def steps(self, cache, steps, start: int, device):
+        positions = torch.arange(start, start + steps.shape[1], device=device)
 
         def run():
             for i in range(steps.shape[1]):
                 self.hf(steps[:, i : i + 1], cache=cache, use_cache=True, cache_position=positions[i : i + 1])
 
         seconds, _ = timed(run, device)
+        return seconds, None
+
+    def decode(self, prompt, steps, device):
+        _, _, cache = self.prefill(prompt, device, room=steps.shape[1])
+        seconds, _ = self.steps(cache, steps, prompt.shape[1], device)
         return seconds, None, None
 
 
-def build_model(config: BenchConfig, device) -> Transformer:
+def build_model(config: BenchBase, device, max_seq_len: int, max_batch_size: int) -> Transformer:
     sizes = dict(dynamic_router_hdim=config.router_hdim, dynamic_start_layer=config.start_layer, lora_rank=0,
-                 max_seq_len=max(config.prompt_len, config.decode_prompt_len + config.decode_steps),
-                 max_batch_size=max(config.decode_batches))
+                 max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     torch_dtype = getattr(torch, config.dtype)
     if config.llama_ckpt_dir:
         args = checkpoint.load_params(config.llama_ckpt_dir, **sizes)
@@ -216,6 +234,20 @@ def weight_read(activation: torch.Tensor, sizes: dict, start_layer: int, routed:
     return float(any_row[:, start_layer:].mean()), float(per_step.mean() / dense)
 
 
+def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_bytes: int, routed: bool) -> float:
+    """Bytes the decode steps after `n_prompt` must read at the least; activation [b, tokens, n_layers].
+
+    Each step reads the weights of every block some row executes, the LM head and the routers, and
+    at each block, for every row that executes it, that row's kept K/V pairs (its new one included).
+    """
+    executed = activation > 0.5
+    pairs = (executed.cumsum(1) * executed)[:, n_prompt:].sum()
+    any_row = executed[:, n_prompt:].any(0).double()  # [steps, n_layers]
+    per_step = sizes["head"] + (sum(sizes["routers"]) if routed else 0)
+    weights = (any_row * torch.tensor(sizes["blocks"], dtype=torch.float64)).sum() + any_row.shape[0] * per_step
+    return float(weights) + float(pairs) * pair_bytes
+
+
 def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, routing) -> float:
     """FLOPs of the tokens after the prompt (the timed steps) over dense's."""
     def steps_only(act, policy):
@@ -223,12 +255,23 @@ def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, r
     return steps_only(activation, routing) / steps_only(torch.ones_like(activation), None)
 
 
+def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device) -> dict:
+    """transformers, dense and D-LLM at each share, its routers calibrated on `calibration`."""
+    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype),
+               "dense": DllmRunner(model, DenseRouting())}
+    with torch.inference_mode():
+        for share in shares:
+            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, model.params))
+            runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
+    return runners
+
+
 def main(config: BenchConfig):
     device = distributed.setup()
     torch.manual_seed(config.seed)
-    model = build_model(config, device)
+    model = build_model(config, device, max(config.prompt_len, config.decode_prompt_len + config.decode_steps),
+                        max(config.decode_batches))
     args = model.params
-    dtype = getattr(torch, config.dtype)
     prompt = torch.randint(0, args.vocab_size, (1, config.prompt_len), device=device)
     decode_tokens = torch.randint(0, args.vocab_size, (max(config.decode_batches), config.decode_prompt_len
                                                        + config.decode_steps), device=device)
@@ -237,12 +280,9 @@ def main(config: BenchConfig):
     # routers are calibrated on every sequence measured: with random weights the share varies by sequence
     width = min(config.prompt_len, decode_tokens.shape[1])
     calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
-    runners = {"transformers": TransformersRunner(model, dtype), "dense": DllmRunner(model, DenseRouting())}
+    runners = make_runners(model, config.shares, calibration, device)
     batched = [b for b in config.decode_batches if b > 1]
     with torch.inference_mode():
-        for share in config.shares:
-            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, args))
-            runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
         if batched:
             for share in config.shares:
                 agreeing = AgreeingRouting(share, args)
@@ -266,11 +306,7 @@ def main(config: BenchConfig):
                     record[name][f"decode{b}"] = (activation, cache)
 
     rows = summarise(config, model, runners, best, record)
-    meta = {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
-            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
-            "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
-            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
+    meta = describe(config, model, device)
     print_table(rows, meta, config.decode_batches)
     if config.out:
         atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
@@ -317,8 +353,24 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row[f"{key}_ideal_x"] = 1 / max(row[f"{key}_flops_ratio"], ratio)
             row[f"{key}_of_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_ideal_x"]
             row[f"{key}_kv_bytes_ratio"] = cache.bytes_kept() / record["dense"][key][1].bytes_kept()
+            dense_bytes = decode_bytes(torch.ones_like(activation), sizes, config.decode_prompt_len,
+                                       cache.pair_bytes(), False)
+            row[f"{key}_bytes_ratio"] = decode_bytes(activation, sizes, config.decode_prompt_len,
+                                                     cache.pair_bytes(), routed) / dense_bytes
+            row[f"{key}_bytes_ideal_x"] = 1 / row[f"{key}_bytes_ratio"]
+            row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
         rows.append(row)
     return rows
+
+
+def describe(config: BenchBase, model: Transformer, device) -> dict:
+    """The run's settings, command, machine and model, for the results file's header."""
+    args = model.params
+    return {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
+            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
+            "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
+            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
 
 
 def keep_best(store, key, seconds):
@@ -343,7 +395,8 @@ def print_table(rows, meta, decode_batches):
           f"best of {s['repeats']}")
     head = ["config", "exec (routed)", "FLOPs ratio", "KV bytes ratio", "prefill tok/s", "x dense", "x HF", "% ideal"]
     for b in decode_batches:
-        head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal"]
+        head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal",
+                 "bytes ideal x", "% bytes ideal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
 
@@ -357,7 +410,8 @@ def print_table(rows, meta, decode_batches):
         for b in decode_batches:
             cells += [cell(r, f"decode{b}_tok_s", "{:.1f}"), cell(r, f"decode{b}_x_dense", "{:.2f}"),
                       cell(r, f"decode{b}_x_transformers", "{:.2f}"), cell(r, f"decode{b}_weight_share", "{:.3f}"),
-                      cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}")]
+                      cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}"),
+                      cell(r, f"decode{b}_bytes_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_bytes_ideal", "{:.0%}")]
         print("| " + " | ".join(cells) + " |")
 
 

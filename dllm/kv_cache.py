@@ -31,8 +31,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# What one more attention call costs, counted in K/V bytes it could have read instead (CPU, fp32,
-# measured with benchmarks/bench_skip.py --scaling); a device not listed always takes the batched call.
+# What one more attention call costs, counted in the K/V bytes it could have read instead. CPU: a
+# call's fixed cost (about 20 us on 2 cores) at about 12 GB/s; bench_skip.py's short and long decode
+# cells check the choice. A device not listed (a GPU) always takes the batched call.
 CALL_COST_BYTES = {"cpu": 256 * 1024}
 
 

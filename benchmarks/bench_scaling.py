@@ -2,8 +2,8 @@
 dense, D-LLM at each execution share and transformers' Llama on the same weights, and the K/V
 memory each keeps; where skipping pays, and how much.
 
-Each cell (batch, context) prefills `context` random tokens per row into a fresh cache (timed when
-batch x context <= --prefill_tokens), then times --decode_steps tokens one at a time (when
+Each cell (batch, context) prefills `context` random tokens per row into a fresh cache (timed in
+one forward when batch x context <= --prefill_tokens, else untimed in chunks), then times --decode_steps tokens one at a time (when
 batch x context <= --decode_tokens); a cell past both caps is listed as skipped, with why. The
 configurations are interleaved within every repeat of a cell and the best repeat is kept, so every
 ratio in a row comes from one run. Routers and timing are bench_skip.py's; so is the bytes ideal
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_skip import (  # noqa: E402
-    BenchBase, build_model, decode_bytes, describe, keep_best, make_runners, weight_bytes,
+    BenchBase, CacheBytes, build_model, decode_bytes, describe, keep_best, make_runners, weight_bytes,
 )
 from dllm import distributed  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
@@ -58,15 +58,18 @@ def measure_cell(config: ScalingConfig, runners: dict, tokens: torch.Tensor, bat
     kept = {}
     for _ in range(config.repeats):
         for name, runner in runners.items():
-            seconds, activation, cache = runner.prefill(prompt, device, room=config.decode_steps)
             if time_prefill:
+                seconds, activation, cache = runner.prefill(prompt, device, room=config.decode_steps)
                 keep_best(best[name], "prefill", seconds)
+            else:
+                activation, cache = runner.fill(prompt, device, room=config.decode_steps)
             seconds, step_activation = runner.steps(cache, steps, context, device)
             keep_best(best[name], "decode", seconds)
             if activation is not None:
-                kept[name] = (torch.cat([activation, step_activation], 1), cache)
+                kept[name] = (torch.cat([activation, step_activation], 1), CacheBytes.of(cache))
+            del cache
     dense = best["dense"]
-    pair_bytes = kept["dense"][1].pair_bytes()
+    pair_bytes = kept["dense"][1].pair
     dense_bytes = decode_bytes(torch.ones_like(kept["dense"][0]), sizes, context, pair_bytes, False)
     out = {}
     for name, runner in runners.items():
@@ -79,8 +82,8 @@ def measure_cell(config: ScalingConfig, runners: dict, tokens: torch.Tensor, bat
             activation, cache = kept[name]
             routed = isinstance(runner.routing, DLLMRouting)
             cell.update(exec_share_routed=float(activation[..., config.start_layer:].mean()),
-                        kv_mb_per_row=cache.bytes_kept() / batch / MB,
-                        kv_mb_allocated_per_row=cache.bytes_allocated() / batch / MB,
+                        kv_mb_per_row=cache.kept / batch / MB,
+                        kv_mb_allocated_per_row=cache.allocated / batch / MB,
                         bytes_ideal_x=dense_bytes / decode_bytes(activation, sizes, context, pair_bytes, routed))
             cell["of_bytes_ideal"] = cell["decode_x_dense"] / cell["bytes_ideal_x"]
         else:  # transformers' static cache holds every slot it was made with

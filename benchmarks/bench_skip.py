@@ -45,6 +45,7 @@ from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
 from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
+from dllm.kv_cache import KVCache  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
 
@@ -120,6 +121,22 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
+FILL_CHUNK = 256  # tokens per forward of an untimed prefill
+
+
+@dataclass
+class CacheBytes:
+    """What the table reads of a cache, kept so the cache itself can be freed."""
+
+    kept: int
+    allocated: int
+    pair: int
+
+    @classmethod
+    def of(cls, cache) -> Optional["CacheBytes"]:
+        return cls(cache.bytes_kept(), cache.bytes_allocated(), cache.pair_bytes()) if isinstance(cache, KVCache) else None
+
+
 class DllmRunner:
     """dllm under one routing policy; returns activations and KV bytes beside the timings."""
 
@@ -143,9 +160,18 @@ class DllmRunner:
         seconds, activation = timed(run, device)
         return seconds, activation
 
+    def fill(self, tokens, device, room: int = 0):
+        """Prefill untimed, FILL_CHUNK tokens at a time (the same cache, the same routing, less
+        memory than one forward's logits); returns (activation, cache)."""
+        self.model.routing = self.routing
+        cache = self.model.new_cache(tokens.shape[0])
+        starts = range(0, tokens.shape[1], FILL_CHUNK)
+        activation = [self.model(tokens[:, a : a + FILL_CHUNK], a, cache)[1] for a in starts]
+        return torch.cat(activation, 1), cache
+
     def decode(self, prompt, steps, device):
         """Prefill `prompt` (untimed), then time the steps; the activation covers both."""
-        _, prompt_activation, cache = self.prefill(prompt, device)
+        prompt_activation, cache = self.fill(prompt, device)
         seconds, activation = self.steps(cache, steps, prompt.shape[1], device)
         return seconds, torch.cat([prompt_activation, activation], 1), cache
 
@@ -189,8 +215,16 @@ class TransformersRunner:
         seconds, _ = timed(run, device)
         return seconds, None
 
+    def fill(self, tokens, device, room: int = 0):
+        cache = self.cache_class(self.config, max_cache_len=tokens.shape[1] + room)
+        for a in range(0, tokens.shape[1], FILL_CHUNK):
+            chunk = tokens[:, a : a + FILL_CHUNK]
+            positions = torch.arange(a, a + chunk.shape[1], device=device)
+            self.hf(chunk, cache=cache, use_cache=True, cache_position=positions)
+        return None, cache
+
     def decode(self, prompt, steps, device):
-        _, _, cache = self.prefill(prompt, device, room=steps.shape[1])
+        _, cache = self.fill(prompt, device, room=steps.shape[1])
         seconds, _ = self.steps(cache, steps, prompt.shape[1], device)
         return seconds, None, None
 
@@ -297,13 +331,14 @@ def main(config: BenchConfig):
                 if not agree:
                     seconds, activation, cache = runner.prefill(prompt, device)
                     keep_best(best[name], "prefill", seconds)
-                    record[name]["prefill"] = (activation, cache)
+                    record[name]["prefill"] = (activation, CacheBytes.of(cache))
                 for b, (dprompt, steps) in decode_inputs.items():
                     if agree and b == 1:
                         continue
                     seconds, activation, cache = runner.decode(dprompt, steps, device)
                     keep_best(best[name], f"decode{b}", seconds)
-                    record[name][f"decode{b}"] = (activation, cache)
+                    record[name][f"decode{b}"] = (activation, CacheBytes.of(cache))
+                    del cache
 
     rows = summarise(config, model, runners, best, record)
     meta = describe(config, model, device)
@@ -330,9 +365,9 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row.update(exec_share_routed=float(activation[..., config.start_layer:].mean()),
                        exec_share_all=float(activation.mean()),
                        flops_ratio=flops_ratio(args, activation, routing=routing),
-                       kv_ratio=kv_ratio(activation), kv_bytes=cache.bytes_kept(),
-                       kv_bytes_ratio=cache.bytes_kept() / record["dense"]["prefill"][1].bytes_kept(),
-                       kv_bytes_allocated=cache.bytes_allocated())
+                       kv_ratio=kv_ratio(activation), kv_bytes=cache.kept,
+                       kv_bytes_ratio=cache.kept / record["dense"]["prefill"][1].kept,
+                       kv_bytes_allocated=cache.allocated)
             row["prefill_of_ideal"] = row["prefill_x_dense"] * row["flops_ratio"]
         for b in config.decode_batches:
             key = f"decode{b}"
@@ -352,11 +387,11 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row[f"{key}_weight_ratio"] = ratio
             row[f"{key}_ideal_x"] = 1 / max(row[f"{key}_flops_ratio"], ratio)
             row[f"{key}_of_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_ideal_x"]
-            row[f"{key}_kv_bytes_ratio"] = cache.bytes_kept() / record["dense"][key][1].bytes_kept()
+            row[f"{key}_kv_bytes_ratio"] = cache.kept / record["dense"][key][1].kept
             dense_bytes = decode_bytes(torch.ones_like(activation), sizes, config.decode_prompt_len,
-                                       cache.pair_bytes(), False)
+                                       cache.pair, False)
             row[f"{key}_bytes_ratio"] = decode_bytes(activation, sizes, config.decode_prompt_len,
-                                                     cache.pair_bytes(), routed) / dense_bytes
+                                                     cache.pair, routed) / dense_bytes
             row[f"{key}_bytes_ideal_x"] = 1 / row[f"{key}_bytes_ratio"]
             row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
         rows.append(row)

@@ -99,7 +99,7 @@ def main(config: ScalingConfig):
     vocab = model.params.vocab_size
     tokens = torch.randint(0, vocab, (max(config.batches), max(config.contexts) + config.decode_steps), device=device)
     calibration = torch.randint(0, vocab, (8, min(256, min(config.contexts))), device=device)
-    runners = make_runners(model, config.shares, calibration, device)
+    runners = make_runners(model, config.shares, calibration, device, config.clock)
     sizes = weight_bytes(model)
     meta = describe(config, model, device)
     meta["load_average_before"] = os.getloadavg()

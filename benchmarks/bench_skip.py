@@ -50,6 +50,11 @@ from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
 
 
+# wall time, or this process's CPU time: on a CPU shared with other jobs, what the run itself
+# spent (its threads summed), not how long it waited for a core
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 @dataclass
 class BenchBase(Settings):
     """What every speed benchmark of this model shares: the model (a random-weight Llama of this
@@ -66,6 +71,8 @@ class BenchBase(Settings):
                                   low_open=True)
     decode_steps: int = setting(32, "timed decode steps", low=1)
     repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
+    clock: str = setting("wall", "what a time is: wall time, or the process's CPU time (a CPU shared with "
+                         "other jobs)", choices=tuple(CLOCKS))
     dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     seed: int = setting(0, "random seed")
     llama_ckpt_dir: Optional[str] = setting(None, "a real base (Meta or HF layout) instead of random weights")
@@ -113,12 +120,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
+def timed(fn, device, clock: str = "wall"):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return CLOCKS[clock]() - start, out
 
 
 FILL_CHUNK = 256  # tokens per forward of an untimed prefill
@@ -140,14 +147,14 @@ class CacheBytes:
 class DllmRunner:
     """dllm under one routing policy; returns activations and KV bytes beside the timings."""
 
-    def __init__(self, model: Transformer, routing):
-        self.model, self.routing = model, routing
+    def __init__(self, model: Transformer, routing, clock: str = "wall"):
+        self.model, self.routing, self.clock = model, routing, clock
 
     def prefill(self, tokens, device, room: int = 0):
         """Time a prefill of `tokens` into a fresh cache (`room`: tokens to follow; dllm's cache grows)."""
         self.model.routing = self.routing
         cache = self.model.new_cache(tokens.shape[0])
-        seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device)
+        seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device, self.clock)
         return seconds, activation, cache
 
     def steps(self, cache, steps, start: int, device):
@@ -157,7 +164,7 @@ class DllmRunner:
         def run():
             return torch.cat([self.model(steps[:, i : i + 1], start + i, cache)[1] for i in range(steps.shape[1])], 1)
 
-        seconds, activation = timed(run, device)
+        seconds, activation = timed(run, device, self.clock)
         return seconds, activation
 
     def fill(self, tokens, device, room: int = 0):
@@ -179,7 +186,8 @@ class DllmRunner:
 class TransformersRunner:
     """transformers' LlamaForCausalLM on the same weights, with its static cache and SDPA."""
 
-    def __init__(self, model: Transformer, dtype: torch.dtype):
+    def __init__(self, model: Transformer, dtype: torch.dtype, clock: str = "wall"):
+        self.clock = clock
         from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
         self.cache_class = StaticCache
@@ -202,7 +210,7 @@ class TransformersRunner:
             cache = self.cache_class(self.config, max_cache_len=tokens.shape[1] + room)
             self.hf(tokens, cache=cache, use_cache=True)
             return cache
-        seconds, cache = timed(run, device)
+        seconds, cache = timed(run, device, self.clock)
         return seconds, None, cache
 
     def steps(self, cache, steps, start: int, device):
@@ -212,7 +220,7 @@ class TransformersRunner:
             for i in range(steps.shape[1]):
                 self.hf(steps[:, i : i + 1], cache=cache, use_cache=True, cache_position=positions[i : i + 1])
 
-        seconds, _ = timed(run, device)
+        seconds, _ = timed(run, device, self.clock)
         return seconds, None
 
     def fill(self, tokens, device, room: int = 0):
@@ -289,13 +297,13 @@ def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, r
     return steps_only(activation, routing) / steps_only(torch.ones_like(activation), None)
 
 
-def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device) -> dict:
+def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device, clock: str) -> dict:
     """transformers, dense and D-LLM at each share, its routers calibrated on `calibration`."""
-    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype),
-               "dense": DllmRunner(model, DenseRouting())}
+    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype, clock),
+               "dense": DllmRunner(model, DenseRouting(), clock)}
     with torch.inference_mode():
         for share in shares:
-            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, model.params))
+            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, model.params), clock)
             runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
     return runners
 
@@ -314,14 +322,14 @@ def main(config: BenchConfig):
     # routers are calibrated on every sequence measured: with random weights the share varies by sequence
     width = min(config.prompt_len, decode_tokens.shape[1])
     calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
-    runners = make_runners(model, config.shares, calibration, device)
+    runners = make_runners(model, config.shares, calibration, device, config.clock)
     batched = [b for b in config.decode_batches if b > 1]
     with torch.inference_mode():
         if batched:
             for share in config.shares:
                 agreeing = AgreeingRouting(share, args)
                 agreeing.thresholds = runners[f"dllm@{share:.2f}"].routing.thresholds
-                runners[f"dllm-agree@{share:.2f}"] = DllmRunner(model, agreeing)
+                runners[f"dllm-agree@{share:.2f}"] = DllmRunner(model, agreeing, config.clock)
 
         best: Dict[str, Dict[str, float]] = {name: {} for name in runners}
         record: Dict[str, dict] = {name: {} for name in runners}

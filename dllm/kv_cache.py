@@ -20,8 +20,9 @@ through a mask, with rows that run nothing attending too (their output dropped);
 executing row over exactly its own kept keys, views of the cache, no mask in decode. The second
 reads the kept pairs of the rows that run and nothing else, but pays a call per row, so it runs
 when the bytes it spares exceed the calls it adds (`CALL_COST_BYTES`): at long contexts and
-batches where many rows skip. Rejected: gathering the executing rows into a sub-batch
-(index_select copies every key it then reads, and measured slower than the masked call), and
+batches where many rows skip. Rejected (benchmarks/bench_kept_attention.py): gathering the
+executing rows into a sub-batch (index_select copies every key it then reads: slower than the
+masked call at long contexts), and
 nested (jagged) tensors (their packed values would be a copy of the cache each step; torch's CPU
 SDPA also wants queries and keys ragged alike). A GPU would want a varlen kernel over the host's
 lengths instead of a loop; until one is measured, other devices keep the batched call.
@@ -32,8 +33,8 @@ from typing import List, Optional, Tuple
 import torch
 
 # What one more attention call costs, counted in the K/V bytes it could have read instead. CPU: a
-# call's fixed cost (about 20 us on 2 cores) at about 12 GB/s; bench_skip.py's short and long decode
-# cells check the choice. A device not listed (a GPU) always takes the batched call.
+# call's fixed cost (about 20 us) at about 12 GB/s; benchmarks/bench_kept_attention.py times the
+# routes either side of it. A device not listed (a GPU) always takes the batched call.
 CALL_COST_BYTES = {"cpu": 256 * 1024}
 
 

@@ -32,10 +32,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-# What one more attention call costs, counted in the K/V bytes it could have read instead. CPU: a
-# call's fixed cost (about 20 us) at about 12 GB/s; benchmarks/bench_kept_attention.py times the
-# routes either side of it. A device not listed (a GPU) always takes the batched call.
-CALL_COST_BYTES = {"cpu": 256 * 1024}
+# What one more attention call costs, counted in the K/V bytes it could have read instead. CPU: set
+# below the break-even that benchmarks/bench_kept_attention.py measures (row by row was faster
+# from batch 8 and 128 kept pairs per row on). A device not listed (a GPU) keeps the batched call.
+CALL_COST_BYTES = {"cpu": 64 * 1024}
 
 
 @dataclass

@@ -115,7 +115,7 @@ def pack_decode(lengths, running, device="cpu"):
 def test_rows_run_one_by_one_where_the_keys_they_spare_outweigh_the_calls():
     long_half = pack_decode([2048] * 8, running={0, 2, 4, 6})
     assert long_half.rows == [(r, 2048, 1) for r in (0, 2, 4, 6)] and long_half.key_mask is None
-    assert pack_decode([64] * 8, running={0, 2, 4, 6}).rows is None  # short rows: one masked call
+    assert pack_decode([16] * 8, running={0, 2, 4, 6}).rows is None  # short rows: one masked call
     assert pack_decode([2048] * 8, running=set(range(8))).rows is None  # nothing to spare
     assert pack_decode([2048], running={0}).rows is None  # batch of one: the same single call
 

@@ -102,7 +102,7 @@ def main(config: ScalingConfig):
     runners = make_runners(model, config.shares, calibration, device, config.clock)
     sizes = weight_bytes(model)
     meta = describe(config, model, device)
-    meta["load_average_before"] = os.getloadavg()
+    meta["load_average_before"] = meta.pop("load_average")
     cells = []
     with torch.inference_mode():
         for batch in config.batches:

@@ -413,7 +413,8 @@ def describe(config: BenchBase, model: Transformer, device) -> dict:
             "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
             "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
-            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
+            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache",
+            "load_average": os.getloadavg()}  # other jobs on the machine, when the table was made
 
 
 def keep_best(store, key, seconds):

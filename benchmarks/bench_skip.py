@@ -12,7 +12,11 @@ small batch is bound by reading weights: a block costs its full weight read as s
 the batch executes it, so decode's ideal is the smaller of 1 / FLOPs ratio and 1 / weight-read
 ratio (the bytes of weights read, counting a block at a step when any row executes it, plus the
 routers and the LM head, over dense). The weight-read share is the share of (step, routed block)
-pairs where at least one row executes. `dllm-agree@s` measures what batched decode could gain if
+pairs where at least one row executes. The bytes ideal counts what a decode step must read at the
+least, weights and K/V alike: dense reads every block's weights and every row's K/V; D-LLM the
+weights of the blocks some row executes (plus the routers), and at each block only the rows that
+execute it read their own kept pairs. At long contexts K/V outweigh the weights, and that is where
+eviction can pay. `dllm-agree@s` measures what batched decode could gain if
 routers agreed across the batch: the first row decides for every row (a different model, only a
 measurement of the bound; its quality is not measured).
 
@@ -41,12 +45,21 @@ from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
 from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
+from dllm.kv_cache import KVCache  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
 
 
+# wall time, or this process's CPU time: on a CPU shared with other jobs, what the run itself
+# spent (its threads summed), not how long it waited for a core
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 @dataclass
-class BenchConfig(Settings):
+class BenchBase(Settings):
+    """What every speed benchmark of this model shares: the model (a random-weight Llama of this
+    shape, or a real base), the shares measured, the decode steps timed, the repeats, the output."""
+
     dim: int = setting(1024, "model width (random weights)", low=1)
     n_layers: int = setting(8, "decoder blocks", low=1)
     n_heads: int = setting(8, "attention heads", low=1)
@@ -54,17 +67,23 @@ class BenchConfig(Settings):
     vocab_size: int = setting(32000, "vocabulary size", low=1)
     router_hdim: int = setting(512, "router hidden width", low=1)
     start_layer: int = setting(2, "blocks below this always execute", low=0)
-    prompt_len: int = setting(512, "prefill prompt length (batch 1)", low=1)
-    decode_prompt_len: int = setting(128, "prompt length before the timed decode steps", low=1)
-    decode_steps: int = setting(32, "timed decode steps", low=1)
-    decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
     shares: List[float] = setting([0.25, 0.5, 0.75], "execution shares of the routed blocks", low=0, high=1,
                                   low_open=True)
+    decode_steps: int = setting(32, "timed decode steps", low=1)
     repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
+    clock: str = setting("wall", "what a time is: wall time, or the process's CPU time (a CPU shared with "
+                         "other jobs)", choices=tuple(CLOCKS))
     dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     seed: int = setting(0, "random seed")
     llama_ckpt_dir: Optional[str] = setting(None, "a real base (Meta or HF layout) instead of random weights")
     out: Optional[str] = setting(None, "write the table's JSON here (default: print only)")
+
+
+@dataclass
+class BenchConfig(BenchBase):
+    prompt_len: int = setting(512, "prefill prompt length (batch 1)", low=1)
+    decode_prompt_len: int = setting(128, "prompt length before the timed decode steps", low=1)
+    decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
 
 
 class CalibratedRouting(DLLMRouting):
@@ -101,44 +120,74 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device):
+def timed(fn, device, clock: str = "wall"):
     sync(device)
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     out = fn()
     sync(device)
-    return time.perf_counter() - start, out
+    return CLOCKS[clock]() - start, out
+
+
+FILL_CHUNK = 256  # tokens per forward of an untimed prefill
+
+
+@dataclass
+class CacheBytes:
+    """What the table reads of a cache, kept so the cache itself can be freed."""
+
+    kept: int
+    allocated: int
+    pair: int
+
+    @classmethod
+    def of(cls, cache) -> Optional["CacheBytes"]:
+        return cls(cache.bytes_kept(), cache.bytes_allocated(), cache.pair_bytes()) if isinstance(cache, KVCache) else None
 
 
 class DllmRunner:
     """dllm under one routing policy; returns activations and KV bytes beside the timings."""
 
-    def __init__(self, model: Transformer, routing):
-        self.model, self.routing = model, routing
+    def __init__(self, model: Transformer, routing, clock: str = "wall"):
+        self.model, self.routing, self.clock = model, routing, clock
 
-    def prefill(self, tokens, device):
+    def prefill(self, tokens, device, room: int = 0):
+        """Time a prefill of `tokens` into a fresh cache (`room`: tokens to follow; dllm's cache grows)."""
         self.model.routing = self.routing
         cache = self.model.new_cache(tokens.shape[0])
-        seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device)
+        seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device, self.clock)
         return seconds, activation, cache
 
-    def decode(self, prompt, steps, device):
-        """Prefill `prompt` (untimed), then time one token at a time for every step of `steps`."""
+    def steps(self, cache, steps, start: int, device):
+        """Time one token at a time for every column of `steps`, at positions from `start` on."""
         self.model.routing = self.routing
-        cache = self.model.new_cache(prompt.shape[0])
-        _, prompt_activation = self.model(prompt, 0, cache)
-        n = prompt.shape[1]
 
         def run():
-            return [self.model(steps[:, i : i + 1], n + i, cache)[1] for i in range(steps.shape[1])]
+            return torch.cat([self.model(steps[:, i : i + 1], start + i, cache)[1] for i in range(steps.shape[1])], 1)
 
-        seconds, activations = timed(run, device)
-        return seconds, torch.cat([prompt_activation] + activations, 1), cache
+        seconds, activation = timed(run, device, self.clock)
+        return seconds, activation
+
+    def fill(self, tokens, device, room: int = 0):
+        """Prefill untimed, FILL_CHUNK tokens at a time (the same cache, the same routing, less
+        memory than one forward's logits); returns (activation, cache)."""
+        self.model.routing = self.routing
+        cache = self.model.new_cache(tokens.shape[0])
+        starts = range(0, tokens.shape[1], FILL_CHUNK)
+        activation = [self.model(tokens[:, a : a + FILL_CHUNK], a, cache)[1] for a in starts]
+        return torch.cat(activation, 1), cache
+
+    def decode(self, prompt, steps, device):
+        """Prefill `prompt` (untimed), then time the steps; the activation covers both."""
+        prompt_activation, cache = self.fill(prompt, device)
+        seconds, activation = self.steps(cache, steps, prompt.shape[1], device)
+        return seconds, torch.cat([prompt_activation, activation], 1), cache
 
 
 class TransformersRunner:
     """transformers' LlamaForCausalLM on the same weights, with its static cache and SDPA."""
 
-    def __init__(self, model: Transformer, dtype: torch.dtype):
+    def __init__(self, model: Transformer, dtype: torch.dtype, clock: str = "wall"):
+        self.clock = clock
         from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
         self.cache_class = StaticCache
@@ -155,31 +204,42 @@ class TransformersRunner:
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(device)  # buffers not in a state dict
         self.hf, self.config = hf.eval(), config
 
-    def prefill(self, tokens, device):
+    def prefill(self, tokens, device, room: int = 0):
+        """Time a prefill into a fresh static cache with `room` slots for the tokens to follow."""
         def run():
-            cache = self.cache_class(self.config, max_cache_len=tokens.shape[1])
-            return self.hf(tokens, cache=cache, use_cache=True)
-        seconds, _ = timed(run, device)
-        return seconds, None, None
+            cache = self.cache_class(self.config, max_cache_len=tokens.shape[1] + room)
+            self.hf(tokens, cache=cache, use_cache=True)
+            return cache
+        seconds, cache = timed(run, device, self.clock)
+        return seconds, None, cache
 
-    def decode(self, prompt, steps, device):
-        n = prompt.shape[1]
-        cache = self.cache_class(self.config, max_cache_len=n + steps.shape[1])
-        self.hf(prompt, cache=cache, use_cache=True)
-        positions = torch.arange(n, n + steps.shape[1], device=device)
+    def steps(self, cache, steps, start: int, device):
+        positions = torch.arange(start, start + steps.shape[1], device=device)
 
         def run():
             for i in range(steps.shape[1]):
                 self.hf(steps[:, i : i + 1], cache=cache, use_cache=True, cache_position=positions[i : i + 1])
 
-        seconds, _ = timed(run, device)
+        seconds, _ = timed(run, device, self.clock)
+        return seconds, None
+
+    def fill(self, tokens, device, room: int = 0):
+        cache = self.cache_class(self.config, max_cache_len=tokens.shape[1] + room)
+        for a in range(0, tokens.shape[1], FILL_CHUNK):
+            chunk = tokens[:, a : a + FILL_CHUNK]
+            positions = torch.arange(a, a + chunk.shape[1], device=device)
+            self.hf(chunk, cache=cache, use_cache=True, cache_position=positions)
+        return None, cache
+
+    def decode(self, prompt, steps, device):
+        _, cache = self.fill(prompt, device, room=steps.shape[1])
+        seconds, _ = self.steps(cache, steps, prompt.shape[1], device)
         return seconds, None, None
 
 
-def build_model(config: BenchConfig, device) -> Transformer:
+def build_model(config: BenchBase, device, max_seq_len: int, max_batch_size: int) -> Transformer:
     sizes = dict(dynamic_router_hdim=config.router_hdim, dynamic_start_layer=config.start_layer, lora_rank=0,
-                 max_seq_len=max(config.prompt_len, config.decode_prompt_len + config.decode_steps),
-                 max_batch_size=max(config.decode_batches))
+                 max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     torch_dtype = getattr(torch, config.dtype)
     if config.llama_ckpt_dir:
         args = checkpoint.load_params(config.llama_ckpt_dir, **sizes)
@@ -216,6 +276,20 @@ def weight_read(activation: torch.Tensor, sizes: dict, start_layer: int, routed:
     return float(any_row[:, start_layer:].mean()), float(per_step.mean() / dense)
 
 
+def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_bytes: int, routed: bool) -> float:
+    """Bytes the decode steps after `n_prompt` must read at the least; activation [b, tokens, n_layers].
+
+    Each step reads the weights of every block some row executes, the LM head and the routers, and
+    at each block, for every row that executes it, that row's kept K/V pairs (its new one included).
+    """
+    executed = activation > 0.5
+    pairs = (executed.cumsum(1) * executed)[:, n_prompt:].sum()
+    any_row = executed[:, n_prompt:].any(0).double()  # [steps, n_layers]
+    per_step = sizes["head"] + (sum(sizes["routers"]) if routed else 0)
+    weights = (any_row * torch.tensor(sizes["blocks"], dtype=torch.float64)).sum() + any_row.shape[0] * per_step
+    return float(weights) + float(pairs) * pair_bytes
+
+
 def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, routing) -> float:
     """FLOPs of the tokens after the prompt (the timed steps) over dense's."""
     def steps_only(act, policy):
@@ -223,12 +297,23 @@ def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, r
     return steps_only(activation, routing) / steps_only(torch.ones_like(activation), None)
 
 
+def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device, clock: str) -> dict:
+    """transformers, dense and D-LLM at each share, its routers calibrated on `calibration`."""
+    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype, clock),
+               "dense": DllmRunner(model, DenseRouting(), clock)}
+    with torch.inference_mode():
+        for share in shares:
+            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, model.params), clock)
+            runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
+    return runners
+
+
 def main(config: BenchConfig):
     device = distributed.setup()
     torch.manual_seed(config.seed)
-    model = build_model(config, device)
+    model = build_model(config, device, max(config.prompt_len, config.decode_prompt_len + config.decode_steps),
+                        max(config.decode_batches))
     args = model.params
-    dtype = getattr(torch, config.dtype)
     prompt = torch.randint(0, args.vocab_size, (1, config.prompt_len), device=device)
     decode_tokens = torch.randint(0, args.vocab_size, (max(config.decode_batches), config.decode_prompt_len
                                                        + config.decode_steps), device=device)
@@ -237,17 +322,14 @@ def main(config: BenchConfig):
     # routers are calibrated on every sequence measured: with random weights the share varies by sequence
     width = min(config.prompt_len, decode_tokens.shape[1])
     calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
-    runners = {"transformers": TransformersRunner(model, dtype), "dense": DllmRunner(model, DenseRouting())}
+    runners = make_runners(model, config.shares, calibration, device, config.clock)
     batched = [b for b in config.decode_batches if b > 1]
     with torch.inference_mode():
-        for share in config.shares:
-            runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, args))
-            runners[f"dllm@{share:.2f}"].prefill(calibration, device)  # sets every router's threshold
         if batched:
             for share in config.shares:
                 agreeing = AgreeingRouting(share, args)
                 agreeing.thresholds = runners[f"dllm@{share:.2f}"].routing.thresholds
-                runners[f"dllm-agree@{share:.2f}"] = DllmRunner(model, agreeing)
+                runners[f"dllm-agree@{share:.2f}"] = DllmRunner(model, agreeing, config.clock)
 
         best: Dict[str, Dict[str, float]] = {name: {} for name in runners}
         record: Dict[str, dict] = {name: {} for name in runners}
@@ -257,20 +339,17 @@ def main(config: BenchConfig):
                 if not agree:
                     seconds, activation, cache = runner.prefill(prompt, device)
                     keep_best(best[name], "prefill", seconds)
-                    record[name]["prefill"] = (activation, cache)
+                    record[name]["prefill"] = (activation, CacheBytes.of(cache))
                 for b, (dprompt, steps) in decode_inputs.items():
                     if agree and b == 1:
                         continue
                     seconds, activation, cache = runner.decode(dprompt, steps, device)
                     keep_best(best[name], f"decode{b}", seconds)
-                    record[name][f"decode{b}"] = (activation, cache)
+                    record[name][f"decode{b}"] = (activation, CacheBytes.of(cache))
+                    del cache
 
     rows = summarise(config, model, runners, best, record)
-    meta = {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
-            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
-            "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
-            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
+    meta = describe(config, model, device)
     print_table(rows, meta, config.decode_batches)
     if config.out:
         atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
@@ -294,9 +373,9 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row.update(exec_share_routed=float(activation[..., config.start_layer:].mean()),
                        exec_share_all=float(activation.mean()),
                        flops_ratio=flops_ratio(args, activation, routing=routing),
-                       kv_ratio=kv_ratio(activation), kv_bytes=cache.bytes_kept(),
-                       kv_bytes_ratio=cache.bytes_kept() / record["dense"]["prefill"][1].bytes_kept(),
-                       kv_bytes_allocated=cache.bytes_allocated())
+                       kv_ratio=kv_ratio(activation), kv_bytes=cache.kept,
+                       kv_bytes_ratio=cache.kept / record["dense"]["prefill"][1].kept,
+                       kv_bytes_allocated=cache.allocated)
             row["prefill_of_ideal"] = row["prefill_x_dense"] * row["flops_ratio"]
         for b in config.decode_batches:
             key = f"decode{b}"
@@ -316,9 +395,26 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row[f"{key}_weight_ratio"] = ratio
             row[f"{key}_ideal_x"] = 1 / max(row[f"{key}_flops_ratio"], ratio)
             row[f"{key}_of_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_ideal_x"]
-            row[f"{key}_kv_bytes_ratio"] = cache.bytes_kept() / record["dense"][key][1].bytes_kept()
+            row[f"{key}_kv_bytes_ratio"] = cache.kept / record["dense"][key][1].kept
+            dense_bytes = decode_bytes(torch.ones_like(activation), sizes, config.decode_prompt_len,
+                                       cache.pair, False)
+            row[f"{key}_bytes_ratio"] = decode_bytes(activation, sizes, config.decode_prompt_len,
+                                                     cache.pair, routed) / dense_bytes
+            row[f"{key}_bytes_ideal_x"] = 1 / row[f"{key}_bytes_ratio"]
+            row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
         rows.append(row)
     return rows
+
+
+def describe(config: BenchBase, model: Transformer, device) -> dict:
+    """The run's settings, command, machine and model, for the results file's header."""
+    args = model.params
+    return {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
+            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
+            "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
+            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache",
+            "load_average": os.getloadavg()}  # other jobs on the machine, when the table was made
 
 
 def keep_best(store, key, seconds):
@@ -343,7 +439,8 @@ def print_table(rows, meta, decode_batches):
           f"best of {s['repeats']}")
     head = ["config", "exec (routed)", "FLOPs ratio", "KV bytes ratio", "prefill tok/s", "x dense", "x HF", "% ideal"]
     for b in decode_batches:
-        head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal"]
+        head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal",
+                 "bytes ideal x", "% bytes ideal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
 
@@ -357,7 +454,8 @@ def print_table(rows, meta, decode_batches):
         for b in decode_batches:
             cells += [cell(r, f"decode{b}_tok_s", "{:.1f}"), cell(r, f"decode{b}_x_dense", "{:.2f}"),
                       cell(r, f"decode{b}_x_transformers", "{:.2f}"), cell(r, f"decode{b}_weight_share", "{:.3f}"),
-                      cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}")]
+                      cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}"),
+                      cell(r, f"decode{b}_bytes_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_bytes_ideal", "{:.0%}")]
         print("| " + " | ".join(cells) + " |")
 
 

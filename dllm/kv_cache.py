@@ -13,20 +13,39 @@ power of two, so a whole generation reallocates at most log2(max_seq_len / chunk
 Preallocating max_seq_len per row would avoid even those copies, but would hold the slots of every
 token that skips the block: memory would no longer follow what is kept. A skipped token is never
 written, and `bytes_kept` counts kept pairs only.
+
+Attention at a routed block reads what was kept, where that pays. Two routes, chosen on the host
+per block and step (`Packing.rows`): one batched call over every row's keys up to the longest row,
+through a mask, with rows that run nothing attending too (their output dropped); or one call per
+executing row over exactly its own kept keys, views of the cache, no mask in decode. The second
+reads the kept pairs of the rows that run and nothing else, but pays a call per row, so it runs
+when the bytes it spares exceed the calls it adds (`CALL_COST_BYTES`): at long contexts and
+batches where many rows skip. Rejected (benchmarks/bench_kept_attention.py): gathering the
+executing rows into a sub-batch (index_select copies every key it then reads: slower than the
+masked call at long contexts), and
+nested (jagged) tensors (their packed values would be a copy of the cache each step; torch's CPU
+SDPA also wants queries and keys ragged alike). A GPU would want a varlen kernel over the host's
+lengths instead of a loop; until one is measured, other devices keep the batched call.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+
+# What one more attention call costs, counted in the K/V bytes it could have read instead. CPU: set
+# below the break-even that benchmarks/bench_kept_attention.py measures (row by row was faster
+# from batch 8 and 128 kept pairs per row on). A device not listed (a GPU) keeps the batched call.
+CALL_COST_BYTES = {"cpu": 64 * 1024}
 
 
 @dataclass
 class Packing:
     """Where one block's executing tokens go, worked out on the host from its execute mask.
 
-    The tokens are packed row-major; attention pads every row's queries to `width` and reads every
-    row's keys as views of the cache (rows with nothing to run attend to their own keys, and their
-    output is dropped: cheaper than gathering the rows that do). Index tensors are on the device.
+    The tokens are packed row-major. With `rows`, attention runs row by row, each executing row
+    over its own kept keys; without, it pads every row's queries to `width` and reads every row's
+    keys up to the longest through `key_mask` (see the module docstring for which, and why).
+    Index tensors are on the device; `rows` is on the host.
     """
 
     width: int
@@ -37,6 +56,7 @@ class Packing:
     rank: Optional[torch.Tensor]  # [n] its rank among its row's executing tokens; None when `even`
     key_mask: Optional[torch.Tensor]  # [batch, width, keys] True = attend; None: every key, or causal
     causal: bool = False  # every row starts empty and runs `width` tokens: plain causal attention, no mask
+    rows: Optional[List[Tuple[int, int, int]]] = None  # (row, old length, tokens run) of each executing row
 
     @property
     def even(self) -> bool:
@@ -104,13 +124,24 @@ class LayerKVCache:
         width, even = max(counts), min(counts) == max(counts)
         slots = [old[r] + j for r, j in zip(token_rows, rank)]
         index = torch.tensor([token_rows, token_cols, [start + c for c in token_cols], slots, rank], device=device)
+        rank_index = None if even else index[4]
+        if self._row_by_row_pays(counts):
+            rows = [(r, old[r], count) for r, count in enumerate(counts) if count]
+            return Packing(width, *index[:4], rank_index, None, rows=rows)
         key_mask, causal = None, even and width > 1 and max(old) == 0
         if not causal and (width > 1 or not even or min(self.lengths) != max(self.lengths)):
             # query j of a row sees its slots up to old + j; padded queries see the row's last key
             bound = [[old[r] + min(j, count - 1) if count else max(old[r] - 1, 0) for j in range(width)]
                      for r, count in enumerate(counts)]
             key_mask = torch.arange(max(self.lengths), device=device) <= torch.tensor(bound, device=device)[..., None]
-        return Packing(width, *index[:4], None if even else index[4], key_mask, causal)
+        return Packing(width, *index[:4], rank_index, key_mask, causal)
+
+    def _row_by_row_pays(self, counts: List[int]) -> bool:
+        """The K/V bytes a call per executing row spares (the batched call reads every row up to the
+        longest) exceed what its extra calls cost; `lengths` already count the new tokens."""
+        running = [length for length, count in zip(self.lengths, counts) if count]
+        spared = (len(self.lengths) * max(self.lengths) - sum(running)) * self.pair_bytes()
+        return spared > (len(running) - 1) * CALL_COST_BYTES.get(self.k.device.type, float("inf"))
 
     def append_packed(self, packing: Packing, k: torch.Tensor, v: torch.Tensor):
         """k, v [n, kv_heads, head_dim] of the packed tokens -> every row's keys and values
@@ -120,6 +151,10 @@ class LayerKVCache:
         self.k[packing.token_rows, :, packing.slots] = k.to(self.k.dtype)
         self.v[packing.token_rows, :, packing.slots] = v.to(self.v.dtype)
         return self.k[:, :, :longest], self.v[:, :, :longest]
+
+    def row(self, r: int):
+        """Row r's kept keys and values [1, kv_heads, length, head_dim], views of the cache."""
+        return self.k[r : r + 1, :, : self.lengths[r]], self.v[r : r + 1, :, : self.lengths[r]]
 
     def pair_bytes(self) -> int:
         """One token's K and V."""

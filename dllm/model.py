@@ -249,10 +249,13 @@ class Attention(nn.Module):
         return self.wo(self.attend(q, keys, values, mask, causal=s > 1 and kept == 0))
 
     def forward_packed(self, x, freqs_cis, packing: Packing, kv: LayerKVCache) -> torch.Tensor:
-        """Only executing tokens, packed [n, dim]. Their K/V are appended to the cache; each row's
-        queries are padded to one width and attend to that row's kept keys."""
+        """Only executing tokens, packed [n, dim]. Their K/V are appended to the cache; each
+        executing row attends to its own kept keys, row by row, or all rows at once with queries
+        padded to one width (kv_cache.py says which, and why)."""
         q, k, v = self.project(x, freqs_cis)
         keys, values = kv.append_packed(packing, k, v)
+        if packing.rows is not None:
+            return self.wo(torch.cat(list(self.attend_rows(q, packing.rows, kv))))
         if packing.even:
             q_pad = q.view(keys.shape[0], packing.width, *q.shape[1:])
         else:
@@ -260,6 +263,18 @@ class Attention(nn.Module):
             q_pad[packing.token_rows, packing.rank] = q
         out = self.attend(q_pad, keys, values, packing.key_mask, causal=packing.causal)
         return self.wo(out.flatten(0, 1) if packing.even else out[packing.token_rows, packing.rank])
+
+    def attend_rows(self, q, rows, kv: LayerKVCache):
+        """q [n, heads, head_dim] packed row-major -> each executing row's [count, heads * head_dim],
+        its queries over exactly its kept keys: causal among its new ones, no mask for one."""
+        start = 0
+        for r, old, count in rows:
+            keys, values = kv.row(r)
+            mask = None
+            if count > 1 and old > 0:
+                mask = torch.ones(count, old + count, dtype=torch.bool, device=q.device).tril(old)[None]
+            yield self.attend(q[None, start : start + count], keys, values, mask, causal=count > 1 and old == 0)[0]
+            start += count
 
 
 class FeedForward(nn.Module):

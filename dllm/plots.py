@@ -202,3 +202,55 @@ def routing_grid_figure(sequences: List[SequenceRouting]) -> Figure:
                loc="lower center", ncol=len(KIND_NAMES), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+# ------------------------------------------------------------------ cost as the work grows
+
+
+def scaling_figure(result: dict) -> Figure:
+    """benchmarks/bench_scaling.py's cells: per batch, decode and prefill ms per token against
+    context, one line per configuration; K/V memory per row and decode speed over dense beside."""
+    cells = [c for c in result["cells"] if "configs" in c]
+    if not cells:
+        raise InputError("the scaling results hold no measured cells")
+    names = list(cells[0]["configs"])
+    batches = sorted({c["batch"] for c in cells})
+    fig = Figure(figsize=(4.0 * (len(batches) + 1), 7.0))
+    axes = fig.subplots(2, len(batches) + 1, squeeze=False)
+
+    def line(ax, batch, name, key):
+        points = [(c["context"], c["configs"][name][key]) for c in cells
+                  if c["batch"] == batch and key in c["configs"][name]]
+        if points:
+            ax.plot(*zip(*points), "o-", ms=3, label=name, color=f"C{names.index(name)}")
+
+    for col, batch in enumerate(batches):
+        for row, (key, what) in enumerate((("decode_ms_per_token", "decode"), ("prefill_ms_per_token", "prefill"))):
+            ax = axes[row][col]
+            for name in names:
+                line(ax, batch, name, key)
+            ax.set_title(f"{what}, batch {batch}", fontsize=10)
+            ax.set_ylabel("ms per token")
+    kv, speed = axes[0][-1], axes[1][-1]
+    for name in names:
+        line(kv, batches[0], name, "kv_mb_per_row")
+        for style, batch in zip(("-", "--", ":"), batches):
+            points = [(c["context"], c["configs"][name]["decode_x_dense"]) for c in cells if c["batch"] == batch]
+            if name.startswith("dllm") and points:
+                speed.plot(*zip(*points), style, marker="o", ms=3, color=f"C{names.index(name)}",
+                           label=f"{name}, batch {batch}")
+    kv.set_title("K/V memory per row (transformers: its static cache)", fontsize=10)
+    kv.set_ylabel("MB")
+    speed.axhline(1, color="k", lw=1)
+    speed.set_title("decode speed over dense", fontsize=10)
+    speed.set_ylabel("x dense")
+    for ax in axes.ravel():
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens per row)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    speed.legend(fontsize=6)
+    meta = result["meta"]
+    fig.suptitle(f"{meta['model']}: dim {meta['dim']}, {meta['n_layers']} layers, {meta['device']}", fontsize=11)
+    fig.tight_layout()
+    return fig

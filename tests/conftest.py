@@ -212,3 +212,8 @@ def transformers_smollm2(smollm2_gguf):
     directory, name = os.path.split(smollm2_gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+# kv_cache.CALL_COST_BYTES["cpu"] that forces each attention route at a routed block: tiny models'
+# caches are far below the measured break-even, so without forcing they always take the batched call
+ATTENTION_ROUTES = {"row_by_row": 0, "batched": float("inf")}

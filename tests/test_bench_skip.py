@@ -20,3 +20,16 @@ def test_the_transformers_reference_computes_dllms_dense_logits(tied):
         theirs = runner.hf(tokens).logits
     assert max_diff(ours, theirs) < 1e-4
     assert (runner.hf.lm_head.weight.data_ptr() == runner.hf.model.embed_tokens.weight.data_ptr()) == tied
+
+
+def test_the_bytes_ideal_counts_the_weights_some_row_runs_and_each_running_rows_kept_pairs():
+    """Two rows, two blocks (the second routed), two prompt tokens and one step; one byte a pair."""
+    sizes = {"blocks": [10, 20], "routers": [0, 5], "head": 7}
+    activation = torch.ones(2, 3, 2)
+    activation[0, 1, 1] = 0  # row 0 keeps 2 pairs at block 1 after the step
+    activation[1, 2, 1] = 0  # row 1 skips block 1 at the step: reads none of its pairs there
+    dllm = bench_skip.decode_bytes(activation, sizes, 2, 1, routed=True)
+    assert dllm == (10 + 20 + 5 + 7) + (3 + 3) + 2
+    assert bench_skip.decode_bytes(torch.ones(2, 3, 2), sizes, 2, 1, routed=False) == (10 + 20 + 7) + 2 * 3 * 2
+    activation[0, 2, 1] = 0  # no row runs block 1 at the step: its weights are not read either
+    assert bench_skip.decode_bytes(activation, sizes, 2, 1, routed=True) == (10 + 5 + 7) + (3 + 3)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import randomize, tiny_args
+from conftest import ATTENTION_ROUTES, randomize, tiny_args
+from dllm import kv_cache
 from dllm.kv_cache import LayerKVCache
 from dllm.model import Transformer
 
@@ -87,8 +88,10 @@ def decode_reads(routing: str, batch: int):
     return reads.ops, routed, activation
 
 
+@pytest.mark.parametrize("route", ATTENTION_ROUTES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_routed_decode_step_reads_the_device_once_per_routed_block(batch):
+def test_routed_decode_step_reads_the_device_once_per_routed_block(batch, route, monkeypatch):
+    monkeypatch.setitem(kv_cache.CALL_COST_BYTES, "cpu", ATTENTION_ROUTES[route])
     ops, routed, activation = decode_reads("dllm", batch)
     assert routed == 4
     if batch == 3:  # some rows execute a routed block and some skip it, so packing is exercised

@@ -10,8 +10,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from dllm.errors import InputError
-from dllm.plots import curves_figure, quality_flops_figure, read_log, routing_grid_figure, write_curves, \
-    write_curves_or_warn
+from dllm.plots import curves_figure, quality_flops_figure, read_log, routing_grid_figure, scaling_figure, \
+    write_curves, write_curves_or_warn
 from dllm.token_view import ALWAYS_ON, EXECUTED, RESERVED, SKIPPED, SequenceRouting
 from tools import plot_quality_flops
 
@@ -168,3 +168,25 @@ def test_routing_grid_draws_the_cells():
     assert list(ax.lines[0].get_xdata()) == [1.5, 1.5]  # generation starts after the 2 prompt tokens
     assert [t.get_text() for t in ax.get_xticklabels()] == ["<s>", "A", " b"]
     assert ax.get_title().startswith("executed 77.8% | KV kept 77.8% | FLOPs 80.0%")
+
+
+def scaling_cell(batch, context, dense_ms, dllm_ms, kv_mb):
+    configs = {"dense": {"decode_ms_per_token": dense_ms, "decode_x_dense": 1.0, "kv_mb_per_row": 2 * kv_mb},
+               "dllm@0.50": {"decode_ms_per_token": dllm_ms, "decode_x_dense": dense_ms / dllm_ms, "kv_mb_per_row": kv_mb}}
+    return {"batch": batch, "context": context, "configs": configs}
+
+
+def test_scaling_draws_each_configuration_against_context_and_leaves_out_skipped_cells():
+    meta = {"model": "m", "dim": 8, "n_layers": 2, "device": "cpu"}
+    cells = [scaling_cell(1, 256, 2.0, 1.0, 3.0), scaling_cell(1, 512, 4.0, 2.0, 6.0), scaling_cell(8, 256, 1.0, 0.5, 3.0),
+             {"batch": 8, "context": 512, "skipped": "too long"}]
+    fig = scaling_figure({"meta": meta, "cells": cells})
+    decode_1, decode_8, kv, _, _, speed = fig.axes
+    assert decode_1.get_title() == "decode, batch 1"
+    assert [line.get_label() for line in decode_1.lines] == ["dense", "dllm@0.50"]
+    assert xy(decode_1.lines[1]) == ([256, 512], [1.0, 2.0])
+    assert xy(decode_8.lines[0]) == ([256], [1.0])  # the skipped cell is not drawn
+    assert xy(kv.lines[0]) == ([256, 512], [6.0, 12.0])
+    assert [line.get_label() for line in speed.lines[:2]] == ["dllm@0.50, batch 1", "dllm@0.50, batch 8"]
+    with pytest.raises(InputError, match="no measured cells"):
+        scaling_figure({"meta": meta, "cells": cells[3:]})

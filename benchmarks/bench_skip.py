@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dllm import checkpoint, distributed, hf_checkpoint  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
+from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
 from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
@@ -60,6 +60,9 @@ class BenchConfig(Settings):
     decode_batches: List[int] = setting([1, 8], "decode batch sizes", low=1)
     shares: List[float] = setting([0.25, 0.5, 0.75], "execution shares of the routed blocks", low=0, high=1,
                                   low_open=True)
+    budget: List[float] = setting([], "also these budgets, shares of all blocks as --budget means elsewhere (the "
+                                  "blocks below --start_layer count as executed), e.g. \"[0.5, 0.7]\"", low=0,
+                                  high=1, low_open=True)
     repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
     dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     seed: int = setting(0, "random seed")
@@ -239,6 +242,12 @@ def main(config: BenchConfig):
     calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
     runners = {"transformers": TransformersRunner(model, dtype), "dense": DllmRunner(model, DenseRouting())}
     batched = [b for b in config.decode_batches if b > 1]
+    routed = args.n_layers - config.start_layer
+    below = [b for b in config.budget if b * args.n_layers <= config.start_layer]
+    if below:
+        raise InputError(f"--budget {below[0]}: the {config.start_layer} of {args.n_layers} blocks below --start_layer "
+                         f"always run, so a budget must be above {config.start_layer / args.n_layers:.3f}")
+    config.shares = config.shares + [(b * args.n_layers - config.start_layer) / routed for b in config.budget]
     with torch.inference_mode():
         for share in config.shares:
             runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, args))

@@ -17,9 +17,9 @@ dense LoRA runs, numbers as that file has them). Each adapter needs its dial bes
 Per configuration, on the dataset's test split (never calibrated on): the share of blocks executed
 (the budget's own measure: real tokens past the reserved initial ones, as in training's validation)
 and its gap to the budget; evaluate.py's perplexity rows (held-out CE, top-1 agreement, FLOPs and
-KV ratios from the routing that happened); and generation speed: greedy generation of
---max_gen_len tokens for the first --n_generate test prompts in one batch, best of --repeats,
-against the dense base timed the same way in this process. Writes --out (JSON), the same path with
+KV ratios from the routing that happened); and generation speed: greedy generation of up to
+--max_gen_len tokens for each of the first --n_generate test prompts alone (batch 1), best of
+--repeats, the dense base timed in turn with it (the same load for both). Writes --out (JSON), the same path with
 .md, and --png (quality against FLOPs ratio, one line per method).
 """
 import json
@@ -66,9 +66,13 @@ class DialBenchConfig(Settings):
     baselines: str = setting(os.path.join(ROOT, "benchmarks", "results", "baselines_demo.json"),
                              "a benchmarks/baselines.py JSON whose seed-0 dllm, static_ppl and dense rows are shown "
                              "(empty: none)")
+    methods: List[str] = setting(list(("dial", "router_input", "quantile", "separate", "baselines")),
+                                 "what this run measures (separate processes may split them, --parts joins them)",
+                                 choices=("dial", "router_input", "quantile", "separate", "baselines"))
+    parts: List[str] = setting([], "join the rows of these earlier runs' JSON files instead of measuring")
     max_seq_len: int = setting(512, "longest sequence in tokens", low=2)
     batch_size: int = setting(8, "records per forward pass", low=1)
-    n_generate: int = setting(8, "test prompts generated for in one batch for the timing", low=1)
+    n_generate: int = setting(8, "test prompts generated for, one at a time, for the timing", low=1)
     max_gen_len: int = setting(32, "tokens generated per prompt for the timing", low=1)
     repeats: int = setting(3, "timed generations per configuration; the best is kept", low=1)
     out: str = setting(os.path.join(ROOT, "benchmarks", "results", "dial_demo.json"), "the JSON written (and .md)")
@@ -96,7 +100,6 @@ class Bench:
         self.prompts = [tokenizer.encode(r.prompt, bos=True, eos=False) for r in records[: config.n_generate]]
         self.loader = records_loader(tokenizer, config.dataset_path, config.dataset_name, "test", len(records),
                                      config.max_seq_len, config.batch_size)
-        self.dense_seconds, self.dense_tokens = self.generation_time(self.dense)
 
     def build(self, adapter: Optional[str], budget: Optional[float] = None) -> Llama:
         c = self.config
@@ -105,15 +108,22 @@ class Bench:
                            dense=adapter is None, budget=budget)
 
     @torch.inference_mode()
-    def generation_time(self, generator: Llama):
-        """(best seconds, tokens generated) of one greedy batch over the timing prompts."""
-        best, generated = math.inf, 0
-        for _ in range(self.config.repeats):
-            start = time.perf_counter()
-            out, _, _ = generator.generate(self.prompts, self.config.max_gen_len, temperature=0.0, actprobs=False)
-            best = min(best, time.perf_counter() - start)
-            generated = sum(len(t) for t in out)
-        return best, generated
+    def generation_speedup(self, generator: Llama):
+        """(tokens/s, x dense) of greedy generation for each timing prompt alone (batch 1, a request
+        as served): each prompt's best of --repeats, the configuration and the dense base timed in
+        turn so that both see the same load."""
+        seconds, dense_seconds, generated, dense_generated = 0.0, 0.0, 0, 0
+        for prompt in self.prompts:
+            best = {}
+            for _ in range(self.config.repeats):
+                for name, g in (("dense", self.dense), ("run", generator)):
+                    start = time.perf_counter()
+                    out, _, _ = g.generate([prompt], self.config.max_gen_len, temperature=0.0, actprobs=False)
+                    best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
+                    best[name + "_tokens"] = len(out[0])
+            seconds, generated = seconds + best["run"], generated + best["run_tokens"]
+            dense_seconds, dense_generated = dense_seconds + best["dense"], dense_generated + best["dense_tokens"]
+        return generated / seconds, (generated / seconds) / (dense_generated / dense_seconds)
 
     def measure(self, generator: Llama, method: str, budget: Optional[float], adapter: str) -> dict:
         c = self.config
@@ -121,12 +131,11 @@ class Bench:
         generator.model.eval()
         evaluator = Evaluator(generator, c.batch_size, c.max_gen_len, 0, c.dataset_path)
         ppl, top1 = evaluator.perplexity(c.dataset_name, self.records)
-        seconds, tokens = self.generation_time(generator)
+        tok_s, x_dense = self.generation_speedup(generator)
         row = {"method": method, "budget": budget, "adapter": os.path.relpath(checkpoint.adapter_file(adapter), ROOT),
                "exec_share": share, "share_gap": None if budget is None else share - budget,
                "flops_ratio": ppl.flops_ratio, "kv_ratio": ppl.kv_ratio, "val_ce": math.log(ppl.value),
-               "val_ppl": ppl.value, "top1_agreement": top1.value, "gen_tok_s": tokens / seconds,
-               "gen_x_dense": (tokens / seconds) / (self.dense_tokens / self.dense_seconds)}
+               "val_ppl": ppl.value, "top1_agreement": top1.value, "gen_tok_s": tok_s, "gen_x_dense": x_dense}
         print(f"{method:<28} budget {budget if budget is not None else '-':<5} share {share:.3f} FLOPs "
               f"{row['flops_ratio']:.3f} CE {row['val_ce']:.3f} top-1 {row['top1_agreement']:.3f} "
               f"gen x{row['gen_x_dense']:.2f}", flush=True)
@@ -165,7 +174,7 @@ def cell(value, fmt: str) -> str:
 
 def markdown(rows: List[dict], meta: dict) -> str:
     lines = [f"### The compute dial on {meta['model']}, {meta['dataset']} test split", "",
-             f"`{meta['command']}`", "", f"Machine: {meta['machine']}", "",
+             *[f"`{command}`" for command in meta["commands"]], "", f"Machine: {meta['machine']}", "",
              "| method | budget | target | exec share | share - budget | FLOPs ratio | KV ratio | val CE | val ppl | top-1 "
              "| gen tok/s | gen x dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -177,27 +186,47 @@ def markdown(rows: List[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(config: DialBenchConfig):
-    bench = Bench(config)
-    rows = []
-    if config.dial_adapter:
+def measure_rows(config: DialBenchConfig) -> List[dict]:
+    bench, rows, methods = Bench(config), [], set(config.methods)
+    if config.dial_adapter and "dial" in methods:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (calibrated dial)")
+    if config.dial_adapter and "router_input" in methods:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (router input only)", router_input_only=True)
     ordinary = config.ordinary_adapter or checkpoint.default_adapter(config.llama_ckpt_dir)
-    if ordinary:
+    if ordinary and "quantile" in methods:
         rows += bench.dial_rows(ordinary, "quantile dial (ordinary D-LLM)")
-    for item in config.separate:
+    for item in config.separate if "separate" in methods else []:
         target, _, path = item.partition("=")
         row = bench.measure(bench.build(path), "D-LLM trained at the target", None, path)
         rows.append(dict(row, target=float(target)))
-    if config.baselines:
+    if config.baselines and "baselines" in methods:
         rows += baseline_rows(config.baselines)
+    return rows
+
+
+def joined_rows(parts: List[str]):
+    """The rows and commands of earlier runs, in the order given."""
+    rows, commands = [], []
+    for path in parts:
+        with open(path) as f:
+            data = json.load(f)
+        rows += data["rows"]
+        commands += data["meta"]["commands"]
+    return rows, commands
+
+
+def main(config: DialBenchConfig):
+    command = " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    if config.parts:
+        rows, commands = joined_rows(config.parts)
+        commands.append(command)
+    else:
+        rows, commands = measure_rows(config), [command]
     meta = {"model": config.llama_ckpt_dir, "dataset": config.dataset_name, "settings": asdict(config),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            "threads": torch.get_num_threads(),
+            "commands": commands, "threads": torch.get_num_threads(),
             "machine": f"{os.cpu_count()} CPU cores shared with other jobs (load average "
                        f"{os.getloadavg()[0]:.1f} at the end), {torch.get_num_threads()} torch threads; speeds are "
-                       f"ratios to the dense base timed in the same run",
+                       f"ratios to the dense base timed in turn with each configuration",
             "baselines_methods": {m: baseline_label(m) for m in BASELINE_ROWS}}
     atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
     table = markdown(rows, meta)

@@ -223,7 +223,7 @@ class DLLMRouting(DenseRouting):
             raise InputError(f"--budget {budgets[0]}: this D-LLM adapter was trained for one target "
                              f"({self.args.dynamic_active_target}) and has no calibrated dial; build one with "
                              f"python -m tools.calibrate_dial")
-        outside = [b for b in budgets if not met[0] - 1e-9 <= b <= met[1] + 1e-9]
+        outside = [b for b in budgets if not met[0] - 1e-6 <= b <= met[1] + 1e-6]  # float32 grid
         if outside:
             what = "calibrated" if self.dial is not None else "trained"
             raise InputError(f"--budget {outside[0]}: this adapter was {what} for budgets {met[0]:.2f} to {met[1]:.2f}")

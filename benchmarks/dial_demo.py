@@ -205,28 +205,30 @@ def measure_rows(config: DialBenchConfig) -> List[dict]:
 
 
 def joined_rows(parts: List[str]):
-    """The rows and commands of earlier runs, in the order given."""
-    rows, commands = [], []
+    """The rows, commands and machine notes of earlier runs, in the order given."""
+    rows, commands, machines = [], [], []
     for path in parts:
         with open(path) as f:
             data = json.load(f)
         rows += data["rows"]
         commands += data["meta"]["commands"]
-    return rows, commands
+        machines.append(data["meta"]["machine"])
+    return rows, commands, machines
 
 
 def main(config: DialBenchConfig):
     command = " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    machine = (f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the "
+               f"end), {torch.get_num_threads()} torch threads; speeds are ratios to the dense base timed in turn with "
+               f"each configuration")
     if config.parts:
-        rows, commands = joined_rows(config.parts)
+        rows, commands, machines = joined_rows(config.parts)
         commands.append(command)
+        machine = " | ".join(machines)
     else:
         rows, commands = measure_rows(config), [command]
     meta = {"model": config.llama_ckpt_dir, "dataset": config.dataset_name, "settings": asdict(config),
-            "commands": commands, "threads": torch.get_num_threads(),
-            "machine": f"{os.cpu_count()} CPU cores shared with other jobs (load average "
-                       f"{os.getloadavg()[0]:.1f} at the end), {torch.get_num_threads()} torch threads; speeds are "
-                       f"ratios to the dense base timed in turn with each configuration",
+            "commands": commands, "machine": machine,
             "baselines_methods": {m: baseline_label(m) for m in BASELINE_ROWS}}
     atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
     table = markdown(rows, meta)

@@ -41,6 +41,7 @@ DYNAMIC_ROUTER_HDIM=${DYNAMIC_ROUTER_HDIM:-64}
 DYNAMIC_START_LAYER=${DYNAMIC_START_LAYER:-2}
 DYNAMIC_RESERVE_INITIALS=${DYNAMIC_RESERVE_INITIALS:-2}
 LAMBDA_ACTIVE=${LAMBDA_ACTIVE:-5.0}
+DYNAMIC_BUDGET_RANGE=${DYNAMIC_BUDGET_RANGE:-}  # a budget-conditioned D-LLM, e.g. "0.4 1.0": --budget chosen at inference
 RATE_LOSS_UNIT=${RATE_LOSS_UNIT:-token}   # the rate loss per token (the reference) or per sequence (tokens may differ)
 BATCH_SIZE=${BATCH_SIZE:-16}
 ACCUM_ITER=${ACCUM_ITER:-1}
@@ -89,6 +90,7 @@ exec "${launcher[@]}" finetuning.py \
     --lambda_active "$LAMBDA_ACTIVE" --rate_loss_unit "$RATE_LOSS_UNIT" --batch_size "$BATCH_SIZE" --accum_iter "$ACCUM_ITER" --epochs "$EPOCHS" \
     --warmup_epochs "$WARMUP_EPOCHS" --save_freq "$SAVE_FREQ" --save_steps "$SAVE_STEPS" --blr "$BLR" --min_lr "$MIN_LR" \
     --dynamic_router_bias "$(as_list "$ROUTER_BIAS")" --static_skip_layers "$(as_list "$STATIC_SKIP_LAYERS")" \
+    --dynamic_budget_range "$(as_list "$DYNAMIC_BUDGET_RANGE")" \
     --weight_decay "$WEIGHT_DECAY" --seed "$SEED" --num_workers "$NUM_WORKERS" \
     --distill_teacher "$DISTILL_TEACHER" --distill_weight "$DISTILL_WEIGHT" \
     "${optional[@]}" $EXTRA_ARGS

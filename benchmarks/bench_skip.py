@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dllm import checkpoint, distributed, hf_checkpoint  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
+from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
 from dllm.kv_cache import KVCache  # noqa: E402
 from dllm.model import ModelArgs, Transformer  # noqa: E402
@@ -70,6 +70,9 @@ class BenchBase(Settings):
     shares: List[float] = setting([0.25, 0.5, 0.75], "execution shares of the routed blocks", low=0, high=1,
                                   low_open=True)
     decode_steps: int = setting(32, "timed decode steps", low=1)
+    budget: List[float] = setting([], "also these budgets, shares of all blocks as --budget means elsewhere (the "
+                                  "blocks below --start_layer count as executed), e.g. \"[0.5, 0.7]\"", low=0,
+                                  high=1, low_open=True)
     repeats: int = setting(3, "interleaved repeats; the best is kept", low=1)
     clock: str = setting("wall", "what a time is: wall time, or the process's CPU time (a CPU shared with "
                          "other jobs)", choices=tuple(CLOCKS))
@@ -322,6 +325,12 @@ def main(config: BenchConfig):
     # routers are calibrated on every sequence measured: with random weights the share varies by sequence
     width = min(config.prompt_len, decode_tokens.shape[1])
     calibration = torch.cat([prompt[:, :width], decode_tokens[:, :width]])
+    routed = args.n_layers - config.start_layer
+    below = [b for b in config.budget if b * args.n_layers <= config.start_layer]
+    if below:
+        raise InputError(f"--budget {below[0]}: the {config.start_layer} of {args.n_layers} blocks below --start_layer "
+                         f"always run, so a budget must be above {config.start_layer / args.n_layers:.3f}")
+    config.shares = config.shares + [(b * args.n_layers - config.start_layer) / routed for b in config.budget]
     runners = make_runners(model, config.shares, calibration, device, config.clock)
     batched = [b for b in config.decode_batches if b > 1]
     with torch.inference_mode():

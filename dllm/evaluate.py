@@ -334,6 +334,7 @@ def evaluate(config: EvalConfig):
         "adapter": os.path.abspath(checkpoint.adapter_file(adapter)) if adapter else None,
         "routing": routing.label if adapter else "none (base model)",
         "execute_threshold": generator.model.params.execute_threshold if adapter else None,
+        "budget": config.budget,
         "n_shot": config.n_shot,
         "datasets": config.datasets,
         "split": config.split,

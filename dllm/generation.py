@@ -1,6 +1,6 @@
 """Meta's Llama generation API on the D-LLM model, with real skipping and the evicting KV cache."""
 from dataclasses import dataclass
-from typing import Collection, List, Optional, Tuple
+from typing import Collection, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,10 @@ class ModelSettings(Settings):
     dense: bool = setting(False, "run the base model alone, every block executed (ignores any adapter)")
     execute_threshold: Optional[float] = setting(None, "p(execute) at or above which a routed block runs (default: "
                                                  "the adapter's own, 0.5 for D-LLM)", low=0.0, high=1.0)
+    budget: Optional[float] = setting(None, "the share of blocks to execute, chosen now: a budget-conditioned D-LLM "
+                                      "adapter takes it as its routers' input; any D-LLM adapter meets it through the "
+                                      "dial calibrated beside it (python -m tools.calibrate_dial) (default: the adapter "
+                                      "routes as trained)", low=0.0, low_open=True, high=1.0)
     max_seq_len: int = setting(512, "longest sequence in tokens, prompt and answer", low=1)
     model_parallel_size: Optional[int] = setting(None, "model-parallel processes (default: the base checkpoint's shard "
                                                  "count; further torchrun processes are data parallel)", low=1)
@@ -77,7 +81,8 @@ class ModelSettings(Settings):
 
     def build(self, adapter: Optional[str], max_batch_size: int) -> "Llama":
         return Llama.build(self.llama_ckpt_dir, adapter, self.model_args_path, self.tokenizer_path, self.max_seq_len,
-                           max_batch_size, self.model_parallel_size, self.seed, self.dense, self.execute_threshold)
+                           max_batch_size, self.model_parallel_size, self.seed, self.dense, self.execute_threshold,
+                           self.budget)
 
 
 class Llama:
@@ -93,6 +98,7 @@ class Llama:
         seed: int = 1,
         dense: bool = False,
         execute_threshold: Optional[float] = None,
+        budget: Optional[float] = None,
     ) -> "Llama":
         """Load the base checkpoint (Meta or Hugging Face layout) and the adapter (a checkpoint file, or a
         fine-tuning output directory: its NAME-last.pth), merge LoRA. The tokenizer is found in
@@ -105,6 +111,10 @@ class Llama:
         Without an adapter, or with `dense` (which ignores the adapter), every block executes: the
         plain base model, the reference D-LLM is measured against. Model args, tokenizer and their
         agreement are checked before the process group starts and the weights load.
+
+        `budget`: the share of blocks every forward executes unless `generate` asks another per
+        prompt (routing.DLLMRouting); the adapter's dial (dllm/dial.py), if calibrated, is read and
+        used whenever a budget is asked.
         """
         if dense:
             dynamic_ckpt_dir = None
@@ -121,12 +131,27 @@ class Llama:
         torch.manual_seed(seed)
         model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
-        return Llama(model.eval(), tokenizer)
+        if dynamic_ckpt_dir and model.routing.name == "dllm":
+            from dllm.dial import read_dial  # the dial's calibration builds on training code that imports this module
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+            model.routing.dial = read_dial(dynamic_ckpt_dir, model.n_layers)
+        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir)
+        if budget is not None:
+            generator.set_budget(budget)
+        return generator
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, adapter: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.adapter = adapter
         self.last_stats: Optional[RoutingStats] = None
+
+    def set_budget(self, budget: float):
+        """The share of blocks every forward executes from now on, unless a forward asks another."""
+        if not self.adapter:
+            raise InputError(f"--budget {budget}: needs a D-LLM adapter; the base model alone runs every block")
+        self.model.routing.check_budget([budget])
+        self.model.routing.budget = budget
 
     @property
     def device(self) -> torch.device:
@@ -142,6 +167,16 @@ class Llama:
             if len(tokens) > params.max_seq_len:
                 raise InputError(f"prompt {i} has {len(tokens)} tokens, longer than max_seq_len {params.max_seq_len}")
 
+    def _row_budget(self, budget, n_rows: int) -> Optional[torch.Tensor]:
+        """The per-row budget tensor for a generate call, checked against what the adapter meets."""
+        if budget is None:
+            return None
+        budgets = [float(b) for b in budget] if isinstance(budget, (list, tuple)) else [float(budget)] * n_rows
+        if len(budgets) != n_rows:
+            raise InputError(f"{len(budgets)} budgets for {n_rows} prompts; give one budget, or one per prompt")
+        self.model.routing.check_budget(budgets)
+        return torch.tensor(budgets, dtype=torch.float32, device=self.device)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -153,11 +188,15 @@ class Llama:
         actprobs: bool = True,
         echo: bool = False,
         stop_ids: Optional[Collection[int]] = None,
+        budget: Union[None, float, Sequence[float]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]], Optional[List[List[float]]]]:
         """Meta's loop over a fresh evicting cache. actprobs: per returned token, the share of
         blocks it executed. A row ends at the first of `stop_ids` (default: the tokenizer's).
-        `self.last_stats` keeps what this call executed and kept."""
+        `budget`: the share of blocks to execute, one for all prompts or one per prompt (a batch
+        serving requests at different budgets; each row routes as it would alone); default: the
+        one given to `build`. `self.last_stats` keeps what this call executed and kept."""
         self._check_batch(prompt_tokens)
+        row_budget = self._row_budget(budget, len(prompt_tokens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         bsz, n_layers = len(prompt_tokens), self.model.n_layers
         min_prompt_len = min(len(t) for t in prompt_tokens)
@@ -175,7 +214,7 @@ class Llama:
         cache = self.model.new_cache(bsz)
 
         def step(begin: int, end: int) -> torch.Tensor:
-            logits, activation[:, begin:end] = self.model(tokens[:, begin:end], begin, cache)
+            logits, activation[:, begin:end] = self.model(tokens[:, begin:end], begin, cache, row_budget)
             return logits
 
         prev_pos = 0
@@ -233,22 +272,25 @@ class Llama:
         return out
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False):
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
+                        budget: Union[None, float, Sequence[float]] = None):
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, echo)
+        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, echo, budget=budget)
         return self._completions(*result, logprobs)
 
     def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False):
+                        max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        budget: Union[None, float, Sequence[float]] = None):
         """Dialogs in the model's own chat template (Llama-2's [INST] format when it has none);
         generation stops at the template's end-of-turn token."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         chat = ChatFormat(self.tokenizer)
         prompt_tokens = [chat.encode_dialog(d) for d in dialogs]
-        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, stop_ids=chat.stop_ids)
+        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, stop_ids=chat.stop_ids,
+                               budget=budget)
         return [
             {"generation": {"role": "assistant", "content": c.pop("generation")}, **c}
             for c in self._completions(*result, logprobs)

@@ -41,15 +41,17 @@ class DLLMHarnessModel(LM):
     def __init__(self, base: str, adapter: Optional[str] = None, dense: bool = False,
                  execute_threshold: Optional[float] = None, tokenizer: Optional[str] = None,
                  max_seq_len: int = 512, batch_size: Union[int, str] = 8, max_gen_toks: int = 256,
-                 seed: int = 1, device: Optional[str] = None, max_batch_size: Optional[int] = None):
-        """`base` and `adapter` as for Llama.build (`dense` ignores the adapter). `device` and
+                 seed: int = 1, device: Optional[str] = None, max_batch_size: Optional[int] = None,
+                 budget: Optional[float] = None):
+        """`base`, `adapter` and `budget` as for Llama.build (`dense` ignores the adapter). `device` and
         `max_batch_size` come from the harness's flags and are not used: dllm computes on CUDA when
         there is one, else the CPU, in batches of `batch_size`."""
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise InputError(f"batch_size {batch_size!r}: dllm takes a positive whole number (no 'auto')")
         generator = Llama.build(base, adapter, tokenizer_path=tokenizer, max_seq_len=max_seq_len,
                                 max_batch_size=int(batch_size), seed=seed, dense=dense,
-                                execute_threshold=execute_threshold)
+                                execute_threshold=execute_threshold,
+                                budget=None if budget is None else float(budget))
         if dist.get_world_size() > 1:
             raise InputError("the dllm harness model runs in one process (plain python, not torchrun)")
         super().__init__()

@@ -59,6 +59,9 @@ class ModelArgs:
     gumbel_tau: float = 1.0
     rate_loss_unit: str = "token"  # D-LLM's rate loss holds each token's share at the target, or each sequence's mean
     execute_threshold: float = 0.5
+    # budget-conditioned D-LLM: the range of execution shares its routers are trained for and take as
+    # input (a target drawn per sequence from it); empty: one fixed target, the routers take no budget
+    dynamic_budget_range: Tuple[float, ...] = ()
     # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
     routing: str = "dllm"
     static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips
@@ -76,7 +79,7 @@ class ModelArgs:
         if params.get("use_scaled_rope") and merged.get("rope_scaling") is None:
             merged["rope_scaling"] = dict(META_LLAMA3_ROPE_SCALING)  # Meta's Llama-3.1 params.json
         merged.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("dynamic_router_bias", "static_skip_layers"):
+        for key in ("dynamic_router_bias", "static_skip_layers", "dynamic_budget_range"):
             if key in merged:
                 merged[key] = tuple(merged[key])
         return cls(**merged)
@@ -90,6 +93,7 @@ class ModelArgs:
         out = asdict(self)
         out["dynamic_router_bias"] = list(self.dynamic_router_bias)
         out["static_skip_layers"] = list(self.static_skip_layers)
+        out["dynamic_budget_range"] = list(self.dynamic_budget_range)
         return out
 
     def __post_init__(self):
@@ -403,18 +407,22 @@ class Transformer(nn.Module):
         return KVCache(self.n_layers, batch, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device,
                        self.params.max_seq_len)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+                budget: Optional[torch.Tensor] = None):
         """tokens [b, s] -> (logits [b, s, vocab] fp32, activation [b, s, n_layers]).
 
         activation is the execute weight per token and block (1 for always-on blocks and reserved
         tokens); in training it carries the routers' gradient. In eval mode without a cache a
-        throw-away cache is used, so the forward skips for real.
+        throw-away cache is used, so the forward skips for real. budget [b]: the share of blocks
+        each row should execute, for a policy that takes one (routing.DLLMRouting.check_budget).
         """
-        logits, activation, _ = self.run(tokens, start_pos, cache)
+        logits, activation, _ = self.run(tokens, start_pos, cache, None if budget is None else {"budget": budget})
         return logits, activation
 
-    def run(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None):
-        """forward, plus the routing state it left (what the policy's aux loss reads)."""
+    def run(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+            state: Optional[dict] = None):
+        """forward, plus the routing state it left (what the policy's aux loss reads); `state` may
+        start with the policy's inputs for this forward (a per-row "budget")."""
         b, s = tokens.shape
         if self.training and cache is not None:
             raise ValueError("the KV cache is for inference; call model.eval() first")
@@ -427,7 +435,8 @@ class Transformer(nn.Module):
         self.freqs_cis = self.freqs_cis.to(tokens.device)
         positions = torch.arange(start_pos, start_pos + s, device=tokens.device).expand(b, s)
         h = self.tok_embeddings(tokens)
-        activation, state, executes_all = [], {}, torch.ones(b, s, device=h.device)
+        activation, executes_all = [], torch.ones(b, s, device=h.device)
+        state = {} if state is None else dict(state)
         for layer in self.layers:
             kv = None if cache is None else cache.layers[layer.layer_id]
             h, decision = layer(h, positions, self.freqs_cis, self.routing, kv, state)

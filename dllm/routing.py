@@ -13,7 +13,7 @@ that forward. The block has one code path acting on a Decision, so a new policy 
 its name in POLICIES; `ModelArgs.routing` chooses it.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,26 +38,62 @@ class Router(nn.Module):
     """D-LLM decision module: Linear -> RMSNorm -> SiLU -> Linear(2), logits [skip, execute].
 
     Kept in fp32 whatever the base model's dtype, because its decisions are thresholds on small
-    logit differences.
+    logit differences. With `budget_input` the budget-conditioned D-LLM's router: a learned
+    embedding of the row's budget (Linear(1, hdim), zero at the start) is added to the hidden layer.
     """
 
-    def __init__(self, dim: int, hdim: int, eps: float, bias_init=(0.1, 2.0)):
+    def __init__(self, dim: int, hdim: int, eps: float, bias_init=(0.1, 2.0), budget_input: bool = False):
         super().__init__()
         self.linear_1 = nn.Linear(dim, hdim, dtype=torch.float32)
         self.norm = RMSNorm(hdim, eps, dtype=torch.float32)
         self.linear_2 = nn.Linear(hdim, 2, dtype=torch.float32)
         with torch.no_grad():
             self.linear_2.bias.copy_(torch.tensor(bias_init, dtype=torch.float32))
+        self.budget = None
+        if budget_input:
+            self.budget = nn.Linear(1, hdim, dtype=torch.float32)
+            nn.init.zeros_(self.budget.weight)
+            nn.init.zeros_(self.budget.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.norm(self.linear_1(x.float()))))
+    def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [b, s, dim], budget [b] (routers with a budget input) -> logits [b, s, 2]."""
+        hidden = self.linear_1(x.float())
+        if self.budget is not None:
+            hidden = hidden + self.budget(budget.float()[:, None, None])
+        return self.linear_2(F.silu(self.norm(hidden)))
 
 
-def router_from_start_layer(args, layer_id: int) -> Optional[Router]:
+def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> Optional[Router]:
     """D-LLM's decision module in every block from `dynamic_start_layer` on (early exit reuses it)."""
     if layer_id < args.dynamic_start_layer:
         return None
-    return Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias)
+    return Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias, budget_input)
+
+
+@dataclass
+class MarginDial:
+    """A D-LLM adapter's compute dial (calibrated by dllm/dial.py, saved beside the adapter): for each
+    budget of a grid, per block the execute margin (execute logit - skip logit) at or above which a
+    token runs it, so that the share of blocks executed meets the budget. A budget between two grid
+    points takes the linear interpolation of their thresholds; a budget of 1 runs every block."""
+
+    budgets: torch.Tensor  # [K] increasing shares of all blocks
+    thresholds: torch.Tensor  # [K, n_layers] margin thresholds (unrouted blocks: unused)
+
+    @property
+    def budget_range(self) -> Tuple[float, float]:
+        return float(self.budgets[0]), float(self.budgets[-1])
+
+    def row_thresholds(self, budget: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """budget [b] -> the margin threshold of each row at block `layer_id`, [b]."""
+        budgets = self.budgets.to(budget.device)
+        column = self.thresholds[:, layer_id].to(budget.device)
+        if len(budgets) == 1:
+            return column.expand_as(budget)
+        high = torch.searchsorted(budgets, budget.float()).clamp(1, len(budgets) - 1)
+        low = high - 1
+        weight = ((budget.float() - budgets[low]) / (budgets[high] - budgets[low])).clamp(0, 1)
+        return column[low] + weight * (column[high] - column[low])
 
 
 def mlp_flops(*widths: int) -> int:
@@ -107,6 +143,11 @@ class DenseRouting:
     def decide(self, block, x: torch.Tensor, positions: torch.Tensor, state: dict) -> Optional[Decision]:
         return None
 
+    def check_budget(self, budgets: Sequence[float]):
+        """A budget (share of blocks to execute) this policy cannot meet: one InputError line."""
+        raise InputError(f"--budget {budgets[0]}: routing {self.name!r} ({self.label}) takes no budget; only D-LLM "
+                         f"adapters do")
+
     def always_skips(self, layer_id: int) -> bool:
         """A block no token ever executes: its adapter tensors would get no gradient, so they are frozen."""
         return False
@@ -136,6 +177,12 @@ class DLLMRouting(DenseRouting):
     by the sine-annealed lambda_t; with `rate_loss_unit` "sequence" it is |mean share over the
     sequence's tokens - target| per sequence instead, which leaves the tokens of one sequence free
     to differ (ours: the reference pulls every token to the target).
+
+    Budgets (ours): with `dynamic_budget_range` (low, high) the routers take the row's budget as an
+    input, and training draws a target per sequence uniformly from the range, the rate loss holding
+    each sequence to its own; at inference a row's budget is what it asks (`forward(budget=)`), else
+    `budget` (Llama.build), else dynamic_active_target. Any D-LLM adapter meets a budget exactly
+    through its `dial` (a MarginDial calibrated beside it), which takes over from the threshold.
     """
 
     name = "dllm"
@@ -149,33 +196,85 @@ class DLLMRouting(DenseRouting):
         self.reserve_initials = args.dynamic_reserve_initials
         self.tau = args.gumbel_tau
         self.threshold = args.execute_threshold
+        self.trained_range = tuple(args.dynamic_budget_range) or None
+        if self.trained_range is not None:
+            if len(self.trained_range) != 2 or not 0 < self.trained_range[0] < self.trained_range[1] <= 1:
+                raise InputError(f"dynamic_budget_range {list(self.trained_range)}: must be [low, high] with "
+                                 f"0 < low < high <= 1")
+            if not self.trained_range[0] <= args.dynamic_active_target <= self.trained_range[1]:
+                raise InputError(f"dynamic_active_target {args.dynamic_active_target} (the budget when none is "
+                                 f"asked): must lie in dynamic_budget_range {list(self.trained_range)}")
+        self.budget: Optional[float] = None
+        self.dial: Optional[MarginDial] = None
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
-        return router_from_start_layer(self.args, layer_id)
+        return router_from_start_layer(self.args, layer_id, budget_input=self.trained_range is not None)
+
+    def budget_range(self) -> Optional[Tuple[float, float]]:
+        """The budgets this adapter meets: those it was trained for, within those its dial is calibrated for."""
+        ranges = [r for r in (self.trained_range, self.dial and self.dial.budget_range) if r]
+        if not ranges:
+            return None
+        return max(r[0] for r in ranges), min(r[1] for r in ranges)
+
+    def check_budget(self, budgets):
+        met = self.budget_range()
+        if met is None:
+            raise InputError(f"--budget {budgets[0]}: this D-LLM adapter was trained for one target "
+                             f"({self.args.dynamic_active_target}) and has no calibrated dial; build one with "
+                             f"python -m tools.calibrate_dial")
+        outside = [b for b in budgets if not met[0] - 1e-6 <= b <= met[1] + 1e-6]  # float32 grid
+        if outside:
+            what = "calibrated" if self.dial is not None else "trained"
+            raise InputError(f"--budget {outside[0]}: this adapter was {what} for budgets {met[0]:.2f} to {met[1]:.2f}")
+
+    def row_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
+        """The budget of each row in this forward, [b], or None (the adapter routes as trained);
+        training draws it per sequence from the trained range. Kept in `state` for the later blocks
+        and the rate loss."""
+        if "budget" not in state:
+            if self.trained_range is not None and training:
+                low, high = self.trained_range
+                state["budget"] = low + (high - low) * torch.rand(x.shape[0], device=x.device)
+            elif self.budget is not None or self.trained_range is not None:
+                asked = self.args.dynamic_active_target if self.budget is None else self.budget
+                state["budget"] = torch.full((x.shape[0],), asked, device=x.device)
+            else:
+                return None
+        return state["budget"]
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
         if router is None:
             return None
-        logits = router(x)
-        prob = logits.softmax(-1)[..., 1]
-        reserved = (positions < self.reserve_initials).expand_as(prob)
+        budget = self.row_budget(x, state, router.training)
+        logits = router(x, budget)
+        reserved = (positions < self.reserve_initials).expand(logits.shape[:2])
         if router.training:
             weight = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]
             weight = torch.where(reserved, torch.ones_like(weight), weight)
             mask = weight > 0.5
+            return Decision(weight, mask)
+        if self.dial is not None and budget is not None:
+            margin = logits[..., 1] - logits[..., 0]
+            threshold = self.dial.row_thresholds(budget, block.layer_id)[:, None]
+            mask = (margin >= threshold) | (budget[:, None] >= 1) | reserved
         else:
+            prob = logits.softmax(-1)[..., 1]
             mask = (prob >= self.threshold) | reserved
-            weight = mask.float()
-        return Decision(weight, mask)
+        return Decision(mask.float(), mask)
 
     def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
         ratio = activation.mean(-1)
         target = self.args.dynamic_active_target
+        if "budget" in state:
+            target = state["budget"].to(ratio.dtype)
         if self.args.rate_loss_unit == "sequence":
             counts = token_weight.sum(-1)
             gap = ((ratio * token_weight).sum(-1) / counts.clamp(min=1) - target).abs()
             return (gap * (counts > 0)).sum() / (counts > 0).sum().clamp(min=1)
+        if "budget" in state:
+            target = target[:, None]
         return ((ratio - target).abs() * token_weight).sum() / token_weight.sum().clamp(min=1)
 
     def aux_weight(self, progress, lambda_active, epochs) -> float:
@@ -302,6 +401,11 @@ class StaticRouting(DenseRouting):
             return None
         mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         return Decision(mask.float(), mask)
+
+    def check_budget(self, budgets: Sequence[float]):
+        """A budget (share of blocks to execute) this policy cannot meet: one InputError line."""
+        raise InputError(f"--budget {budgets[0]}: routing {self.name!r} ({self.label}) takes no budget; only D-LLM "
+                         f"adapters do")
 
     def always_skips(self, layer_id: int) -> bool:
         return layer_id in self.skipped

@@ -127,16 +127,24 @@ def validate(model: Transformer, loader, device) -> dict:
     return {"val_c_loss": c / max(n_labels, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
 
 
-def calibrate_threshold(model: Transformer, loader, target: float, device, steps: int = 12) -> float:
-    """Bisection on the policy's inference threshold until the executed share on these batches
-    meets the target: for policies whose training has no signal for their compute (early exit)."""
+def calibrate_threshold(model: Transformer, loader, target: float, device, steps: int = 12,
+                        set_threshold=None) -> float:
+    """Bisection on the policy's inference threshold in [0, 1] (higher: fewer tokens execute) until
+    the executed share on these batches meets the target: for policies whose training has no signal
+    for their compute (early exit), and for a D-LLM adapter's dial (dllm/dial.py, whose
+    `set_threshold` sets a quantile level instead)."""
+    def set_policy_threshold(value: float):
+        model.routing.threshold = value
+
+    set_threshold = set_threshold or set_policy_threshold
     low, high = 0.0, 1.0
     for _ in range(steps):
-        model.routing.threshold = (low + high) / 2
+        middle = (low + high) / 2
+        set_threshold(middle)
         ratio = validate(model, loader, device)["val_act_ratio"]
-        low, high = (model.routing.threshold, high) if ratio > target else (low, model.routing.threshold)
-    model.routing.threshold = (low + high) / 2
-    return model.routing.threshold
+        low, high = (middle, high) if ratio > target else (low, middle)
+    set_threshold((low + high) / 2)
+    return (low + high) / 2
 
 
 def format_duration(seconds: float) -> str:

@@ -14,7 +14,7 @@ from dllm.routing import POLICIES, DLLMRouting
 # what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
-                     "rate_loss_unit")
+                     "rate_loss_unit", "dynamic_budget_range")
 
 
 @dataclass
@@ -55,6 +55,11 @@ class TrainConfig(Settings):
     rate_loss_unit: str = setting("token", "D-LLM's rate loss holds each token's executed share at the target (token, the "
                                   "reference) or each sequence's mean share (sequence: tokens free to differ)",
                                   choices=list(DLLMRouting.RATE_LOSS_UNITS))
+    dynamic_budget_range: List[float] = setting([], "a budget-conditioned D-LLM: [low, high], the range of shares its "
+                                                "routers take as input (the budget chosen at inference, --budget); "
+                                                "each sequence trains at a target drawn from it, e.g. \"[0.4, 1.0]\"; "
+                                                "--dynamic_active_target (within it) is the budget when none is asked; "
+                                                "empty: one fixed target", low=0.0, high=1.0)
     gumbel_tau: float = setting(1.0, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
@@ -72,6 +77,16 @@ class TrainConfig(Settings):
         super().__post_init__()
         if len(self.dynamic_router_bias) != 2:
             raise InputError(f"--dynamic_router_bias {self.dynamic_router_bias}: must be two numbers, [skip, execute]")
+        if self.dynamic_budget_range:
+            low, high = (self.dynamic_budget_range + [0.0, 0.0])[:2]
+            if len(self.dynamic_budget_range) != 2 or not 0 < low < high:
+                raise InputError(f"--dynamic_budget_range {self.dynamic_budget_range}: must be [low, high] with "
+                                 f"0 < low < high <= 1")
+            if self.routing != "dllm":
+                raise InputError(f"--dynamic_budget_range is for --routing dllm, not {self.routing}")
+            if not low <= self.dynamic_active_target <= high:
+                raise InputError(f"--dynamic_active_target {self.dynamic_active_target}: must lie in "
+                                 f"--dynamic_budget_range {self.dynamic_budget_range} (the budget when none is asked)")
 
     def model_overrides(self) -> dict:
         """The fields that are model args too, by name."""

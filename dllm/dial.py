@@ -1,0 +1,196 @@
+"""The compute dial of a D-LLM adapter: `--budget` (the share of blocks executed) chosen at inference.
+
+Calibration (tools/calibrate_dial.py), for each budget B of a grid: the routers' execute margins
+(execute logit - skip logit; a budget-conditioned adapter's routers given B) are recorded per block
+on calibration records; block l's threshold is the quantile of its margins at one level shared by
+all blocks, and that level is found by bisection (train.calibrate_threshold, the bisection MoD and
+early exit fit their threshold with) so the executed share on the records equals B. The grid of
+per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
+and read into the policy (routing.MarginDial) when a budget is asked.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import Subset
+
+from dllm import checkpoint
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.config import Settings, setting
+from dllm.data import InstructionDataset, load_records
+from dllm.errors import InputError
+from dllm.generation import Llama
+from dllm.model import Transformer
+from dllm.routing import MarginDial
+from dllm.train import Indexed, calibrate_threshold, trim_padding, val_loader, validate
+
+DIAL_SUFFIX = ".dial.json"
+GRID_STEP = 0.05
+BISECTION_STEPS = 10  # the quantile level to 1e-3: the share to about that
+
+
+def dial_path(adapter: str) -> str:
+    """Where an adapter's dial lives: beside its checkpoint file, NAME.dial.json."""
+    return os.path.splitext(checkpoint.adapter_file(adapter))[0] + DIAL_SUFFIX
+
+
+def default_budgets(args) -> List[float]:
+    """The grid: GRID_STEP steps over the trained range of a budget-conditioned adapter; else from the
+    first step above the share the always-run blocks alone give up to 1."""
+    if args.dynamic_budget_range:
+        low, high = args.dynamic_budget_range
+    else:
+        low, high = args.dynamic_start_layer / args.n_layers + 1e-6, 1.0
+    first, last = int(-(-low // GRID_STEP)), int(high / GRID_STEP + 1e-9)
+    return [round(k * GRID_STEP, 4) for k in range(first, last + 1)]
+
+
+def records_loader(tokenizer, dataset_path: str, name: str, split: str, n_records: int, max_seq_len: int,
+                   batch_size: int):
+    """The first `n_records` records of a split as fine-tuning tokenises them, in batches `validate`
+    takes: what a dial is calibrated on (train) and checked on (test)."""
+    records = load_records(dataset_path, name, split, ChatFormat(tokenizer))[:n_records]
+    dataset = Indexed(InstructionDataset(records, tokenizer, max_seq_len))
+    return val_loader(Subset(dataset, range(len(dataset))), batch_size, 0)
+
+
+@torch.no_grad()
+def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor]:
+    """Each routed block's execute margins over the loader's real tokens past the reserved initial
+    ones, under the policy's current routing (read from the routers' outputs by forward hooks)."""
+    model.eval()
+    margins: Dict[int, List[torch.Tensor]] = {}
+    current: Dict[int, torch.Tensor] = {}
+
+    def hook(layer_id):
+        def record(module, inputs, logits):
+            current[layer_id] = logits[..., 1] - logits[..., 0]
+        return record
+
+    handles = [layer.router.register_forward_hook(hook(layer.layer_id)) for layer in model.layers
+               if layer.router is not None]
+    try:
+        for batch in loader:
+            examples, _, example_masks, _ = [t.to(device) for t in trim_padding(batch[1:])]
+            counted = example_masks.bool()
+            counted[:, : model.params.dynamic_reserve_initials] = False
+            current.clear()
+            model(examples)
+            for layer_id, margin in current.items():
+                margins.setdefault(layer_id, []).append(margin[counted].float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer_id: torch.cat(values) for layer_id, values in margins.items()}
+
+
+def calibrate(model: Transformer, loader, device, budgets: List[float]):
+    """The dial meeting each budget on the loader's records, and the share each calibrated entry
+    executes there."""
+    routing = model.routing
+    if routing.name != "dllm":
+        raise InputError(f"a dial is for D-LLM adapters; this adapter's routing is {routing.name!r}")
+    rows, achieved = [], []
+    for budget in budgets:
+        routing.dial, routing.budget = None, budget
+        margins = record_margins(model, loader, device)
+
+        def set_level(level: float, budget=budget, margins=margins):
+            thresholds = torch.zeros(1, model.n_layers)
+            for layer_id, values in margins.items():
+                thresholds[0, layer_id] = torch.quantile(values, level)
+            routing.dial = MarginDial(torch.tensor([budget]), thresholds)
+
+        calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level)
+        rows.append(routing.dial.thresholds[0])
+        achieved.append(validate(model, loader, device)["val_act_ratio"])
+    routing.dial, routing.budget = MarginDial(torch.tensor(budgets), torch.stack(rows)), None
+    model.eval()
+    return routing.dial, achieved
+
+
+def write_dial(dial: MarginDial, path: str, adapter_sha256: Optional[str], achieved: List[float], provenance: dict):
+    routed = sorted({i for i in range(dial.thresholds.shape[1]) if dial.thresholds[:, i].any()})
+    data = {**provenance, "adapter_sha256": adapter_sha256, "budgets": [round(b, 6) for b in dial.budgets.tolist()],
+            "achieved_on_calibration": [round(a, 5) for a in achieved], "routed_blocks": routed,
+            "thresholds": [[row[i] for i in routed] for row in dial.thresholds.tolist()]}
+    atomic_write_text(json.dumps(data, indent=1) + "\n", path)
+
+
+def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
+    """The dial beside an adapter, None if there is none; a dial of another version of the adapter
+    (checksum) or a malformed file is refused in one line."""
+    path = dial_path(adapter)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        budgets, rows, routed = data["budgets"], data["thresholds"], data["routed_blocks"]
+        thresholds = torch.zeros(len(budgets), n_layers)
+        for k, row in enumerate(rows):
+            thresholds[k, routed] = torch.tensor(row, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise InputError(f"{path}: not a valid dial ({e}); build it again with python -m tools.calibrate_dial") from None
+    if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
+        raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
+                         f"python -m tools.calibrate_dial")
+    own = checkpoint.read_adapter(adapter).get("adapter_sha256")
+    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
+        raise InputError(f"{path}: calibrated for another version of {checkpoint.adapter_file(adapter)} (checksum "
+                         f"differs); build it again with python -m tools.calibrate_dial")
+    return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)
+
+
+@dataclass
+class DialConfig(Settings):
+    """tools/calibrate_dial.py's settings."""
+
+    llama_ckpt_dir: str = setting(checkpoint.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
+    dynamic_ckpt_dir: Optional[str] = setting(None, "the D-LLM adapter: a checkpoint file or a fine-tuning output "
+                                              "directory (default: the adapter shipped for this base)")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
+                                            "--llama_ckpt_dir)")
+    dataset_path: str = setting(os.path.join(os.path.dirname(checkpoint.ASSETS), "datasets"),
+                                "directory with one NAME/{train,test,prompt}.json per dataset")
+    dataset_name: str = setting("demo", "the dataset whose training records the dial is calibrated on (never its "
+                                "test split)")
+    n_records: int = setting(64, "the first training records, in file order, the dial is calibrated on", low=1)
+    batch_size: int = setting(16, "records per forward pass", low=1)
+    max_seq_len: int = setting(128, "tokens per record (longer ones are cut as in fine-tuning)", low=2)
+    budgets: List[float] = setting([], "the grid of budgets (shares of all blocks executed), e.g. \"[0.4, 0.7, 1.0]\" "
+                                   "(default: steps of 0.05 over what the adapter can meet)", low=0.0, high=1.0)
+    overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
+
+
+def calibrate_dial(config: DialConfig) -> str:
+    """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
+    beside the checkpoint; returns its path."""
+    adapter = config.dynamic_ckpt_dir or checkpoint.default_adapter(config.llama_ckpt_dir)
+    if adapter is None:
+        raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
+    path = dial_path(adapter)
+    if os.path.exists(path) and not config.overwrite:
+        raise InputError(f"{path} already exists; pass --overwrite to calibrate it again")
+    generator = Llama.build(config.llama_ckpt_dir, adapter, tokenizer_path=config.tokenizer_path,
+                            max_seq_len=config.max_seq_len, max_batch_size=config.batch_size)
+    model, args = generator.model, generator.model.params
+    budgets = sorted(config.budgets) or default_budgets(args)
+    floor = args.dynamic_start_layer / args.n_layers
+    if budgets[0] <= floor:
+        raise InputError(f"--budgets {budgets[0]}: must be above {floor:.3f}, the share of the {args.dynamic_start_layer} "
+                         f"of {args.n_layers} blocks that always run")
+    loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
+                            config.max_seq_len, config.batch_size)
+    dial, achieved = calibrate(model, loader, generator.device, budgets)
+    provenance = {"adapter": os.path.abspath(checkpoint.adapter_file(adapter)),
+                  "calibrated_on": f"{config.dataset_name} train.json, first {len(loader.dataset)} records, "
+                                   f"max_seq_len {config.max_seq_len}"}
+    write_dial(dial, path, checkpoint.read_adapter(adapter).get("adapter_sha256"), achieved, provenance)
+    for budget, share in zip(budgets, achieved):
+        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records")
+    print(f"dial written to {path}")
+    return path

@@ -1,0 +1,143 @@
+"""The compute dial (issue 21): a budget chosen at inference. The quantile dial calibrated beside an
+ordinary D-LLM adapter meets a budget on its calibration records and on held-out ones; more budget
+never executes fewer blocks; a batch with mixed budgets routes each row as it would alone; the
+budget-conditioned D-LLM trains each sequence at its own drawn target; a budget an adapter cannot
+meet is one line; adapters without the option are unchanged."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import finetuning
+from conftest import ROOT, tiny_args
+from dllm import dial, evaluate
+from dllm.errors import InputError
+from dllm.generation import Llama
+from dllm.model import ModelArgs, Transformer, is_adapter_key
+from dllm.train import train, validate
+from tools import calibrate_dial
+from train_utils import make_base, make_dataset, train_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BUDGETS = [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+PROMPTS = [[1, 5, 9, 12, 40, 7], [1, 33, 8], [1, 20, 21, 22, 23]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_path):
+    """One ordinary D-LLM run and one budget-conditioned run on the tiny base (3 blocks, routed from
+    block 1), each with its dial calibrated beside it."""
+    root = tmp_path_factory.mktemp("dial")
+    base = make_base(str(root / "base"), tokenizer_path)[1]
+    data = make_dataset(str(root / "data"))
+    ordinary, conditioned = root / "dllm", root / "conditioned"
+    train(finetuning.parse_args(train_argv(base, data, str(ordinary), epochs=1)))
+    train(finetuning.parse_args(train_argv(base, data, str(conditioned), epochs=1, dynamic_active_target=0.7,
+                                           dynamic_budget_range=[0.4, 1.0])))
+    for adapter in (ordinary, conditioned):
+        calibrate_dial.main(["--llama_ckpt_dir", base, "--dynamic_ckpt_dir", str(adapter), "--dataset_path", data,
+                             "--n_records", "48", "--max_seq_len", "48", "--budgets", str(BUDGETS)])
+    return {"base": base, "data": data, "ordinary": str(ordinary), "conditioned": str(conditioned)}
+
+
+def held_out_share(generator, runs, budget: float, n_records: int = 48) -> float:
+    loader = dial.records_loader(generator.tokenizer, runs["data"], "demo", "test", n_records, 48, 16)
+    generator.set_budget(budget)
+    return validate(generator.model, loader, generator.device)["val_act_ratio"]
+
+
+@pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
+def test_quantile_dial_meets_the_budget_on_its_records_and_held_out(runs, adapter):
+    with open(dial.dial_path(runs[adapter])) as f:
+        saved = json.load(f)
+    assert saved["budgets"] == BUDGETS
+    assert saved["achieved_on_calibration"] == pytest.approx(BUDGETS, abs=0.005)
+    generator = Llama.build(runs["base"], runs[adapter], max_seq_len=48)
+    for budget in (0.45, 0.6, 0.75, 0.9):  # between grid points too
+        assert held_out_share(generator, runs, budget) == pytest.approx(budget, abs=0.03)
+
+
+@pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
+def test_more_budget_never_executes_fewer_blocks(runs, adapter):
+    generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64)
+    tokens = torch.randint(3, generator.tokenizer.n_words, (8, 40), generator=torch.Generator().manual_seed(5))
+    executed = []
+    with torch.inference_mode():
+        for budget in BUDGETS:
+            _, activation = generator.model(tokens, budget=torch.full((8,), budget))
+            executed.append(activation.sum(-1).flatten())
+    for lower, higher in zip(executed, executed[1:]):
+        assert higher.mean() >= lower.mean()
+        assert (higher >= lower).float().mean() >= 0.9
+    assert executed[-1].mean() > executed[0].mean()
+
+
+@pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
+def test_a_batch_of_mixed_budgets_routes_each_row_as_alone(runs, adapter):
+    generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64, max_batch_size=4)
+    budgets = [0.45, 1.0, 0.7]
+    together, _, _ = generator.generate(PROMPTS, 10, temperature=0.0, budget=budgets)
+    stats = generator.last_stats
+    for row, (prompt, budget) in enumerate(zip(PROMPTS, budgets)):
+        alone, _, _ = generator.generate([prompt], 10, temperature=0.0, budget=budget)
+        length = generator.last_stats.lengths[0]
+        assert alone[0] == together[row]
+        assert torch.equal(generator.last_stats.activation[0, :length], stats.activation[row, :length])
+
+
+def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7)).train()
+    tokens = torch.randint(3, 320, (6, 12))
+    _, activation, state = model.run(tokens)
+    budget = state["budget"]
+    assert budget.shape == (6,) and ((0.4 <= budget) & (budget <= 1.0)).all() and len(set(budget.tolist())) == 6
+    weight = torch.ones(6, 12)
+    expected = (activation.mean(-1) - budget[:, None]).abs().mean()
+    assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
+    assert {k for k in model.state_dict() if ".router.budget." in k} == {
+        f"layers.{i}.router.budget.{p}" for i in range(1, 4) for p in ("weight", "bias")}
+
+
+def test_an_adapter_without_the_option_keeps_its_keys_and_params():
+    with open(f"{ROOT}/assets/tiny-dllm/params.json") as f:
+        args = ModelArgs.from_dict(json.load(f))
+    assert args.dynamic_budget_range == ()
+    model = Transformer(tiny_args())
+    assert not [k for k in model.state_dict() if is_adapter_key(k) and ".budget." in k]
+
+
+def test_a_budget_the_adapter_cannot_meet_is_one_line(runs, tmp_path):
+    with pytest.raises(InputError, match=r"calibrated for budgets 0.40 to 1.00"):
+        Llama.build(runs["base"], runs["ordinary"], max_seq_len=48, budget=0.3)
+    undialled = tmp_path / "undialled"
+    shutil.copytree(runs["conditioned"], undialled, ignore=shutil.ignore_patterns("*.dial.json"))
+    with pytest.raises(InputError, match=r"trained for budgets 0.40 to 1.00"):
+        Llama.build(runs["base"], str(undialled), max_seq_len=48, budget=0.35)
+    generator = Llama.build(runs["base"], str(undialled), max_seq_len=48)
+    with pytest.raises(InputError, match=r"2 budgets for 3 prompts"):
+        generator.generate(PROMPTS, 2, budget=[0.5, 0.6])
+    with pytest.raises(InputError, match=r"needs a D-LLM adapter"):
+        Llama.build(runs["base"], None, max_seq_len=48, budget=0.5)
+    undialled = tmp_path / "undialled-ordinary"
+    shutil.copytree(runs["ordinary"], undialled, ignore=shutil.ignore_patterns("*.dial.json"))
+    with pytest.raises(InputError, match=r"trained for one target \(0.5\) and has no calibrated dial"):
+        Llama.build(runs["base"], str(undialled), max_seq_len=48, budget=0.5)
+
+
+def test_the_shipped_adapter_evaluates_as_before(tmp_path):
+    """evaluate.py on the shipped demo adapter and the first 40 demo test records: the rows main's
+    code wrote before the dial existed (tests/reference/tiny_dllm_demo40.json), exactly."""
+    data = tmp_path / "datasets" / "demo"
+    data.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "datasets", "demo", "prompt.json"), data / "prompt.json")
+    with open(os.path.join(ROOT, "datasets", "demo", "test.json")) as f:
+        (data / "test.json").write_text(json.dumps(json.load(f)[:40]))
+    config = evaluate.EvalConfig(dataset_path=str(tmp_path / "datasets"), output_dir=str(tmp_path / "out"))
+    evaluate.evaluate(config)
+    with open(os.path.join(ROOT, "tests", "reference", "tiny_dllm_demo40.json")) as f:
+        expected = json.load(f)["rows"]
+    assert evaluate.read_results(str(tmp_path / "out")) == expected

@@ -28,6 +28,9 @@ from dllm import checkpoint, distributed
 from dllm.atomic_io import atomic_write_text
 from dllm.config import Settings, setting
 from dllm.errors import run_cli
+from dllm.flops import token_flops
+from dllm.model import ModelArgs
+from dllm.routing import mlp_flops
 from dllm.train import param_groups
 
 CONFIGS = ("transformers+peft", "dllm lora", "dllm d-llm")
@@ -116,6 +119,22 @@ class PeftStep:
         return loss.detach()
 
 
+def step_flops(args: ModelArgs, config: TrainStepConfig, name: str) -> float:
+    """Model FLOPs of one step per token: a frozen weight's matmul costs its forward twice (forward
+    and the input's gradient), a trained one (LoRA, routers) three times (and the weight's
+    gradient), attention three times. The head runs at every position under transformers, only at
+    the scored ones under dllm; D-LLM adds a router at every routed block."""
+    f = token_flops(args)
+    attention = f.attn_per_key * (config.seq_len + 1) / 2  # keys seen, on average over the positions
+    lora = 2 * config.lora_rank * (3 * args.dim + (args.n_heads + 2 * (args.n_kv_heads or args.n_heads)) * args.head_dim)
+    total = args.n_layers * (2 * (f.qkvo + f.ffn) + 3 * attention + 3 * lora)
+    scored = max(1, round(config.response_share * config.seq_len)) / config.seq_len
+    total += 2 * f.lm_head * (1.0 if name == "transformers+peft" else scored)
+    if name == "dllm d-llm":
+        total += (args.n_layers - args.dynamic_start_layer) * 3 * mlp_flops(args.dim, args.dynamic_router_hdim, 2)
+    return total
+
+
 def build_step(config: TrainStepConfig, name: str, device):
     if name == "transformers+peft":
         return PeftStep(config, device)
@@ -164,6 +183,8 @@ def main(config: TrainStepConfig):
             seconds, _ = timed(step, device)
             times[name].append(seconds)
             keep_best(best, name, seconds)
+    args = steps["dllm d-llm"].model.params
+    flops = {name: step_flops(args, config, name) for name in CONFIGS}
     if config.profile:
         for name, step in steps.items():
             print_profile(name, step, device)
@@ -172,6 +193,7 @@ def main(config: TrainStepConfig):
     tokens = config.batch_size * config.seq_len
     rows = [{"config": name, "step_s": best[name], "tokens_per_s": tokens / best[name],
              "x_peft": best["transformers+peft"] / best[name], "x_lora": best["dllm lora"] / best[name],
+             "step_flops_per_token": flops[name], "flops_x_lora": flops[name] / flops["dllm lora"],
              "peak_memory_bytes": peaks.get(name), "first_loss": first_loss[name], "times_s": times[name]}
             for name in CONFIGS]
     import peft
@@ -196,12 +218,13 @@ def markdown(rows, meta) -> str:
              f"{s['lora_rank']} on q/k/v, dropout {s['lora_dropout']}; forward, backward and AdamW, best of "
              f"{s['repeats']} interleaved after {s['warmup']} warm-up steps; torch {meta['torch']}, transformers "
              f"{meta['transformers']}, peft {meta['peft']}", "",
-             f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | {meta['peak_memory']} (GB) | first CE |",
-             "|---|---|---|---|---|---|---|"]
+             f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | step FLOPs / LoRA-only's | "
+             f"{meta['peak_memory']} (GB) | first CE |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e9:.2f}"
         lines.append(f"| {r['config']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['x_peft']:.3f} | "
-                     f"{r['x_lora']:.3f} | {memory} | {r['first_loss']:.4f} |")
+                     f"{r['x_lora']:.3f} | {r['flops_x_lora']:.3f} | {memory} | {r['first_loss']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ those, blended by the same weight; the others pass through at the cost of the po
 K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
 the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
+import functools
 import json
 import math
 import sys
@@ -165,11 +166,19 @@ class LoRA(nn.Module):
         nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.linear_B(self.linear_A(self.dropout(x.float()))) * self.scale).to(x.dtype)
+        out = self.linear_B(self.linear_A(self.dropout(x.float())))
+        return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
 
     def delta_weight(self) -> torch.Tensor:
         """The local shard of B @ A * scale, for merging into the base weight."""
         return self.linear_B.weight @ self.linear_A.weight * self.scale
+
+
+@functools.lru_cache(maxsize=8)
+def causal_and_own_key(s: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The [s, s] bool masks of the keys at or before each query and of its own key, built once per
+    length and device (tril is slow on the CPU and every routed block of a step needs them)."""
+    return torch.ones(s, s, dtype=torch.bool, device=device).tril(), torch.eye(s, dtype=torch.bool, device=device)
 
 
 class Attention(nn.Module):
@@ -232,8 +241,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, freqs_cis)
         if key_keep is None:
             return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = mask & (key_keep[:, None, :] | torch.eye(s, dtype=torch.bool, device=x.device))
+        causal, own = causal_and_own_key(s, x.device)
+        mask = torch.where(key_keep[:, None, :], causal, own)
         return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask))
 
     def forward_plain(self, x, freqs_cis, kv: LayerKVCache) -> torch.Tensor:

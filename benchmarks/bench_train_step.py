@@ -6,7 +6,8 @@ transformers' LlamaForCausalLM with a PEFT LoRA (what a user would run instead),
 `response_share` of each row scored (the response), no padding. Configurations are interleaved
 within every repeat after `warmup` untimed steps each, and the best of `repeats` is kept, so machine
 noise hits all alike. Peak memory is measured apart, in a fresh process per configuration (the
-timing process holds all three models): peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA.
+timing process holds all three models), over warm-up and one step with the model loaded: peak RSS
+on the CPU, torch.cuda.max_memory_allocated on CUDA.
 
     python -m benchmarks.bench_train_step --out benchmarks/results/bench_train_step_cpu   # the CPU table
     python -m benchmarks.bench_train_step --out benchmarks/results/bench_train_step_gpu   # on a GPU (bf16 base)
@@ -14,8 +15,10 @@ timing process holds all three models): peak RSS on the CPU, torch.cuda.max_memo
 `--out PREFIX` writes PREFIX.json and PREFIX.md; `--profile` prints each step's torch.profiler table.
 Needs requirements-bench.txt (peft).
 """
+import gc
 import json
 import multiprocessing
+import os
 import resource
 import sys
 from dataclasses import asdict, dataclass
@@ -50,6 +53,7 @@ class TrainStepConfig(Settings):
     dtype: str = setting("auto", "base weights dtype (auto: bf16 on CUDA, fp32 on the CPU, as finetuning.py)",
                          choices=("auto", "float32", "bfloat16"))
     seed: int = setting(0, "random seed")
+    threads: int = setting(0, "torch threads (0: torch's default)", low=0)
     memory: bool = setting(True, "measure each configuration's peak memory in a fresh process")
     profile: bool = setting(False, "print each configuration's torch.profiler table of one step")
     out: Optional[str] = setting(None, "write PREFIX.json and PREFIX.md (default: print only)")
@@ -142,15 +146,35 @@ def build_step(config: TrainStepConfig, name: str, device):
 
 
 def peak_memory(config: TrainStepConfig, name: str) -> float:
-    """Bytes at the peak of warm-up plus one step, alone in this process: RSS, or CUDA allocated."""
+    """Bytes at the peak of warm-up plus one step, alone in this process, the model loaded: RSS
+    (Linux: its high-water mark reset after loading, so loading's copies do not count), or CUDA
+    allocated."""
     device = distributed.setup()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     step = build_step(config, name, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := the current RSS
     for _ in range(config.warmup + 1):
         step()
     sync(device)
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return peak_rss()
+
+
+def peak_rss() -> float:
+    """This process's peak resident bytes: Linux's VmHWM (ru_maxrss cannot be reset, and carries
+    the spawning parent's peak over the exec), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return float(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) * 1024
+    except OSError:
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def peak_memory_apart(config: TrainStepConfig, name: str) -> float:
@@ -172,6 +196,10 @@ def print_profile(name: str, step, device):
 
 def main(config: TrainStepConfig):
     device = distributed.setup()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    load_before = os.getloadavg()
+    peaks = {name: peak_memory_apart(config, name) for name in CONFIGS} if config.memory else {}
     steps = {name: build_step(config, name, device) for name in CONFIGS}
     first_loss = {name: float(step()) for name, step in steps.items()}  # zero-initialised B: the base's CE
     for step in steps.values():
@@ -188,8 +216,6 @@ def main(config: TrainStepConfig):
     if config.profile:
         for name, step in steps.items():
             print_profile(name, step, device)
-    del steps
-    peaks = {name: peak_memory_apart(config, name) for name in CONFIGS} if config.memory else {}
     tokens = config.batch_size * config.seq_len
     rows = [{"config": name, "step_s": best[name], "tokens_per_s": tokens / best[name],
              "x_peft": best["transformers+peft"] / best[name], "x_lora": best["dllm lora"] / best[name],
@@ -201,6 +227,7 @@ def main(config: TrainStepConfig):
             "settings": asdict(config), "device": device_name(device),
             "dtype": str(base_dtype(config, device)).replace("torch.", ""),
             "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
+            "load_average_1min": [load_before[0], os.getloadavg()[0]],  # at the start and at the end
             "torch": torch.__version__, "transformers": transformers_version(), "peft": peft.__version__}
     table = markdown(rows, meta)
     print("\n" + table)
@@ -217,7 +244,8 @@ def markdown(rows, meta) -> str:
              f"batch {s['batch_size']} x {s['seq_len']}, response share {s['response_share']}, LoRA rank "
              f"{s['lora_rank']} on q/k/v, dropout {s['lora_dropout']}; forward, backward and AdamW, best of "
              f"{s['repeats']} interleaved after {s['warmup']} warm-up steps; torch {meta['torch']}, transformers "
-             f"{meta['transformers']}, peft {meta['peft']}", "",
+             f"{meta['transformers']}, peft {meta['peft']}; load average (1 min) {meta['load_average_1min'][0]:.1f} at "
+             f"the start, {meta['load_average_1min'][1]:.1f} at the end", "",
              f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | step FLOPs / LoRA-only's | "
              f"{meta['peak_memory']} (GB) | first CE |",
              "|---|---|---|---|---|---|---|---|"]

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -205,12 +206,14 @@ def main(config: TrainStepConfig):
     for step in steps.values():
         for _ in range(max(config.warmup - 1, 0)):
             step()
-    best, times = {}, {name: [] for name in CONFIGS}
+    best, best_cpu, times = {}, {}, {name: [] for name in CONFIGS}
     for _ in range(config.repeats):
         for name, step in steps.items():
+            cpu_start = time.process_time()
             seconds, _ = timed(step, device)
             times[name].append(seconds)
             keep_best(best, name, seconds)
+            keep_best(best_cpu, name, time.process_time() - cpu_start)
     args = steps["dllm d-llm"].model.params
     flops = {name: step_flops(args, config, name) for name in CONFIGS}
     if config.profile:
@@ -219,6 +222,8 @@ def main(config: TrainStepConfig):
     tokens = config.batch_size * config.seq_len
     rows = [{"config": name, "step_s": best[name], "tokens_per_s": tokens / best[name],
              "x_peft": best["transformers+peft"] / best[name], "x_lora": best["dllm lora"] / best[name],
+             "cpu_s": best_cpu[name], "cpu_x_peft": best_cpu["transformers+peft"] / best_cpu[name],
+             "cpu_x_lora": best_cpu["dllm lora"] / best_cpu[name],
              "step_flops_per_token": flops[name], "flops_x_lora": flops[name] / flops["dllm lora"],
              "peak_memory_bytes": peaks.get(name), "first_loss": first_loss[name], "times_s": times[name]}
             for name in CONFIGS]
@@ -246,13 +251,16 @@ def markdown(rows, meta) -> str:
              f"{s['repeats']} interleaved after {s['warmup']} warm-up steps; torch {meta['torch']}, transformers "
              f"{meta['transformers']}, peft {meta['peft']}; load average (1 min) {meta['load_average_1min'][0]:.1f} at "
              f"the start, {meta['load_average_1min'][1]:.1f} at the end", "",
-             f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | step FLOPs / LoRA-only's | "
-             f"{meta['peak_memory']} (GB) | first CE |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Wall time, and the process's CPU time (all threads; what a step costs when others share the cores). "
+             "x PEFT and x LoRA-only are speed-ups: the other's time over this one's.", "",
+             f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | CPU s | CPU x PEFT | CPU x LoRA-only | "
+             f"step FLOPs / LoRA-only's | {meta['peak_memory']} (GB) | first CE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e9:.2f}"
         lines.append(f"| {r['config']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['x_peft']:.3f} | "
-                     f"{r['x_lora']:.3f} | {r['flops_x_lora']:.3f} | {memory} | {r['first_loss']:.4f} |")
+                     f"{r['x_lora']:.3f} | {r['cpu_s']:.3f} | {r['cpu_x_peft']:.3f} | {r['cpu_x_lora']:.3f} | "
+                     f"{r['flops_x_lora']:.3f} | {memory} | {r['first_loss']:.4f} |")
     return "\n".join(lines) + "\n"
 
 

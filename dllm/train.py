@@ -354,6 +354,8 @@ class Trainer:
 
     def all_ranks(self, ok: bool) -> bool:
         """True where every rank's ok is."""
+        if dist.get_world_size() == 1:
+            return ok  # no device round trip
         flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
         if dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -1,1 +1,3 @@
-"""Measurements: each script prints a table and writes benchmarks/results/."""
+"""Benchmarks: scripts that measure and write benchmarks/results/; run from the repository root as
+`python -m benchmarks.NAME` (this file makes the folder a package that wins over fairscale's own
+top-level `benchmarks`)."""

@@ -8,6 +8,7 @@ those, blended by the same weight; the others pass through at the cost of the po
 K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
 the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
+import functools
 import json
 import math
 import sys
@@ -169,11 +170,19 @@ class LoRA(nn.Module):
         nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.linear_B(self.linear_A(self.dropout(x.float()))) * self.scale).to(x.dtype)
+        out = self.linear_B(self.linear_A(self.dropout(x.float())))
+        return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
 
     def delta_weight(self) -> torch.Tensor:
         """The local shard of B @ A * scale, for merging into the base weight."""
         return self.linear_B.weight @ self.linear_A.weight * self.scale
+
+
+@functools.lru_cache(maxsize=8)
+def causal_and_own_key(s: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The [s, s] bool masks of the keys at or before each query and of its own key, built once per
+    length and device (tril is slow on the CPU and every routed block of a step needs them)."""
+    return torch.ones(s, s, dtype=torch.bool, device=device).tril(), torch.eye(s, dtype=torch.bool, device=device)
 
 
 class Attention(nn.Module):
@@ -236,8 +245,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, freqs_cis)
         if key_keep is None:
             return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = mask & (key_keep[:, None, :] | torch.eye(s, dtype=torch.bool, device=x.device))
+        causal, own = causal_and_own_key(s, x.device)
+        mask = torch.where(key_keep[:, None, :], causal, own)
         return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask))
 
     def forward_plain(self, x, freqs_cis, kv: LayerKVCache) -> torch.Tensor:
@@ -298,16 +307,13 @@ def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return w * out + (1 - w) * x
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_weight: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over the weighted positions.
-
-    student_logits, teacher_logits: [b, s, vocab] at the positions that predict a label;
-    label_weight: [b, s], 1 where a response token is predicted.
-    """
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the positions given:
+    [n, vocab] each, the positions that predict a response token (`Transformer.scored_positions`)."""
     student = F.log_softmax(student_logits.float(), -1)
     teacher = F.log_softmax(teacher_logits.float(), -1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return (kl * label_weight).sum() / label_weight.sum().clamp(min=1)
+    return kl.sum() / max(kl.numel(), 1)
 
 
 class TransformerBlock(nn.Module):
@@ -423,6 +429,12 @@ class Transformer(nn.Module):
             state: Optional[dict] = None):
         """forward, plus the routing state it left (what the policy's aux loss reads); `state` may
         start with the policy's inputs for this forward (a per-row "budget")."""
+        h, activation, state = self.hidden_states(tokens, start_pos, cache, state)
+        return self.project_vocab(h).float(), activation, state
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+                      state: Optional[dict] = None):
+        """run without the output projection: (the final norm's output [b, s, dim], activation, state)."""
         b, s = tokens.shape
         if self.training and cache is not None:
             raise ValueError("the KV cache is for inference; call model.eval() first")
@@ -441,7 +453,7 @@ class Transformer(nn.Module):
             kv = None if cache is None else cache.layers[layer.layer_id]
             h, decision = layer(h, positions, self.freqs_cis, self.routing, kv, state)
             activation.append(executes_all if decision is None else decision.weight.float())
-        return self.project_vocab(self.norm(h)).float(), torch.stack(activation, -1), state
+        return self.norm(h), torch.stack(activation, -1), state
 
     def project_vocab(self, h: torch.Tensor) -> torch.Tensor:
         """The output projection; tied models use the embedding matrix itself (one tensor, no copy)."""
@@ -450,30 +462,43 @@ class Transformer(nn.Module):
         local = F.linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
         return gather_from_model_parallel_region(local)
 
+    @staticmethod
+    def scored_positions(label_masks: torch.Tensor) -> torch.Tensor:
+        """Flat indices into [b * s] of the positions that predict a response token (position t
+        predicts token t + 1): the only positions the losses read, so the only ones projected to
+        the vocabulary. Finding them is this step's one wait for the device, before the forward."""
+        predicts = torch.zeros_like(label_masks, dtype=torch.bool)
+        predicts[:, :-1] = label_masks[:, 1:].bool()
+        return predicts.flatten().nonzero().squeeze(1)
+
+    def logits_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [n, vocab] at the flat `positions` (scored_positions) only: a teacher's targets."""
+        h, _, _ = self.hidden_states(tokens)
+        return self.project_vocab(h.flatten(0, 1)[positions]).float()
+
     def compute_loss(self, examples, labels, example_masks, label_masks, teacher_logits=None):
         """The objective's pieces: CE on response tokens and the routing policy's aux loss (D-LLM:
         the L1 execution-rate loss), over real tokens past the reserved initial ones.
 
-        act_ratio is the mean over those tokens of the share of all blocks executed (always-on
-        blocks count as executed). With `teacher_logits` ([b, s, vocab], dllm/distill.py) the
-        metrics also hold `distill_loss`, a tensor with its graph: KL from the teacher on the
-        response tokens.
+        The vocabulary projection and the CE run only at the positions that predict a response
+        token. Metrics are 0-d tensors, so the caller decides when to wait for the device: act_ratio
+        is the mean over those tokens of the share of all blocks executed (always-on blocks count as
+        executed), n_labels and n_tokens the counts the means are over. With `teacher_logits`
+        ([n, vocab] at `scored_positions(label_masks)`, dllm/distill.py) the metrics also hold
+        `distill_loss`, with its graph: KL from the teacher on the response tokens.
         """
-        logits, activation, state = self.run(examples)
-        label_weight = label_masks[:, 1:].float()
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
-        n_labels = label_weight.sum()
-        c_loss = (ce * label_weight.flatten()).sum() / n_labels.clamp(min=1)
+        positions = self.scored_positions(label_masks)
+        h, activation, state = self.hidden_states(examples)
+        logits = self.project_vocab(h.flatten(0, 1)[positions]).float()
+        c_loss = F.cross_entropy(logits, labels.flatten()[positions + 1], reduction="sum") / max(len(positions), 1)
         token_weight = example_masks.float().clone()
         token_weight[:, : self.params.dynamic_reserve_initials] = 0
-        a_loss = self.routing.aux_loss(self, state, activation, logits, token_weight)
-        ratio = activation.mean(-1)
+        a_loss = self.routing.aux_loss(self, state, activation, h, token_weight)
         n_tokens = token_weight.sum()
-        act_ratio = ((ratio.detach() * token_weight).sum() / n_tokens.clamp(min=1)).item()
-        # the counts the means are over, so callers can average across batches and ranks
-        metrics = {"act_ratio": act_ratio, "n_labels": n_labels.item(), "n_tokens": n_tokens.item()}
+        act_ratio = (activation.detach().mean(-1) * token_weight).sum() / n_tokens.clamp(min=1)
+        metrics = {"act_ratio": act_ratio, "n_labels": n_tokens.new_tensor(float(len(positions))), "n_tokens": n_tokens}
         if teacher_logits is not None:
-            metrics["distill_loss"] = distill_loss(logits[:, :-1], teacher_logits[:, :-1], label_weight)
+            metrics["distill_loss"] = distill_loss(logits, teacher_logits)
         return c_loss, a_loss, metrics
 
     def merge_lora(self):

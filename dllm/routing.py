@@ -152,11 +152,12 @@ class DenseRouting:
         """A block no token ever executes: its adapter tensors would get no gradient, so they are frozen."""
         return False
 
-    def aux_loss(self, model, state: dict, activation: torch.Tensor, logits: torch.Tensor,
+    def aux_loss(self, model, state: dict, activation: torch.Tensor, hidden: torch.Tensor,
                  token_weight: torch.Tensor) -> torch.Tensor:
-        """The training loss besides CE; activation [b, s, n_layers] execute weights, token_weight
-        [b, s] 1 on real tokens past the reserved initial ones."""
-        return logits.new_zeros(())
+        """The training loss besides CE; activation [b, s, n_layers] execute weights, hidden [b, s,
+        dim] what the output projection reads (the final norm's output), token_weight [b, s] 1 on
+        real tokens past the reserved initial ones."""
+        return activation.new_zeros(())
 
     def aux_weight(self, progress: float, lambda_active: float, epochs: float) -> float:
         """The aux loss's weight at `progress` (fractional epochs)."""
@@ -264,7 +265,7 @@ class DLLMRouting(DenseRouting):
             mask = (prob >= self.threshold) | reserved
         return Decision(mask.float(), mask)
 
-    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+    def aux_loss(self, model, state, activation, hidden, token_weight) -> torch.Tensor:
         ratio = activation.mean(-1)
         target = self.args.dynamic_active_target
         if "budget" in state:
@@ -362,10 +363,10 @@ class MoDRouting(DenseRouting):
             mask = torch.sigmoid(router.predict(x)) >= self.threshold
         return Decision(mask.float(), mask, scale)
 
-    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+    def aux_loss(self, model, state, activation, hidden, token_weight) -> torch.Tensor:
         pairs = state.get("mod", [])
         if not pairs:
-            return logits.new_zeros(())
+            return activation.new_zeros(())
         bce = sum((F.binary_cross_entropy_with_logits(logit, target.float(), reduction="none") * token_weight).sum()
                   for logit, target in pairs)
         return bce / (len(pairs) * token_weight.sum().clamp(min=1))
@@ -455,13 +456,14 @@ class EarlyExitRouting(DenseRouting):
         state["stopped"] = stopped
         return Decision((~stopped).float(), ~stopped)
 
-    def aux_loss(self, model, state, activation, logits, token_weight) -> torch.Tensor:
+    def aux_loss(self, model, state, activation, hidden, token_weight) -> torch.Tensor:
         pairs = state.get("early_exit", [])
         if not pairs:
-            return logits.new_zeros(())
+            return activation.new_zeros(())
         counted = token_weight > 0  # the head at every block costs more than the model: only where it counts
         weight = token_weight[counted]
-        final = logits[counted].argmax(-1)
+        with torch.no_grad():
+            final = model.project_vocab(hidden[counted]).argmax(-1)
         total = 0.0
         for x, router_logits in pairs:
             with torch.no_grad():

@@ -104,8 +104,8 @@ def _to_cpu(obj):
     return obj
 
 
-def _dp_sum(values, device) -> list:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def _dp_sum(tensor: torch.Tensor) -> list:
+    """Summed over data-parallel ranks and read to the host once."""
     if distributed.dp_size() > 1:
         dist.all_reduce(tensor, group=distributed.dp_group())
     return tensor.tolist()
@@ -115,15 +115,15 @@ def _dp_sum(values, device) -> list:
 def validate(model: Transformer, loader, device) -> dict:
     """CE, rate loss and execution ratio on held-out data with inference routing (real skipping)."""
     model.eval()
-    sums = [0.0] * 5
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
         batch = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
         c_loss, a_loss, metrics = model.compute_loss(*batch)
-        n_labels, n_tokens = metrics["n_labels"], metrics["n_tokens"]
-        batch_sums = (c_loss.item() * n_labels, n_labels, a_loss.item() * n_tokens, metrics["act_ratio"] * n_tokens, n_tokens)
-        sums = [total + value for total, value in zip(sums, batch_sums)]
+        c, a, act, n_labels, n_tokens = (t.double() for t in (c_loss, a_loss, metrics["act_ratio"], metrics["n_labels"],
+                                                              metrics["n_tokens"]))
+        sums += torch.stack([c * n_labels, n_labels, a * n_tokens, act * n_tokens, n_tokens])
     model.train()
-    c, n_labels, a, act, n_tokens = _dp_sum(sums, device)
+    c, n_labels, a, act, n_tokens = _dp_sum(sums)
     return {"val_c_loss": c / max(n_labels, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
 
 
@@ -367,6 +367,8 @@ class Trainer:
 
     def all_ranks(self, ok: bool) -> bool:
         """True where every rank's ok is."""
+        if dist.get_world_size() == 1:
+            return ok  # no device round trip
         flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
         if dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -384,9 +386,12 @@ class Trainer:
         self.start_epoch, self.start_step = ckpt["epoch"], ckpt["step"]
         self.log(f"resumed from {ckpt['file']}: epoch {self.start_epoch}, step {self.start_step}")
 
-    def check_finite(self, loss: torch.Tensor, indices, batch, epoch: int, step: int):
-        if self.all_ranks(bool(torch.isfinite(loss).item())):
-            return
+    def check_finite(self, loss: torch.Tensor, shown: list, indices, batch, epoch: int, step: int) -> list:
+        """Stops the run on a non-finite loss; returns the `shown` 0-d tensors as numbers, read to the
+        host with the loss: the step's one wait for the device."""
+        finite, *values = torch.stack([torch.isfinite(loss).float()] + [t.detach().float() for t in shown]).tolist()
+        if self.all_ranks(bool(finite)):
+            return values
         cause = self.non_finite_cause(indices, batch)
         raise InputError(f"non-finite loss at epoch {epoch} step {step}: {cause}; {self.output.newest_checkpoint()}")
 
@@ -486,28 +491,29 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             lam = self.model.routing.aux_weight(progress, args.lambda_active, args.epochs)
-            batch = [t.to(self.device) for t in trim_padding(batch)]
+            batch = trim_padding(batch)
+            tokens += int(batch[2].sum())  # on the host, before the batch moves
+            batch = [t.to(self.device) for t in batch]
             boundary = (step + 1) % args.accum_iter == 0
             sync = contextlib.nullcontext() if boundary or distributed.dp_size() == 1 else self.objective.no_sync()
             with sync:
-                c_loss, a_loss, metrics = self.objective(*batch, self.teacher_logits(batch[0]))
+                c_loss, a_loss, metrics = self.objective(*batch, self.teacher_logits(batch))
                 loss = c_loss + lam * a_loss
                 if "distill_loss" in metrics:
                     loss = loss + args.distill_weight * metrics["distill_loss"]
-                self.check_finite(loss, indices, batch, epoch, step)
                 (loss / args.accum_iter).backward()
+            # after the backward, so the device is busy with it while the host waits for the loss
+            shown = self.check_finite(loss, [c_loss, metrics["act_ratio"]], indices, batch, epoch, step)
             if boundary:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch[2].sum())
             bar.update(1)
-            bar.set_postfix(c_loss=f"{c_loss.item():.3f}", act=f"{metrics['act_ratio']:.3f}", lam=f"{lam:.2f}",
-                            eta=self.eta.step())
+            bar.set_postfix(c_loss=f"{shown[0]:.3f}", act=f"{shown[1]:.3f}", lam=f"{lam:.2f}", eta=self.eta.step())
             if (step + 1) % args.log_freq == 0:
                 now = time.time()
                 self.write_log({
-                    "step": epoch * steps_per_epoch + step + 1, "epoch": epoch, "c_loss": c_loss.item(),
-                    "a_loss": a_loss.item(), "act_ratio": metrics["act_ratio"], "lambda": lam, "lr": lr,
+                    "step": epoch * steps_per_epoch + step + 1, "epoch": epoch, "c_loss": shown[0],
+                    "a_loss": a_loss.item(), "act_ratio": shown[1], "lambda": lam, "lr": lr,
                     **({"distill_loss": metrics["distill_loss"].item()} if "distill_loss" in metrics else {}),
                     "tokens_per_s": tokens * distributed.dp_size() / max(now - tick, 1e-9),
                 })
@@ -515,11 +521,12 @@ class Trainer:
             if boundary and args.save_steps and (step + 1) % args.save_steps == 0:
                 self.save(epoch, step + 1, f"{args.model_save_name}-last.pth")
 
-    def teacher_logits(self, examples):
+    def teacher_logits(self, batch):
+        """The teacher's logits at the positions the student's losses read (scored_positions)."""
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return self.teacher(examples)[0]
+            return self.teacher.logits_at(batch[0], self.model.scored_positions(batch[3]))
 
 
 class ETA:

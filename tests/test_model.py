@@ -11,6 +11,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import max_diff, randomize, tiny_args
 from dllm.model import Transformer, is_adapter_key
@@ -357,7 +358,7 @@ def test_compute_loss_by_hand_with_fixed_routing():
         c_loss, _, metrics = model.compute_loss(examples, labels, example_masks, label_masks)
         logits, activation = model(examples)
         token_weight = (example_masks & (torch.arange(s) >= p.dynamic_reserve_initials)).float()
-        a_loss = DLLMRouting(p).aux_loss(model, {}, activation, logits, token_weight)
+        a_loss = DLLMRouting(p).aux_loss(model, {}, activation, None, token_weight)
 
     # D-LLM's rate loss: per real, non-reserved token |mean over ALL layers of executed - target|
     total, count, executed = 0.0, 0, 0.0
@@ -382,3 +383,51 @@ def test_compute_loss_by_hand_with_fixed_routing():
                 ce -= logp[r, t, labels[r, t + 1]].item()
                 n += 1
     assert c_loss.item() == pytest.approx(ce / n, abs=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
+def test_compute_loss_equals_the_formula_on_every_positions_logits(tied):
+    """compute_loss projects to the vocabulary only where a response token is predicted: CE, the
+    distillation KL, the rate loss, the metrics and the adapter's gradients are those of the
+    formula on every position's logits (the same dropout and Gumbel noise)."""
+    model = randomize(make_model(seed=27, tie_word_embeddings=tied, lora_dropout=0.05), seed=28, router_scale=1.0,
+                      lora_b_std=0.1)
+    teacher = randomize(make_model(seed=29, tie_word_embeddings=tied), seed=30).eval()
+    model.set_adapter_trainable(True)
+    model.train()
+    examples, labels, example_masks, label_masks = _batch()
+    positions = model.scored_positions(label_masks)
+    weight = label_masks[:, 1:].float()
+    with torch.no_grad():
+        teacher_logits = teacher(examples)[0][:, :-1]
+        torch.testing.assert_close(teacher.logits_at(examples, positions), teacher_logits[weight.bool()])
+
+    def losses_and_grads(pieces):
+        c_loss, a_loss, metrics = pieces
+        (c_loss + a_loss + metrics["distill_loss"]).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return [c_loss, a_loss, metrics["distill_loss"], metrics["act_ratio"], metrics["n_labels"],
+                metrics["n_tokens"]], grads
+
+    torch.manual_seed(31)
+    got, got_grads = losses_and_grads(model.compute_loss(examples, labels, example_masks, label_masks,
+                                                         teacher.logits_at(examples, positions)))
+    torch.manual_seed(31)
+    logits, activation, state = model.run(examples)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    student, target = logits[:, :-1].log_softmax(-1), teacher_logits.log_softmax(-1)
+    kl = (target.exp() * (target - student)).sum(-1)
+    token_weight = (example_masks & (torch.arange(examples.shape[1]) >= model.params.dynamic_reserve_initials)).float()
+    c_loss = (ce * weight.flatten()).sum() / weight.sum()
+    a_loss = model.routing.aux_loss(model, state, activation, None, token_weight)
+    act_ratio = (activation.mean(-1) * token_weight).sum() / token_weight.sum()
+    want, want_grads = losses_and_grads((c_loss, a_loss, {"distill_loss": (kl * weight).sum() / weight.sum(),
+                                                          "act_ratio": act_ratio, "n_labels": weight.sum(),
+                                                          "n_tokens": token_weight.sum()}))
+    assert 0 < a_loss.item() and 0 < got[2].item()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and any(".router." in n for n in got_grads)
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -3,8 +3,8 @@
     python finetuning.py --llama_model_path assets/tiny-llama2 --dataset_name demo --output_dir output/x
 """
 from dllm.errors import run_cli
-from dllm.train import train
-from dllm.train_config import TrainConfig
+from dllm.training.loop import train
+from dllm.training.config import TrainConfig
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -44,7 +44,7 @@ from dllm.data import load_records  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.evaluate import read_results  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
-from dllm.routing import BASELINE_METHODS  # noqa: E402
+from dllm.core.routing import BASELINE_METHODS  # noqa: E402
 from tools.rank_blocks import blocks_to_skip  # noqa: E402
 
 

@@ -27,8 +27,8 @@ from dllm import distributed  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
-from dllm.kv_cache import LayerKVCache  # noqa: E402
-from dllm.model import Attention, ModelArgs  # noqa: E402
+from dllm.core.kv_cache import LayerKVCache  # noqa: E402
+from dllm.core.model import Attention, ModelArgs  # noqa: E402
 
 ROUTES = ("batched", "gathered", "row_by_row")
 

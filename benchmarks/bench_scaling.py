@@ -35,7 +35,7 @@ from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import setting  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
 from dllm.plots import save_png, scaling_figure  # noqa: E402
-from dllm.routing import DLLMRouting  # noqa: E402
+from dllm.core.routing import DLLMRouting  # noqa: E402
 
 MB = 2 ** 20
 

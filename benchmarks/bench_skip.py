@@ -40,14 +40,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dllm import checkpoint, distributed, hf_checkpoint  # noqa: E402
+from dllm import distributed  # noqa: E402
+from dllm.checkpoints import hf_layout  # noqa: E402
+from dllm.checkpoints import base_model, model_params  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
-from dllm.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
-from dllm.kv_cache import KVCache  # noqa: E402
-from dllm.model import ModelArgs, Transformer  # noqa: E402
-from dllm.routing import DenseRouting, DLLMRouting  # noqa: E402
+from dllm.core.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
+from dllm.core.kv_cache import KVCache  # noqa: E402
+from dllm.core.model import ModelArgs, Transformer  # noqa: E402
+from dllm.core.routing import DenseRouting, DLLMRouting  # noqa: E402
 
 
 # wall time, or this process's CPU time: on a CPU shared with other jobs, what the run itself
@@ -195,12 +197,12 @@ class TransformersRunner:
 
         self.cache_class = StaticCache
         device = model.tok_embeddings.weight.device
-        config = LlamaConfig(**hf_checkpoint.params_to_config(model.params, dtype))
+        config = LlamaConfig(**hf_layout.params_to_config(model.params, dtype))
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
             hf = LlamaForCausalLM(config)
         base = {k: v for k, v in model.state_dict().items() if ".router." not in k and ".lora_" not in k}
-        weights = hf_checkpoint.meta_to_hf(base, model.params)
+        weights = hf_layout.meta_to_hf(base, model.params)
         if config.tie_word_embeddings:  # one tensor under both names, as transformers ties them
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         hf.load_state_dict(weights, strict=True, assign=True)
@@ -245,11 +247,12 @@ def build_model(config: BenchBase, device, max_seq_len: int, max_batch_size: int
                  max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     torch_dtype = getattr(torch, config.dtype)
     if config.llama_ckpt_dir:
-        args = checkpoint.load_params(config.llama_ckpt_dir, **sizes)
-        model = checkpoint.build_model(args, config.llama_ckpt_dir, None, device, torch_dtype)
+        args = model_params.load_params(config.llama_ckpt_dir, **sizes)
+        model = base_model.build_model(args, config.llama_ckpt_dir, None, device, torch_dtype)
     else:
         args = ModelArgs(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads,
                          n_kv_heads=config.n_kv_heads, vocab_size=config.vocab_size, **sizes)
+        distributed.setup_if_needed()
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch_dtype)
         model = Transformer(args).to(device)

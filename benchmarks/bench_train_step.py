@@ -28,14 +28,16 @@ from typing import Optional
 import torch
 
 from benchmarks.bench_skip import device_name, keep_best, sync, timed, transformers_version
-from dllm import checkpoint, distributed
+from dllm.core.objective import compute_loss
+from dllm import distributed
+from dllm.checkpoints import base_model, model_params
 from dllm.atomic_io import atomic_write_text
 from dllm.config import Settings, setting
 from dllm.errors import run_cli
-from dllm.flops import token_flops
-from dllm.model import ModelArgs
-from dllm.routing import mlp_flops
-from dllm.train import param_groups
+from dllm.core.flops import token_flops
+from dllm.core.model import ModelArgs
+from dllm.core.routing import mlp_flops
+from dllm.training.loop import param_groups
 
 CONFIGS = ("transformers+peft", "dllm lora", "dllm d-llm")
 
@@ -74,14 +76,14 @@ def make_batch(config: TrainStepConfig, vocab_size: int, device):
 
 
 class DllmStep:
-    """dllm's training step as dllm/train.py takes it: compute_loss, c_loss + lambda * a_loss."""
+    """dllm's training step as dllm/training/loop.py takes it: compute_loss, c_loss + lambda * a_loss."""
 
     def __init__(self, config: TrainStepConfig, routing: str, device):
-        args = checkpoint.load_params(config.llama_ckpt_dir, lora_rank=config.lora_rank,
+        args = model_params.load_params(config.llama_ckpt_dir, lora_rank=config.lora_rank,
                                       lora_dropout=config.lora_dropout, routing=routing,
                                       max_seq_len=config.seq_len, max_batch_size=config.batch_size)
         torch.manual_seed(config.seed)
-        self.model = checkpoint.build_model(args, config.llama_ckpt_dir, None, device, base_dtype(config, device))
+        self.model = base_model.build_model(args, config.llama_ckpt_dir, None, device, base_dtype(config, device))
         self.model.set_adapter_trainable(True)
         self.model.train()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.02, 1.0), lr=1e-4, betas=(0.9, 0.95))
@@ -90,7 +92,7 @@ class DllmStep:
         self.batch = (tokens, tokens, torch.ones_like(response), response)
 
     def __call__(self) -> torch.Tensor:
-        c_loss, a_loss, _ = self.model.compute_loss(*self.batch)
+        c_loss, a_loss, _ = compute_loss(self.model, *self.batch)
         loss = c_loss + self.lam * a_loss
         loss.backward()
         self.optimizer.step()

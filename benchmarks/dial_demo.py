@@ -35,7 +35,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dllm import checkpoint  # noqa: E402
+from dllm.checkpoints import adapters  # noqa: E402
+from dllm import assets  # noqa: E402
 from dllm.atomic_io import atomic_write_text  # noqa: E402
 from dllm.config import Settings, setting  # noqa: E402
 from dllm.dial import records_loader  # noqa: E402
@@ -44,15 +45,15 @@ from dllm.evaluate import Evaluator, task_records  # noqa: E402
 from dllm.chat import ChatFormat  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
 from dllm.plots import quality_flops_figure, save_png  # noqa: E402
-from dllm.routing import baseline_label  # noqa: E402
-from dllm.train import validate  # noqa: E402
+from dllm.core.routing import baseline_label  # noqa: E402
+from dllm.training.validation import validate  # noqa: E402
 
 BASELINE_ROWS = ("dllm", "static_ppl", "dense")  # the baselines table's methods shown beside the dial
 
 
 @dataclass
 class DialBenchConfig(Settings):
-    llama_ckpt_dir: str = setting(checkpoint.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
+    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
     dataset_path: str = setting(os.path.join(ROOT, "datasets"), "directory with one NAME/{train,test,prompt}.json per "
                                 "dataset")
     dataset_name: str = setting("demo", "the dataset whose test split is measured")
@@ -132,7 +133,7 @@ class Bench:
         evaluator = Evaluator(generator, c.batch_size, c.max_gen_len, 0, c.dataset_path)
         ppl, top1 = evaluator.perplexity(c.dataset_name, self.records)
         tok_s, x_dense = self.generation_speedup(generator)
-        row = {"method": method, "budget": budget, "adapter": os.path.relpath(checkpoint.adapter_file(adapter), ROOT),
+        row = {"method": method, "budget": budget, "adapter": os.path.relpath(adapters.adapter_file(adapter), ROOT),
                "exec_share": share, "share_gap": None if budget is None else share - budget,
                "flops_ratio": ppl.flops_ratio, "kv_ratio": ppl.kv_ratio, "val_ce": math.log(ppl.value),
                "val_ppl": ppl.value, "top1_agreement": top1.value, "gen_tok_s": tok_s, "gen_x_dense": x_dense}
@@ -192,7 +193,7 @@ def measure_rows(config: DialBenchConfig) -> List[dict]:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (calibrated dial)")
     if config.dial_adapter and "router_input" in methods:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (router input only)", router_input_only=True)
-    ordinary = config.ordinary_adapter or checkpoint.default_adapter(config.llama_ckpt_dir)
+    ordinary = config.ordinary_adapter or assets.default_adapter(config.llama_ckpt_dir)
     if ordinary and "quantile" in methods:
         rows += bench.dial_rows(ordinary, "quantile dial (ordinary D-LLM)")
     for item in config.separate if "separate" in methods else []:

@@ -30,7 +30,7 @@ from dllm.data import load_records  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
 from dllm.evaluate import Evaluator  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
-from dllm.routing import DenseRouting  # noqa: E402
+from dllm.core.routing import DenseRouting  # noqa: E402
 
 
 def parse_runs(runs: str):

@@ -1,6 +1,6 @@
 """dllm: D-LLM, token-adaptive layer skipping for Llama-family models."""
 from dllm.generation import Llama
-from dllm.model import ModelArgs, Transformer
+from dllm.core.model import ModelArgs, Transformer
 from dllm.tokenizer import Tokenizer
 
 __all__ = ["Llama", "ModelArgs", "Tokenizer", "Transformer"]

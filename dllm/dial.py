@@ -16,16 +16,18 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.data import Subset
 
-from dllm import checkpoint
+from dllm.checkpoints import adapters
+from dllm import assets
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.config import Settings, setting
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.model import Transformer
-from dllm.routing import MarginDial
-from dllm.train import Indexed, calibrate_threshold, trim_padding, val_loader, validate
+from dllm.core.model import Transformer
+from dllm.core.routing import MarginDial
+from dllm.training.data_loading import Indexed, trim_padding, val_loader
+from dllm.training.validation import calibrate_threshold, validate
 
 DIAL_SUFFIX = ".dial.json"
 GRID_STEP = 0.05
@@ -34,7 +36,7 @@ BISECTION_STEPS = 10  # the quantile level to 1e-3: the share to about that
 
 def dial_path(adapter: str) -> str:
     """Where an adapter's dial lives: beside its checkpoint file, NAME.dial.json."""
-    return os.path.splitext(checkpoint.adapter_file(adapter))[0] + DIAL_SUFFIX
+    return os.path.splitext(adapters.adapter_file(adapter))[0] + DIAL_SUFFIX
 
 
 def default_budgets(args) -> List[float]:
@@ -138,9 +140,9 @@ def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
     if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
         raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
                          f"python -m tools.calibrate_dial")
-    own = checkpoint.read_adapter(adapter).get("adapter_sha256")
+    own = adapters.read_adapter(adapter).get("adapter_sha256")
     if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
-        raise InputError(f"{path}: calibrated for another version of {checkpoint.adapter_file(adapter)} (checksum "
+        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
                          f"differs); build it again with python -m tools.calibrate_dial")
     return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)
 
@@ -149,12 +151,12 @@ def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
 class DialConfig(Settings):
     """tools/calibrate_dial.py's settings."""
 
-    llama_ckpt_dir: str = setting(checkpoint.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
+    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
     dynamic_ckpt_dir: Optional[str] = setting(None, "the D-LLM adapter: a checkpoint file or a fine-tuning output "
                                               "directory (default: the adapter shipped for this base)")
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
                                             "--llama_ckpt_dir)")
-    dataset_path: str = setting(os.path.join(os.path.dirname(checkpoint.ASSETS), "datasets"),
+    dataset_path: str = setting(os.path.join(os.path.dirname(assets.ASSETS), "datasets"),
                                 "directory with one NAME/{train,test,prompt}.json per dataset")
     dataset_name: str = setting("demo", "the dataset whose training records the dial is calibrated on (never its "
                                 "test split)")
@@ -169,7 +171,7 @@ class DialConfig(Settings):
 def calibrate_dial(config: DialConfig) -> str:
     """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
     beside the checkpoint; returns its path."""
-    adapter = config.dynamic_ckpt_dir or checkpoint.default_adapter(config.llama_ckpt_dir)
+    adapter = config.dynamic_ckpt_dir or assets.default_adapter(config.llama_ckpt_dir)
     if adapter is None:
         raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
     path = dial_path(adapter)
@@ -186,10 +188,10 @@ def calibrate_dial(config: DialConfig) -> str:
     loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
                             config.max_seq_len, config.batch_size)
     dial, achieved = calibrate(model, loader, generator.device, budgets)
-    provenance = {"adapter": os.path.abspath(checkpoint.adapter_file(adapter)),
+    provenance = {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
                   "calibrated_on": f"{config.dataset_name} train.json, first {len(loader.dataset)} records, "
                                    f"max_seq_len {config.max_seq_len}"}
-    write_dial(dial, path, checkpoint.read_adapter(adapter).get("adapter_sha256"), achieved, provenance)
+    write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved, provenance)
     for budget, share in zip(budgets, achieved):
         print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records")
     print(f"dial written to {path}")

@@ -64,6 +64,13 @@ def setup(model_parallel_size: int = None) -> torch.device:
     return device
 
 
+def setup_if_needed() -> torch.device:
+    """setup() with its defaults, unless a group is already up (whatever its model-parallel size)."""
+    if dist.is_initialized() and fs_init.model_parallel_is_initialized():
+        return default_device()
+    return setup()
+
+
 def die_with_launcher():
     """A torchrun worker ends when its launcher does, even when the launcher is killed with SIGKILL
     (else an orphan trains on and races the next run in its output directory). Linux only."""

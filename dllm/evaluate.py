@@ -4,7 +4,7 @@ Perplexity over response tokens (teacher forced) for alpaca/samsum/demo; accurac
 and extracting the final number for gsm8k/mawps; for the choice benchmarks accuracy both by
 generating and parsing the label, and by comparing the log-likelihood of each option. Every
 forward runs with inference routing (real skipping); the FLOPs ratio is counted from the routing
-that happened (dllm/flops.py), summed over all tokens of the dataset.
+that happened (dllm/core/flops.py), summed over all tokens of the dataset.
 """
 import datetime
 import importlib.metadata
@@ -21,17 +21,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dllm import checkpoint, distributed, flops
+from dllm import distributed
+from dllm.core import flops
+from dllm.checkpoints import adapters
+from dllm import assets
 from dllm.atomic_io import atomic_write_text, check_writable_dir
 from dllm.chat import ChatFormat
 from dllm.config import setting
 from dllm.data import TASKS, Record, load_records, task
 from dllm.errors import InputError
 from dllm.generation import Llama, ModelSettings
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
-REPO = os.path.dirname(checkpoint.ASSETS)
+REPO = os.path.dirname(assets.ASSETS)
 RESULT_FILES = ("results.json", "results.md")
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -331,7 +334,7 @@ def evaluate(config: EvalConfig):
     label = f"{routing.label} ({adapter})" if adapter else f"dense base model ({config.llama_ckpt_dir})"
     provenance = {
         "base_model": os.path.abspath(config.llama_ckpt_dir),
-        "adapter": os.path.abspath(checkpoint.adapter_file(adapter)) if adapter else None,
+        "adapter": os.path.abspath(adapters.adapter_file(adapter)) if adapter else None,
         "routing": routing.label if adapter else "none (base model)",
         "execute_threshold": generator.model.params.execute_threshold if adapter else None,
         "budget": config.budget,

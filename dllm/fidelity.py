@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from dllm import flops
+from dllm.core import flops
 from dllm.data import Record
 from dllm.evaluate import scored_tokens
 from dllm.generation import Llama

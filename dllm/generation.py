@@ -5,11 +5,13 @@ from typing import Collection, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from dllm import checkpoint, distributed
+from dllm import distributed
+from dllm.checkpoints import adapters, base_model, layouts, model_params
+from dllm import assets
 from dllm.chat import ChatFormat
 from dllm.config import Settings, setting
 from dllm.errors import InputError
-from dllm.model import Transformer
+from dllm.core.model import Transformer
 from dllm.tokenizer import Tokenizer
 
 
@@ -50,7 +52,7 @@ class RoutingStats:
 class ModelSettings(Settings):
     """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
 
-    llama_ckpt_dir: str = setting(checkpoint.DEMO_BASE, "base model directory: Meta layout (params.json, "
+    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory: Meta layout (params.json, "
                                   "consolidated.NN.pth, tokenizer.model) or Hugging Face (config.json, *.safetensors, "
                                   "tokenizer.json)")
     dynamic_ckpt_dir: Optional[str] = setting(None, "the adapter: a checkpoint file or a fine-tuning output directory "
@@ -77,7 +79,7 @@ class ModelSettings(Settings):
         """The adapter to run: --dynamic_ckpt_dir, else the one shipped for this base; None with --dense."""
         if self.dense:
             return None
-        return self.dynamic_ckpt_dir or checkpoint.default_adapter(self.llama_ckpt_dir)
+        return self.dynamic_ckpt_dir or assets.default_adapter(self.llama_ckpt_dir)
 
     def build(self, adapter: Optional[str], max_batch_size: int) -> "Llama":
         return Llama.build(self.llama_ckpt_dir, adapter, self.model_args_path, self.tokenizer_path, self.max_seq_len,
@@ -118,18 +120,18 @@ class Llama:
         """
         if dense:
             dynamic_ckpt_dir = None
-        base_args = checkpoint.load_params(llama_ckpt_dir)
+        base_args = model_params.load_params(llama_ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path or llama_ckpt_dir)
         sizes = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size, execute_threshold=execute_threshold)
         if dynamic_ckpt_dir:
-            args, args_path = checkpoint.adapter_args(dynamic_ckpt_dir, model_args_path, **sizes)
-            checkpoint.check_args_match(args, base_args, args_path, checkpoint.params_file(llama_ckpt_dir))
+            args, args_path = adapters.adapter_args(dynamic_ckpt_dir, model_args_path, **sizes)
+            model_params.check_args_match(args, base_args, args_path, layouts.params_file(llama_ckpt_dir))
         else:
-            args = checkpoint.load_params(llama_ckpt_dir, lora_rank=0, routing="dense", **sizes)
-        checkpoint.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
-        device = distributed.setup(model_parallel_size or checkpoint.default_model_parallel_size(llama_ckpt_dir))
+            args = model_params.load_params(llama_ckpt_dir, lora_rank=0, routing="dense", **sizes)
+        model_params.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
+        device = distributed.setup(model_parallel_size or layouts.default_model_parallel_size(llama_ckpt_dir))
         torch.manual_seed(seed)
-        model = checkpoint.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
+        model = base_model.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
         if dynamic_ckpt_dir and model.routing.name == "dllm":
             from dllm.dial import read_dial  # the dial's calibration builds on training code that imports this module

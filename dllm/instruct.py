@@ -6,7 +6,7 @@ from typing import List, Optional
 from dllm import distributed
 from dllm.atomic_io import check_writable_dir
 from dllm.chat import ChatFormat
-from dllm.checkpoint import ASSETS
+from dllm.assets import ASSETS
 from dllm.config import setting
 from dllm.data import RecordError, Templates, check_text, instruction_prompt, read_templates
 from dllm.errors import InputError

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass
 from typing import List
 
-from dllm import flops
+from dllm.core import flops
 from dllm.atomic_io import atomic_write_text
 from dllm.generation import Llama
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 
 # cell kinds, in the order of the legend
 SKIPPED, EXECUTED, ALWAYS_ON, RESERVED = 0, 1, 2, 3

@@ -10,10 +10,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from dllm import distributed
 from dllm.atomic_io import atomic_save
-from dllm.checkpoint import adapter_state_dict, save_meta_checkpoint
+from dllm.checkpoints.adapters import adapter_state_dict
+from dllm.checkpoints.meta_layout import save_meta_checkpoint
 from dllm.generation import Llama
-from dllm.model import ModelArgs, Transformer, is_adapter_key
+from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.tokenizer import Tokenizer
 
 # transformers (the tests' oracle) reads this when first imported: no hub lookups, ever
@@ -42,6 +44,12 @@ _TEXT = (
     "The quick brown fox jumps over the lazy dog. She sold 48 clips in April and half as many in May.\n"
     "Question: Which option is correct? Answer: A B C D true false 1 2 3.\n"
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def process_group():
+    """One-process gloo group and fairscale model parallel of size 1: what building a model needs."""
+    distributed.setup_if_needed()
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +194,7 @@ def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> str:
     """SmolLM2's tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja) written from its GGUF."""
     import gguf
 
-    from dllm.gguf_vocab import write_tokenizer_files
+    from dllm.checkpoints.gguf_vocab import write_tokenizer_files
 
     directory = str(tmp_path_factory.mktemp("smollm2-tokenizer"))
     write_tokenizer_files(gguf.GGUFReader(smollm2_gguf), directory)
@@ -197,7 +205,7 @@ def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> str:
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> str:
     """SmolLM2 converted from its GGUF to the Hugging Face layout in fp32 (the dequantized values, exactly)."""
 
-    from dllm.convert import convert
+    from dllm.checkpoints.conversion import convert
 
     directory = str(tmp_path_factory.mktemp("smollm2") / "hf")
     convert(smollm2_gguf, directory, "hf", dtype=torch.float32)

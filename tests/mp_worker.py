@@ -14,9 +14,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dllm import distributed  # noqa: E402
-from dllm.checkpoint import adapter_state_dict, load_adapter, load_base, load_params, shard_dim  # noqa: E402
-from dllm.model import Transformer  # noqa: E402
-from dllm.routing import DenseRouting, DLLMRouting, FixedRouting  # noqa: E402
+from dllm.checkpoints.adapters import adapter_state_dict, load_adapter  # noqa: E402
+from dllm.checkpoints.base_model import load_base  # noqa: E402
+from dllm.checkpoints.model_params import load_params  # noqa: E402
+from dllm.checkpoints.sharding import shard_dim  # noqa: E402
+from dllm.core.model import Transformer  # noqa: E402
+from dllm.core.routing import DenseRouting, DLLMRouting, FixedRouting  # noqa: E402
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dllm.convert import convert
+from dllm.checkpoints.conversion import convert
 from dllm.generation import Llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import load_script, tiny_args
-from dllm import checkpoint, errors
+from dllm import errors
+from dllm.checkpoints import adapters, base_model
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
-from dllm.model import Transformer
+from dllm.core.model import Transformer
 from train_utils import BASE, ROOT, make_base, make_dataset
 
 EXAMPLE = load_script("example.py")
@@ -34,7 +35,7 @@ def ws(tmp_path_factory, tokenizer_path):
     torch.manual_seed(0)
     model = Transformer(tiny_args(**ADAPTER_ARGS))
     args = model.params.to_dict()
-    atomic_save({"epoch": 1, "model": checkpoint.adapter_state_dict(model), "model_args": args},
+    atomic_save({"epoch": 1, "model": adapters.adapter_state_dict(model), "model_args": args},
                 str(run / "checkpoint-last.pth"))
     (run / "params.json").write_text(json.dumps(args))
     (root / "results").mkdir()
@@ -179,7 +180,7 @@ def test_bad_input_is_one_clear_line_and_loses_nothing(ws, script, make_argv, co
     if before_model:
         def no_model(*args, **kwargs):
             raise AssertionError("the model was loaded before the bad input was found")
-        monkeypatch.setattr(checkpoint, "build_model", no_model)
+        monkeypatch.setattr(base_model, "build_model", no_model)
     argv = make_argv(ws)
     before = snapshot(ws["root"])
     capsys.readouterr()

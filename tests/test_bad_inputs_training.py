@@ -17,9 +17,9 @@ import torch
 
 import finetuning
 from conftest import free_port, one_torch_thread, subprocess_env
-from dllm import checkpoint
+from dllm.checkpoints import adapters, base_model
 from dllm.errors import InputError
-from dllm.model import ModelArgs
+from dllm.core.model import ModelArgs
 from train_utils import ROOT, one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +41,7 @@ def finished(tiny, tmp_path_factory):
 
 
 def finetuning_run(tiny, out, *extra, **options):
-    from dllm.train import train
+    from dllm.training.loop import train
     train(finetuning.parse_args(argv(tiny, out, *extra, **options)))
 
 
@@ -214,7 +214,7 @@ def test_overwrite_starts_over(tiny, used):
     finetuning_run(tiny, out, "--overwrite_output_dir", seed=3)
     log = read_log(str(out))
     assert [r["step"] for r in log if "step" in r] == list(range(1, 9)) and len(log) == 9  # the new run's lines only
-    assert checkpoint.read_adapter(str(out / "checkpoint-last.pth"))["args"]["seed"] == 3
+    assert adapters.read_adapter(str(out / "checkpoint-last.pth"))["args"]["seed"] == 3
     assert snapshot(out)["checkpoint-last.pth"] != before["checkpoint-last.pth"]
 
 
@@ -246,21 +246,21 @@ def test_a_checkpoint_with_flipped_bytes_is_a_checksum_mismatch(tiny, used, caps
     line = one_line_error(capsys, argv(tiny, out, resume=str(out), epochs=2))
     assert line == f"error: checksum mismatch in {path}: its tensors changed after it was written (a damaged copy)"
     with pytest.raises(InputError, match="checksum mismatch in"):
-        checkpoint.read_adapter(str(path))
+        adapters.read_adapter(str(path))
 
 
 def test_an_adapter_on_another_base_of_the_same_shape_names_both_fingerprints(tiny, finished, tmp_path, capsys):
     other = _damaged_copy(tiny, tmp_path, lambda w: [t.neg_() for t in w.values() if t.ndim == 2])
     params = ModelArgs.from_json(str(finished / "params.json"))
     with pytest.raises(InputError) as e:
-        checkpoint.build_model(params, other, str(finished / "checkpoint-last.pth"))
-    saved = checkpoint.read_adapter(str(finished / "checkpoint-last.pth"))["base_fingerprint"]
+        base_model.build_model(params, other, str(finished / "checkpoint-last.pth"))
+    saved = adapters.read_adapter(str(finished / "checkpoint-last.pth"))["base_fingerprint"]
     message = str(e.value)
     assert message.startswith(f"{finished / 'checkpoint-last.pth'}: trained on another base model "
-                              f"({checkpoint.fingerprint_text(saved)}) than the one loaded (params ")
-    assert checkpoint.fingerprint_text(saved) != message.split("than the one loaded (")[1].rstrip(")")
+                              f"({adapters.fingerprint_text(saved)}) than the one loaded (params ")
+    assert adapters.fingerprint_text(saved) != message.split("than the one loaded (")[1].rstrip(")")
     # on its own base it loads
-    checkpoint.build_model(params, tiny["base"], str(finished / "checkpoint-last.pth"))
+    base_model.build_model(params, tiny["base"], str(finished / "checkpoint-last.pth"))
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_left_to_do(tiny, used, capsys):
@@ -310,7 +310,7 @@ def test_a_diverging_run_ends_on_its_error_line_with_a_finite_checkpoint(tiny, t
     assert line.startswith("error: non-finite loss at epoch 0 step ") and "lower the learning rate" in line, line
     assert proc.stderr.endswith(line + "\n")  # no progress bar redrawn after it
     for path in out.glob("*.pth"):
-        assert all(torch.isfinite(t).all() for t in checkpoint.read_adapter(str(path))["model"].values())
+        assert all(torch.isfinite(t).all() for t in adapters.read_adapter(str(path))["model"].values())
 
 
 def test_finetuning_sh_refuses_a_used_directory_under_the_launcher(tiny, used):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import load_script, max_diff, randomize, tiny_args
-from dllm.model import Transformer
+from dllm.core.model import Transformer
 
 bench_skip = load_script("benchmarks/bench_skip.py")
 

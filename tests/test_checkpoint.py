@@ -8,14 +8,17 @@ import pytest
 import torch
 
 from conftest import ROOT, randomize, tiny_args
+from dllm.core.objective import compute_loss
 from dllm.atomic_io import atomic_save, atomic_write
-from dllm.checkpoint import (
-    adapter_state_dict, base_shard_path, load_adapter, load_base, load_file,
-    load_params, read_adapter, save_meta_checkpoint, shipped_adapter,
-)
+from dllm.checkpoints.adapters import adapter_state_dict, load_adapter, read_adapter
+from dllm.checkpoints.meta_layout import base_shard_path, save_meta_checkpoint
+from dllm.checkpoints.base_model import load_base
+from dllm.checkpoints.state_dicts import load_file
+from dllm.checkpoints.model_params import load_params
+from dllm.assets import shipped_adapter
 from dllm.errors import InputError
-from dllm.model import ModelArgs, Transformer
-from dllm.routing import DLLMRouting
+from dllm.core.model import ModelArgs, Transformer
+from dllm.core.routing import DLLMRouting
 
 ADAPTER_ARGS = dict(n_layers=2, lora_rank=4)
 
@@ -255,7 +258,7 @@ def test_official_adapter_layout_with_optimizer_state(saved, tmp_path):
     opt = torch.optim.AdamW([p for p in trainer.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
     trainer.train()
     tokens, ones = torch.randint(3, 320, (1, 8)), torch.ones(1, 8, dtype=torch.bool)
-    c_loss, a_loss, _ = trainer.compute_loss(tokens, tokens, ones, ones)
+    c_loss, a_loss, _ = compute_loss(trainer, tokens, tokens, ones, ones)
     (c_loss + a_loss).backward()
     opt.step()
     path = tmp_path / "checkpoint-1.pth"

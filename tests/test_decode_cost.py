@@ -11,9 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ATTENTION_ROUTES, randomize, tiny_args
-from dllm import kv_cache
-from dllm.kv_cache import LayerKVCache
-from dllm.model import Transformer
+from dllm.core import kv_cache
+from dllm.core.kv_cache import LayerKVCache
+from dllm.core.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 aten = torch.ops.aten

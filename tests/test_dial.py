@@ -15,8 +15,9 @@ from conftest import ROOT, tiny_args
 from dllm import dial, evaluate
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.model import ModelArgs, Transformer, is_adapter_key
-from dllm.train import train, validate
+from dllm.core.model import ModelArgs, Transformer, is_adapter_key
+from dllm.training.loop import train
+from dllm.training.validation import validate
 from tools import calibrate_dial
 from train_utils import make_base, make_dataset, train_argv
 

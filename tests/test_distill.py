@@ -1,4 +1,4 @@
-"""Distillation from a frozen teacher (dllm/distill.py, --distill_teacher / --distill_weight)."""
+"""Distillation from a frozen teacher (dllm/training/teacher.py, --distill_teacher / --distill_weight)."""
 import dataclasses
 
 import pytest
@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import finetuning
-from dllm import checkpoint, distill
+from dllm.training import teacher
+from dllm.checkpoints import adapters, base_model, model_params
 from dllm.generation import Llama
-from dllm.model import distill_loss
-from dllm.train import Trainer
+from dllm.core.objective import distill_loss
+from dllm.training.loop import Trainer
 from train_utils import one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,13 +30,13 @@ def test_distill_loss_is_the_mean_kl_from_the_teacher_over_the_positions_given()
 
 
 def test_base_teacher_is_the_base_model_without_lora_or_routing(tiny):
-    args = checkpoint.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
-    teacher = distill.build_teacher("base", args, tiny["base"], torch.device("cpu"), torch.float32)
-    plain = checkpoint.build_model(dataclasses.replace(args, routing="dense", lora_rank=0), tiny["base"]).eval()
+    args = model_params.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
+    frozen = teacher.build_teacher("base", args, tiny["base"], torch.device("cpu"), torch.float32)
+    plain = base_model.build_model(dataclasses.replace(args, routing="dense", lora_rank=0), tiny["base"]).eval()
     tokens = torch.randint(0, 320, (2, 12))
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert all(layer.router is None and layer.attention.lora_q is None for layer in teacher.layers)
-    assert torch.equal(teacher(tokens)[0], plain(tokens)[0])
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert all(layer.router is None and layer.attention.lora_q is None for layer in frozen.layers)
+    assert torch.equal(frozen(tokens)[0], plain(tokens)[0])
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,12 @@ def dense_run(tiny):
 
 
 def test_adapter_teacher_predicts_as_its_adapter_loads_for_inference(tiny, dense_run):
-    args = checkpoint.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
-    teacher = distill.build_teacher(dense_run, args, tiny["base"], torch.device("cpu"), torch.float32)
+    args = model_params.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
+    frozen = teacher.build_teacher(dense_run, args, tiny["base"], torch.device("cpu"), torch.float32)
     generator = Llama.build(tiny["base"], dense_run, max_seq_len=48, max_batch_size=2, model_parallel_size=1)
     tokens = torch.randint(0, 320, (2, 12))
     with torch.no_grad():  # the generator merged LoRA into the weights: equal up to rounding
-        torch.testing.assert_close(teacher(tokens)[0], generator.model(tokens)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(frozen(tokens)[0], generator.model(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_teacher_at_weight_zero_changes_nothing_and_at_weight_one_trains_toward_it(tiny, dense_run, tmp_path):
@@ -60,7 +61,7 @@ def test_a_teacher_at_weight_zero_changes_nothing_and_at_weight_one_trains_towar
                           ("weight1", dict(distill_teacher=dense_run, distill_weight=1.0))):
         out = tmp_path / name
         Trainer(finetuning.parse_args(argv(tiny, out, epochs=1, **options))).train()
-        runs[name] = (checkpoint.read_adapter(str(out / "checkpoint-last.pth"))["model"], read_log(str(out)))
+        runs[name] = (adapters.read_adapter(str(out / "checkpoint-last.pth"))["model"], read_log(str(out)))
     labels, weight0, weight1 = (runs[n][0] for n in ("labels", "weight0", "weight1"))
     assert all(torch.equal(labels[k], weight0[k]) for k in labels)  # the teacher's forward draws no randomness
     assert any(not torch.equal(labels[k], weight1[k]) for k in labels)

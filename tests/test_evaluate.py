@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
-from dllm import flops
+from dllm.core import flops
 from dllm.data import load_records
 from dllm.errors import InputError
 from dllm.evaluate import Evaluator, Row, Tally, extract_choice, extract_number, numbers_match, write_results
 from dllm.generation import Llama
-from dllm.model import Transformer
-from dllm.routing import DenseRouting
+from dllm.core.model import Transformer
+from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
 

@@ -6,7 +6,7 @@ from conftest import make_generator
 from dllm.data import Record
 from dllm.fidelity import Sums, generation, summary, teacher_forced
 from dllm.generation import Llama
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 
 RECORDS = [Record("The quick brown fox", " jumps over the lazy dog."),
            Record("She sold 48 clips in April and", " half as many in May."),

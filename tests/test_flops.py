@@ -1,4 +1,4 @@
-"""FLOPs and KV accounting (dllm/flops.py) against hand arithmetic, and against what a real-skipping
+"""FLOPs and KV accounting (dllm/core/flops.py) against hand arithmetic, and against what a real-skipping
 forward actually executed and kept in its cache."""
 import dataclasses
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import SMALL_EXECUTED, randomize, small_args, tiny_args
-from dllm import flops
-from dllm.model import Transformer
-from dllm.routing import DLLMRouting, mlp_flops
+from dllm.core import flops
+from dllm.core.model import Transformer
+from dllm.core.routing import DLLMRouting, mlp_flops
 
 
 def test_token_flops_by_hand():

@@ -13,7 +13,7 @@ from conftest import PROMPTS, ROOT, encode, free_port, make_generator, write_dem
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 from dllm.chat import ChatFormat
 
 

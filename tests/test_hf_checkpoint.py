@@ -7,10 +7,10 @@ import torch
 import transformers
 
 from conftest import tiny_args
-from dllm import checkpoint
+from dllm.checkpoints import base_model, meta_layout, model_params
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.model import ModelArgs, Transformer
+from dllm.core.model import ModelArgs, Transformer
 
 
 # Llama-3.1's shape in miniature: a 128k vocabulary, GQA 4:1, rope_theta 5e5 and "llama3" rope scaling
@@ -36,8 +36,8 @@ def save_random_llama(directory, **config_overrides):
 
 
 def our_logits(directory, tokens):
-    args = checkpoint.load_params(str(directory), lora_rank=0, max_seq_len=512)
-    model = checkpoint.build_model(args, str(directory)).eval()
+    args = model_params.load_params(str(directory), lora_rank=0, max_seq_len=512)
+    model = base_model.build_model(args, str(directory)).eval()
     with torch.no_grad():
         return model(tokens)[0]
 
@@ -51,7 +51,7 @@ def llama3_dir(tmp_path_factory):
 def test_llama3_style_logits_equal_transformers(llama3_dir):
     directory, reference = llama3_dir
     assert os.path.isfile(directory / "model.safetensors.index.json"), "the checkpoint should be sharded"
-    args = checkpoint.load_params(str(directory))
+    args = model_params.load_params(str(directory))
     assert args.rope_scaling["rope_type"] == "llama3" and args.rope_theta == 500000.0
     assert (args.n_heads, args.n_kv_heads, args.vocab_size) == (8, 2, 128256)
     tokens = torch.randint(0, 128256, (2, 300), generator=torch.Generator().manual_seed(1))
@@ -83,7 +83,7 @@ def test_transformers_4_config_form_reads_the_same(llama3_dir, tmp_path):
     config["rope_theta"] = parameters.pop("rope_theta")
     config["rope_scaling"] = {**parameters, "type": parameters.pop("rope_type")}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert checkpoint.load_params(str(tmp_path)) == checkpoint.load_params(str(directory))
+    assert model_params.load_params(str(tmp_path)) == model_params.load_params(str(directory))
 
 
 def test_legacy_pytorch_model_bin_loads(llama3_dir, tmp_path):
@@ -103,7 +103,7 @@ def test_missing_shard_is_one_line(llama3_dir, tmp_path):
         if name != shards[-1]:
             (tmp_path / name).write_bytes((directory / name).read_bytes())
     with pytest.raises(InputError) as e:
-        checkpoint.check_base(str(tmp_path))
+        base_model.check_base(str(tmp_path))
     assert str(e.value) == (f"{tmp_path / 'model.safetensors.index.json'}: shard {shards[-1]} is missing "
                             f"(1 of {len(shards)} missing)")
 
@@ -120,7 +120,7 @@ def test_unsupported_architectures_are_refused(tmp_path, change, message):
               "vocab_size": 320, "intermediate_size": 176}
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(InputError) as e:
-        checkpoint.load_params(str(tmp_path))
+        model_params.load_params(str(tmp_path))
     assert str(e.value).startswith(f"{tmp_path / 'config.json'}: {message}")
 
 
@@ -128,16 +128,16 @@ def test_meta_params_keep_what_a_meta_params_json_cannot_derive():
     """head_dim, FFN width, tying and rope scaling survive a Meta params.json; Llama-2's stays plain."""
     args = ModelArgs(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=320, head_dim=32, hidden_dim=1000,
                      tie_word_embeddings=True, rope_scaling=dict(LLAMA3_STYLE["rope_parameters"], rope_theta=None))
-    params = checkpoint.meta_params(args)
+    params = meta_layout.meta_params(args)
     assert (params["head_dim"], params["hidden_dim"], params["tie_word_embeddings"]) == (32, 1000, True)
     again = ModelArgs.from_dict(params)
     assert (again.head_dim, again.ffn_hidden_dim, again.tie_word_embeddings) == (32, 1000, True)
-    assert set(checkpoint.meta_params(tiny_args())) <= set(checkpoint.BASE_PARAM_KEYS)
+    assert set(meta_layout.meta_params(tiny_args())) <= set(meta_layout.BASE_PARAM_KEYS)
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(smollm2_tokenizer_dir, tmp_path):
     model = Transformer(tiny_args(lora_rank=0))
-    checkpoint.save_meta_checkpoint(model, str(tmp_path), dtype=torch.float32)
+    meta_layout.save_meta_checkpoint(model, str(tmp_path), dtype=torch.float32)
     with pytest.raises(InputError) as e:
         Llama.build(str(tmp_path), tokenizer_path=smollm2_tokenizer_dir, max_seq_len=32, max_batch_size=1)
     assert str(e.value) == (f"{smollm2_tokenizer_dir}: 49152 tokens but the model's vocab_size is 320 "

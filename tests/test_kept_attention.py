@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import ATTENTION_ROUTES, max_diff, randomize, tiny_args
-from dllm import kv_cache
-from dllm.kv_cache import LayerKVCache
-from dllm.model import Attention, Transformer
-from dllm.routing import Decision, FixedRouting
+from dllm.core import kv_cache
+from dllm.core.kv_cache import LayerKVCache
+from dllm.core.model import Attention, Transformer
+from dllm.core.routing import Decision, FixedRouting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, PREFILL, CHUNK, STEPS = 4, 6, 3, 5

@@ -10,7 +10,7 @@ from lm_eval.tasks import TaskManager
 
 from dllm.evaluate import Evaluator, Tally
 from dllm.lm_eval_model import DLLMHarnessModel
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import max_diff, randomize, tiny_args
-from dllm.model import Transformer, is_adapter_key
-from dllm.routing import DenseRouting, DLLMRouting, FixedRouting
+from dllm.core.objective import compute_loss, scored_positions
+from dllm.core.model import Transformer, is_adapter_key
+from dllm.core.routing import DenseRouting, DLLMRouting, FixedRouting
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_training_step_updates_only_adapter():
     assert sum(v.numel() for v in adapter.values()) == n_trainable
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2, weight_decay=0.02)
-    c_loss, a_loss, metrics = model.compute_loss(*_batch())
+    c_loss, a_loss, metrics = compute_loss(model, *_batch())
     assert torch.isfinite(c_loss) and torch.isfinite(a_loss)
     assert 0.0 <= metrics["act_ratio"] <= 1.0
     (c_loss + a_loss).backward()
@@ -355,7 +356,7 @@ def test_compute_loss_by_hand_with_fixed_routing():
     model.routing = FixedRouting(masks)
     model.train()
     with torch.no_grad():
-        c_loss, _, metrics = model.compute_loss(examples, labels, example_masks, label_masks)
+        c_loss, _, metrics = compute_loss(model, examples, labels, example_masks, label_masks)
         logits, activation = model(examples)
         token_weight = (example_masks & (torch.arange(s) >= p.dynamic_reserve_initials)).float()
         a_loss = DLLMRouting(p).aux_loss(model, {}, activation, None, token_weight)
@@ -396,7 +397,7 @@ def test_compute_loss_equals_the_formula_on_every_positions_logits(tied):
     model.set_adapter_trainable(True)
     model.train()
     examples, labels, example_masks, label_masks = _batch()
-    positions = model.scored_positions(label_masks)
+    positions = scored_positions(label_masks)
     weight = label_masks[:, 1:].float()
     with torch.no_grad():
         teacher_logits = teacher(examples)[0][:, :-1]
@@ -411,7 +412,7 @@ def test_compute_loss_equals_the_formula_on_every_positions_logits(tied):
                 metrics["n_tokens"]], grads
 
     torch.manual_seed(31)
-    got, got_grads = losses_and_grads(model.compute_loss(examples, labels, example_masks, label_masks,
+    got, got_grads = losses_and_grads(compute_loss(model, examples, labels, example_masks, label_masks,
                                                          teacher.logits_at(examples, positions)))
     torch.manual_seed(31)
     logits, activation, state = model.run(examples)

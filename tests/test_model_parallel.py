@@ -11,9 +11,10 @@ import sys
 import torch
 
 from conftest import ROOT, free_port, randomize, subprocess_env, tiny_args
-from dllm.checkpoint import BASE_PARAM_KEYS, adapter_state_dict, save_meta_checkpoint
+from dllm.checkpoints.meta_layout import BASE_PARAM_KEYS, save_meta_checkpoint
+from dllm.checkpoints.adapters import adapter_state_dict
 from dllm.atomic_io import atomic_save
-from dllm.model import Transformer
+from dllm.core.model import Transformer
 from mp_worker import inference_probes, training_probe
 
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import load_script, subprocess_env
-from dllm import checkpoint
+from dllm.checkpoints import adapters, base_model
 from dllm.chat import ChatFormat
 from dllm.config import parser_for
 from dllm.data import Templates, instruction_prompt, read_templates
@@ -20,7 +20,7 @@ from dllm.errors import run_cli
 from dllm.evaluate import EvalConfig, Evaluator
 from dllm.generation import Llama
 from dllm.instruct import InstructConfig
-from dllm.model import ModelArgs
+from dllm.core.model import ModelArgs
 from dllm.tokenizer import Tokenizer
 from train_utils import ROOT, make_base, make_dataset, train_argv
 
@@ -51,7 +51,7 @@ def build_from_params_json(trained, reserve=None) -> Llama:
     with open(os.path.join(trained["out"], "params.json")) as f:
         params = json.load(f)
     args = ModelArgs.from_dict(params, max_seq_len=512, max_batch_size=8, dynamic_reserve_initials=reserve)
-    model = checkpoint.build_model(args, trained["base"], os.path.join(trained["out"], "checkpoint-last.pth"))
+    model = base_model.build_model(args, trained["base"], os.path.join(trained["out"], "checkpoint-last.pth"))
     model.merge_lora()
     return Llama(model.eval(), Tokenizer(trained["base"]))
 
@@ -114,7 +114,7 @@ def test_the_adapter_directory_resolves_to_its_last_checkpoint(trained):
     files = sorted(os.listdir(trained["out"]))
     assert "checkpoint-0.pth" in files and "checkpoint-last.pth" in files
     os.utime(os.path.join(trained["out"], "checkpoint-0.pth"))  # newest by time, still not the last
-    assert checkpoint.adapter_file(trained["out"]) == os.path.join(trained["out"], "checkpoint-last.pth")
+    assert adapters.adapter_file(trained["out"]) == os.path.join(trained["out"], "checkpoint-last.pth")
 
 
 @pytest.mark.parametrize("script, config", [(EXAMPLE, InstructConfig), (EVALUATE, EvalConfig)], ids=["example", "evaluate"])

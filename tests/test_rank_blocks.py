@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 
 from conftest import randomize, tiny_args
 from dllm.data import InstructionDataset, Record
-from dllm.model import Transformer
-from dllm.routing import DenseRouting
+from dllm.core.model import Transformer
+from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 from tools.rank_blocks import blocks_to_skip, rank_blocks
 from train_utils import records

@@ -9,13 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, free_port, subprocess_env
-from dllm.checkpoint import adapter_state_dict, load_params
+from dllm.checkpoints.adapters import adapter_state_dict
+from dllm.checkpoints.model_params import load_params
 from dllm.atomic_io import atomic_save
 from dllm.chat import ChatFormat
-from dllm.convert import convert
+from dllm.checkpoints.conversion import convert
 from dllm.errors import InputError
 from dllm.generation import Llama
-from dllm.model import Transformer
+from dllm.core.model import Transformer
 
 
 PROMPTS = [
@@ -227,7 +228,7 @@ def test_fine_tune_on_a_hugging_face_base_keeps_embeddings_tied(smollm2_4_layers
     """finetuning.py takes a Hugging Face directory as it is (tokenizer.json, config.json); the adapter
     it writes loads with Llama.build; the tied embedding is frozen and stays one tensor."""
     import finetuning
-    from dllm.train import Trainer
+    from dllm.training.loop import Trainer
     from train_utils import make_dataset, read_log, train_argv
 
     out = tmp_path / "run"

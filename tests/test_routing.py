@@ -1,4 +1,4 @@
-"""Each routing policy (dllm/routing.py): its decisions in training and inference, its own FLOPs by
+"""Each routing policy (dllm/core/routing.py): its decisions in training and inference, its own FLOPs by
 hand, incremental decoding equal to teacher forcing, the evicting cache keeping only executed
 pairs, its adapter restored by name; and a policy defined here, outside the model, that runs through
 the unchanged block code."""
@@ -13,13 +13,18 @@ from torch import nn
 
 import finetuning
 from conftest import SMALL_EXECUTED, ROOT, max_diff, randomize, small_args, tiny_args
-from dllm import flops, routing
-from dllm.checkpoint import adapter_state_dict, build_model, read_adapter, save_meta_checkpoint
+from dllm.core.objective import compute_loss
+from dllm.core import flops
+from dllm.core import routing
+from dllm.checkpoints.adapters import adapter_state_dict, read_adapter
+from dllm.checkpoints.base_model import build_model
+from dllm.checkpoints.meta_layout import save_meta_checkpoint
 from dllm.atomic_io import atomic_save
 from dllm.generation import Llama
-from dllm.model import ModelArgs, Transformer, is_adapter_key
-from dllm.routing import Decision, DenseRouting, DLLMRouting, FixedRouting
-from dllm.train import Trainer, train, validate
+from dllm.core.model import ModelArgs, Transformer, is_adapter_key
+from dllm.core.routing import Decision, DenseRouting, DLLMRouting, FixedRouting
+from dllm.training.loop import Trainer, train
+from dllm.training.validation import validate
 from train_utils import make_base, make_dataset, train_argv
 
 POLICIES = ["dllm", "mod", "static", "early_exit", "dense"]
@@ -229,7 +234,7 @@ def test_mod_router_learns_from_ce_and_predictor_from_its_bce():
     model.set_adapter_trainable(True)
     toks = tokens()
     masks = torch.ones_like(toks, dtype=torch.bool)
-    c_loss, a_loss, _ = model.compute_loss(toks, toks, masks, masks)
+    c_loss, a_loss, _ = compute_loss(model, toks, toks, masks, masks)
     router = model.layers[2].router
     grads = torch.autograd.grad(c_loss, [router.linear.weight, router.predictor_1.weight], allow_unused=True)
     assert grads[0].abs().sum() > 0 and grads[1] is None
@@ -248,7 +253,7 @@ def test_early_exit_aux_loss_by_hand():
     handles = [layer.register_forward_pre_hook(lambda mod, inputs: seen.__setitem__(mod.layer_id, inputs[0]))
                for layer in model.layers]
     with torch.no_grad():
-        _, a_loss, _ = model.compute_loss(toks, toks, masks, masks)
+        _, a_loss, _ = compute_loss(model, toks, toks, masks, masks)
         logits, _ = model(toks)
     for h in handles:
         h.remove()
@@ -268,7 +273,7 @@ def test_dllm_aux_loss_is_the_rate_loss_at_inference_too():
     toks = tokens()
     masks = torch.ones_like(toks, dtype=torch.bool)
     with torch.no_grad():
-        _, a_loss, metrics = model.compute_loss(toks, toks, masks, masks)
+        _, a_loss, metrics = compute_loss(model, toks, toks, masks, masks)
         _, act = model(toks)
     ratio = act[:, 2:].mean(-1)
     assert a_loss.item() == pytest.approx((ratio - 0.5).abs().mean().item(), rel=1e-6)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import load_script, randomize, tiny_args
-from dllm import routing
-from dllm.model import Transformer
+from dllm.core import routing
+from dllm.core.model import Transformer
 
 settled_depth = load_script("benchmarks/settled_depth.py")
 

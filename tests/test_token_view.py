@@ -12,7 +12,7 @@ import torch
 from conftest import PROMPTS, ROOT, encode, make_generator
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
-from dllm.routing import DenseRouting
+from dllm.core.routing import DenseRouting
 
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -11,7 +11,7 @@ import transformers
 
 from dllm.chat import ChatFormat
 from dllm.errors import InputError
-from dllm.gguf_vocab import PRE_TOKENIZER_SPLITS, merges_from_scores, write_tokenizer_files
+from dllm.checkpoints.gguf_vocab import PRE_TOKENIZER_SPLITS, merges_from_scores, write_tokenizer_files
 from dllm.tokenizer import Tokenizer
 
 

@@ -22,13 +22,16 @@ from torch.utils.data.distributed import DistributedSampler
 
 import finetuning
 from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
-from dllm import checkpoint, schedule
-from dllm.checkpoint import read_adapter
+from dllm.core import objective
+from dllm.training import schedule
+from dllm.checkpoints import adapters, base_model, model_params
+from dllm.checkpoints.adapters import read_adapter
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
-from dllm.model import ModelArgs, Transformer
-from dllm.train import Trainer, train
-from dllm.train_config import TrainConfig
+from dllm.core.model import ModelArgs, Transformer
+from dllm.core.routing import rate_loss_weight
+from dllm.training.loop import Trainer, train
+from dllm.training.config import TrainConfig
 from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
@@ -64,7 +67,7 @@ def max_diff(a: dict, b: dict) -> float:
 def _eval_act_ratio(model, batch) -> float:
     model.eval()
     with torch.no_grad():
-        _, _, metrics = model.compute_loss(*batch)
+        _, _, metrics = objective.compute_loss(model, *batch)
     model.train()
     return metrics["act_ratio"]
 
@@ -96,7 +99,7 @@ def test_rate_loss_pulls_execution_ratio_to_target(bias, direction, start_layer)
     model.train()
     losses = []
     for _ in range(40):
-        _, a_loss, _ = model.compute_loss(*batch)  # loss = rate loss only
+        _, a_loss, _ = objective.compute_loss(model, *batch)  # loss = rate loss only
         optimizer.zero_grad()
         a_loss.backward()
         optimizer.step()
@@ -129,7 +132,7 @@ def test_learning_rate_schedule_by_hand():
 
 def test_rate_loss_weight_schedule_by_hand():
     lam, epochs = 5.0, 10.0
-    f = lambda e: schedule.rate_loss_weight(e, lam, epochs)  # noqa: E731
+    f = lambda e: rate_loss_weight(e, lam, epochs)  # noqa: E731
     assert f(0.0) == 0.0
     assert f(5.0) == pytest.approx(5.0 * math.sqrt(0.5), rel=1e-12)  # lambda * sin(pi/4)
     assert f(10.0 / 3) == pytest.approx(2.5, rel=1e-12)  # sin(pi/6) = 1/2
@@ -178,7 +181,7 @@ def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, r
     trainer = Trainer(finetuning.parse_args(run_argv + ["--resume", str(out / "checkpoint-last.pth")]))
     assert (trainer.start_epoch, trainer.start_step) == resumes_at
     # adapter, optimizer moments and RNG are the saved ones
-    assert max_diff(checkpoint.adapter_state_dict(trainer.model), saved["model"]) == 0.0
+    assert max_diff(adapters.adapter_state_dict(trainer.model), saved["model"]) == 0.0
     state, saved_state = trainer.optimizer.state_dict()["state"], saved["optimizer"]["state"]
     assert sorted(state) == sorted(saved_state) and len(state) > 0
     for key in state:
@@ -322,7 +325,7 @@ _KILLED_SAVER = r"""
 import io, os, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch
-from dllm import checkpoint
+from dllm import atomic_io
 real = torch.save
 def half(obj, f, *args, **kwargs):
     buffer = io.BytesIO()
@@ -333,7 +336,7 @@ def half(obj, f, *args, **kwargs):
     print("half written", flush=True)
     time.sleep(120)
 torch.save = half
-checkpoint.atomic_save({"epoch": 99, "step": 0, "model": {"layers.1.router.linear_2.bias": torch.zeros(2)}}, sys.argv[1])
+atomic_io.atomic_save({"epoch": 99, "step": 0, "model": {"layers.1.router.linear_2.bias": torch.zeros(2)}}, sys.argv[1])
 """
 
 
@@ -360,7 +363,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(run_a, tmp_path):
     # the torn temp file is hidden: resuming from the directory still finds the old checkpoint
     leftovers = [name for name in os.listdir(out) if name != target.name]
     assert all(name.startswith(".tmp-") for name in leftovers), leftovers
-    assert checkpoint.adapter_file(str(out)) == str(target)
+    assert adapters.adapter_file(str(out)) == str(target)
     assert read_adapter(str(out))["epoch"] == 2
 
 
@@ -531,16 +534,16 @@ def test_non_finite_loss_from_the_data_names_the_examples_and_keeps_the_checkpoi
     config = finetuning.parse_args(argv(tiny, out, save_steps=2))
     trainer = Trainer(config)
     poisoned = trainer.train_loader.dataset[bad][1]
-    original = Transformer.compute_loss
+    original = objective.compute_loss
 
-    def compute_loss(self, examples, *rest):
-        c_loss, a_loss, metrics = original(self, examples, *rest)
+    def compute_loss(model, examples, *rest):
+        c_loss, a_loss, metrics = original(model, examples, *rest)
         width = examples.shape[1]
         if (examples == poisoned[:width]).all(1).any():
             c_loss = c_loss * float("nan")
         return c_loss, a_loss, metrics
 
-    monkeypatch.setattr(Transformer, "compute_loss", compute_loss)
+    monkeypatch.setattr(objective, "compute_loss", compute_loss)
     with pytest.raises(InputError) as e:
         trainer.train()
     train_json = os.path.join(tiny["data"], "demo", "train.json")
@@ -583,7 +586,7 @@ def test_log_params_and_checkpoints(tiny, run_a):
         assert 0.0 <= r["act_ratio"] <= 1.0 and r["tokens_per_s"] > 0
         progress = (r["step"] - 1) / STEPS_PER_EPOCH
         assert r["lr"] == schedule.learning_rate(progress, 5e-3, 1e-4, 0.5, 2)
-        assert r["lambda"] == schedule.rate_loss_weight(progress, 1.0, 2)
+        assert r["lambda"] == rate_loss_weight(progress, 1.0, 2)
     assert steps[0]["lr"] == 0.0 and steps[0]["lambda"] == 0.0
     assert [r["epoch"] for r in epochs] == [0, 1]
     for r in epochs:
@@ -607,8 +610,8 @@ def test_log_params_and_checkpoints(tiny, run_a):
         assert (ckpt["epoch"], ckpt["step"]) == (epoch, 0)
         assert ckpt["model_args"] == json.loads((run_a / "params.json").read_text())
     # the final adapter loads into the base model for inference
-    model = checkpoint.build_model(params, tiny["base"], str(run_a / "checkpoint-last.pth"))
-    assert max_diff(checkpoint.adapter_state_dict(model), read_adapter(str(run_a / "checkpoint-last.pth"))["model"]) == 0
+    model = base_model.build_model(params, tiny["base"], str(run_a / "checkpoint-last.pth"))
+    assert max_diff(adapters.adapter_state_dict(model), read_adapter(str(run_a / "checkpoint-last.pth"))["model"]) == 0
     assert glob.glob(str(run_a / ".tmp-*")) == []
 
 
@@ -636,5 +639,5 @@ def test_a_config_built_directly_is_checked_and_gives_the_model_args_by_name(tin
     assert set(overrides) == {"max_seq_len", "lora_rank", "dynamic_active_target", "dynamic_router_hdim",
                               "dynamic_start_layer", "dynamic_reserve_initials", "dynamic_router_bias", "gumbel_tau",
                               "rate_loss_unit", "routing", "static_skip_layers", "dynamic_budget_range"}
-    args = checkpoint.load_params(tiny["base"], **overrides)
+    args = model_params.load_params(tiny["base"], **overrides)
     assert (args.lora_rank, args.dynamic_router_bias) == (4, (0.5, 1.5))

@@ -24,8 +24,8 @@ _INSTRUCTIONS = ("Continue the passage.", "Answer the question.", "Write a respo
 def make_base(directory: str, tokenizer_path: str, mp_sizes=(1,)) -> dict:
     """A random dense Llama-2 saved as `directory/mp{N}/` for each model-parallel size N."""
     from conftest import tiny_args
-    from dllm.checkpoint import save_meta_checkpoint
-    from dllm.model import Transformer
+    from dllm.checkpoints.meta_layout import save_meta_checkpoint
+    from dllm.core.model import Transformer
 
     torch.manual_seed(1234)
     model = Transformer(tiny_args(**BASE))
@@ -87,7 +87,7 @@ def one_line_error(capsys, argv: list) -> str:
     """finetuning.py's entry point in process: exit status 1 and exactly one line on stderr, no traceback."""
     import finetuning
     from dllm.errors import run_cli
-    from dllm.train import train
+    from dllm.training.loop import train
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as excinfo:

@@ -16,9 +16,9 @@ import torch.distributed as dist  # noqa: E402
 
 import finetuning  # noqa: E402
 from dllm import distributed  # noqa: E402
-from dllm.checkpoint import adapter_state_dict  # noqa: E402
+from dllm.checkpoints.adapters import adapter_state_dict  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
-from dllm.train import Trainer  # noqa: E402
+from dllm.training.loop import Trainer  # noqa: E402
 
 
 def main(out_dir, argv):

@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dllm.checkpoint import load_base, load_params, save_meta_checkpoint
+from dllm import distributed
+from dllm.checkpoints.base_model import load_base
+from dllm.checkpoints.model_params import load_params
+from dllm.checkpoints.meta_layout import save_meta_checkpoint
 from dllm.errors import InputError, run_cli
-from dllm.model import ModelArgs, Transformer
-from dllm.routing import DenseRouting
+from dllm.core.model import ModelArgs, Transformer
+from dllm.core.routing import DenseRouting
 from tools.corpus import load_corpus
 
 # Llama's SentencePiece conventions; same values as tests/conftest.py (tests is not importable here)
@@ -114,6 +117,7 @@ def build(out_dir="assets/tiny-llama2", steps=600, batch=16, seq_len=256, lr=1e-
         args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                          vocab_size=vocab_size, multiple_of=256, max_seq_len=seq_len, lora_rank=0,
                          dynamic_start_layer=n_layers, lora_dropout=0.0)
+        distributed.setup_if_needed()
         model = Transformer(args)
         model.routing = DenseRouting()
         n_params = sum(p.numel() for p in model.parameters())

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from dllm.convert import convert
+from dllm.checkpoints.conversion import convert
 from dllm.errors import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

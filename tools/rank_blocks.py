@@ -20,15 +20,17 @@ from typing import Dict, List
 import torch
 from torch.utils.data import DataLoader
 
-from dllm import checkpoint, distributed
+from dllm.core.objective import compute_loss
+from dllm import distributed
+from dllm.checkpoints import base_model, model_params
 from dllm.chat import ChatFormat
 from dllm.atomic_io import atomic_write_text
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import run_cli
-from dllm.model import Transformer
-from dllm.routing import DenseRouting, StaticRouting
+from dllm.core.model import Transformer
+from dllm.core.routing import DenseRouting, StaticRouting
 from dllm.tokenizer import Tokenizer
-from dllm.train import trim_padding
+from dllm.training.data_loading import trim_padding
 
 CRITERIA = ("ppl", "taylor")
 
@@ -37,7 +39,7 @@ def response_ce(model: Transformer, batches) -> torch.Tensor:
     """Mean CE over every response token of the batches (a tensor, with its graph in train mode)."""
     total, count = 0.0, 0.0
     for batch in batches:
-        c_loss, _, metrics = model.compute_loss(*batch)
+        c_loss, _, metrics = compute_loss(model, *batch)
         total = total + c_loss * metrics["n_labels"]
         count += metrics["n_labels"]
     return total / max(count, 1)
@@ -89,9 +91,9 @@ def blocks_to_skip(ranking: dict, criterion: str, target: float) -> List[int]:
 def main(args):
     device = distributed.setup(1)
     tokenizer = Tokenizer(args.tokenizer_path or args.llama_model_path)
-    params = checkpoint.load_params(args.llama_model_path, lora_rank=0, routing="dense", max_seq_len=args.max_seq_len)
-    checkpoint.check_vocab(params, tokenizer, args.tokenizer_path or args.llama_model_path)
-    model = checkpoint.build_model(params, args.llama_model_path, None, device)
+    params = model_params.load_params(args.llama_model_path, lora_rank=0, routing="dense", max_seq_len=args.max_seq_len)
+    model_params.check_vocab(params, tokenizer, args.tokenizer_path or args.llama_model_path)
+    model = base_model.build_model(params, args.llama_model_path, None, device)
     records = load_records(args.dataset_path, args.dataset_name, "train", ChatFormat(tokenizer))[: args.n_records]
     loader = DataLoader(InstructionDataset(records, tokenizer, args.max_seq_len), batch_size=args.batch_size)
     batches = [[t.to(device) for t in trim_padding(batch)] for batch in loader]

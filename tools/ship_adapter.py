@@ -10,7 +10,7 @@ import shutil
 
 import fire
 
-from dllm.checkpoint import adapter_file, base_fingerprint, read_adapter, write_adapter
+from dllm.checkpoints.adapters import adapter_file, base_fingerprint, read_adapter, write_adapter
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
 

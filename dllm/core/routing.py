@@ -12,6 +12,7 @@ auxiliary loss is computed from) goes in the `state` dict the model hands to eve
 that forward. The block has one code path acting on a Decision, so a new policy is a class here and
 its name in POLICIES; `ModelArgs.routing` chooses it.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -19,19 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm import schedule
+from dllm.core.layers import RMSNorm
 from dllm.errors import InputError
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-
-    def forward(self, x):
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+def rate_loss_weight(epoch: float, lambda_active: float, epochs: float) -> float:
+    """lambda_t: sine-annealed from 0 at the start to lambda_active at the end of training."""
+    return lambda_active * math.sin(0.5 * math.pi * min(epoch / epochs, 1.0))
 
 
 class Router(nn.Module):
@@ -279,7 +274,7 @@ class DLLMRouting(DenseRouting):
         return ((ratio - target).abs() * token_weight).sum() / token_weight.sum().clamp(min=1)
 
     def aux_weight(self, progress, lambda_active, epochs) -> float:
-        return schedule.rate_loss_weight(progress, lambda_active, epochs)
+        return rate_loss_weight(progress, lambda_active, epochs)
 
     def cost(self, executed, token_mask) -> float:
         """The router of every routed block, for every token."""

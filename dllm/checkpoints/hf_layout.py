@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 from dllm.errors import InputError
-from dllm.model import ModelArgs
+from dllm.core.model import ModelArgs
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

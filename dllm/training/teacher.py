@@ -4,12 +4,12 @@ The lever layer-skipping papers use when a routed student falls behind its dense
 the labels, the student matches the teacher's whole distribution on every response token, which
 says how wrong each wrong token is. The teacher is the base model itself (`base`: every block,
 no LoRA) or a fine-tuned adapter of the same base (typically a `--routing dense` run: the dense
-model after the same fine-tune). The loss itself is `model.distill_loss`, next to the CE.
+model after the same fine-tune). The loss itself is `objective.distill_loss`, next to the CE.
 """
 import dataclasses
 
-from dllm import checkpoint
-from dllm.model import Transformer
+from dllm.checkpoints import adapters, base_model, model_params
+from dllm.core.model import Transformer
 
 BASE_TEACHER = "base"
 
@@ -17,7 +17,7 @@ BASE_TEACHER = "base"
 def check_teacher(spec: str):
     """The cheap check, before any model loads: an adapter teacher must exist."""
     if spec and spec != BASE_TEACHER:
-        checkpoint.adapter_file(spec)
+        adapters.adapter_file(spec)
 
 
 def build_teacher(spec: str, base_args, base_dir: str, device, dtype) -> Transformer:
@@ -25,10 +25,10 @@ def build_teacher(spec: str, base_args, base_dir: str, device, dtype) -> Transfo
     if spec == BASE_TEACHER:
         args, adapter = dataclasses.replace(base_args, routing="dense", lora_rank=0), None
     else:
-        args, args_path = checkpoint.adapter_args(spec, max_seq_len=base_args.max_seq_len,
+        args, args_path = adapters.adapter_args(spec, max_seq_len=base_args.max_seq_len,
                                                   max_batch_size=base_args.max_batch_size)
-        checkpoint.check_args_match(args, base_args, args_path, base_dir)
+        model_params.check_args_match(args, base_args, args_path, base_dir)
         adapter = spec
-    teacher = checkpoint.build_model(args, base_dir, adapter, device, dtype).eval()
+    teacher = base_model.build_model(args, base_dir, adapter, device, dtype).eval()
     teacher.requires_grad_(False)
     return teacher

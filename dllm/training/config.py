@@ -8,8 +8,8 @@ from typing import List, Optional
 
 from dllm.config import Settings, setting
 from dllm.errors import InputError
-from dllm.model import ModelArgs
-from dllm.routing import POLICIES, DLLMRouting
+from dllm.core.model import ModelArgs
+from dllm.core.routing import POLICIES, DLLMRouting
 
 # what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",

@@ -1,4 +1,4 @@
-"""Learning-rate and rate-loss-weight schedules, as functions of fractional epochs."""
+"""The learning-rate schedule, a function of fractional epochs (the rate loss's weight is its policy's)."""
 import math
 
 
@@ -9,7 +9,3 @@ def learning_rate(epoch: float, lr: float, min_lr: float, warmup_epochs: float, 
     progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-
-def rate_loss_weight(epoch: float, lambda_active: float, epochs: float) -> float:
-    """lambda_t: sine-annealed from 0 at the start to lambda_active at the end of training."""
-    return lambda_active * math.sin(0.5 * math.pi * min(epoch / epochs, 1.0))

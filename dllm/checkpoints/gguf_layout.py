@@ -13,7 +13,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from dllm.errors import InputError
-from dllm.model import ModelArgs
+from dllm.core.model import ModelArgs
 
 # GGUF name -> this model's name; "{}" is the layer index
 TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",

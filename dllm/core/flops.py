@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from dllm.model import ModelArgs
-from dllm.routing import DenseRouting
+from dllm.core.model import ModelArgs
+from dllm.core.routing import DenseRouting
 
 
 @dataclass

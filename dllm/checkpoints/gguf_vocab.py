@@ -16,7 +16,7 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from dllm.errors import InputError
-from dllm.gguf_checkpoint import field
+from dllm.checkpoints.gguf_layout import field
 
 # llama.cpp's token types
 CONTROL, USER_DEFINED = 3, 4

@@ -10,23 +10,23 @@ the blocks below the routers, a batch of one), runs as plain Llama: no gather, n
 """
 import functools
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
 )
 from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, gather_from_model_parallel_region
 from torch import nn
 
-from dllm import distributed
 from dllm.errors import InputError
-from dllm.kv_cache import KVCache, LayerKVCache, Packing
-from dllm.routing import Decision, DenseRouting, RMSNorm, make_routing
+from dllm.core.kv_cache import KVCache, LayerKVCache, Packing
+from dllm.core.layers import FeedForward, LoRA, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from dllm.core.routing import Decision, DenseRouting, make_routing
 
 
 @dataclass
@@ -120,62 +120,12 @@ META_LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_fact
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def llama3_scaled_freqs(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama-3.1 long-context RoPE: low frequencies divided by `factor`, a smooth ramp between."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / freqs
-    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
-    smooth = (context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= context / high) & (wavelen <= context / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
-                         rope_scaling: Optional[dict] = None) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
-        freqs = llama3_scaled_freqs(freqs, rope_scaling)
-    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x [..., heads, head_dim]; freqs_cis [..., head_dim // 2], one row per token."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)
-
-
 def _normal_init(weight: torch.Tensor) -> torch.Tensor:
     return nn.init.normal_(weight, std=0.02)
 
 
 def _no_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
-
-
-class LoRA(nn.Module):
-    """Low-rank update of a column-parallel projection; fp32 so it trains beside bf16 bases."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float):
-        super().__init__()
-        self.scale = scale
-        self.linear_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
-        self.linear_B = ColumnParallelLinear(
-            rank, out_features, bias=False, gather_output=False, init_method=nn.init.zeros_
-        )
-        self.linear_B.weight.data = self.linear_B.weight.data.float()
-        self.dropout = nn.Dropout(dropout)
-        nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear_B(self.linear_A(self.dropout(x.float())))
-        return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
-
-    def delta_weight(self) -> torch.Tensor:
-        """The local shard of B @ A * scale, for merging into the base weight."""
-        return self.linear_B.weight @ self.linear_A.weight * self.scale
 
 
 @functools.lru_cache(maxsize=8)
@@ -188,7 +138,7 @@ def causal_and_own_key(s: int, device: torch.device) -> Tuple[torch.Tensor, torc
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, init_method):
         super().__init__()
-        mp = distributed.mp_size()
+        mp = fs_init.get_model_parallel_world_size()
         self.n_kv_heads = args.n_kv_heads or args.n_heads
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = self.n_kv_heads // mp
@@ -290,30 +240,10 @@ class Attention(nn.Module):
             start += count
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, init_method):
-        super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Decision.update_weight applied: 1 gives the block's output exactly, 0 its input."""
     w = weight.unsqueeze(-1).to(x.dtype)
     return w * out + (1 - w) * x
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of the next-token distributions, averaged over the positions given:
-    [n, vocab] each, the positions that predict a response token (`Transformer.scored_positions`)."""
-    student = F.log_softmax(student_logits.float(), -1)
-    teacher = F.log_softmax(teacher_logits.float(), -1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return kl.sum() / max(kl.numel(), 1)
 
 
 class TransformerBlock(nn.Module):
@@ -386,9 +316,9 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, init_weights: bool = True):
         """`init_weights=False` skips random initialisation when a checkpoint will be loaded."""
         super().__init__()
-        if not torch.distributed.is_initialized() or not distributed.fs_init.model_parallel_is_initialized():
-            distributed.setup()
-        check_model_parallel_split(params, distributed.mp_size())
+        if not fs_init.model_parallel_is_initialized():
+            raise RuntimeError("model parallel is not initialised: call dllm.distributed.setup() first")
+        check_model_parallel_split(params, fs_init.get_model_parallel_world_size())
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -462,44 +392,10 @@ class Transformer(nn.Module):
         local = F.linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
         return gather_from_model_parallel_region(local)
 
-    @staticmethod
-    def scored_positions(label_masks: torch.Tensor) -> torch.Tensor:
-        """Flat indices into [b * s] of the positions that predict a response token (position t
-        predicts token t + 1): the only positions the losses read, so the only ones projected to
-        the vocabulary. Finding them is this step's one wait for the device, before the forward."""
-        predicts = torch.zeros_like(label_masks, dtype=torch.bool)
-        predicts[:, :-1] = label_masks[:, 1:].bool()
-        return predicts.flatten().nonzero().squeeze(1)
-
     def logits_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [n, vocab] at the flat `positions` (scored_positions) only: a teacher's targets."""
+        """fp32 logits [n, vocab] at the flat `positions` (objective.scored_positions) only: a teacher's targets."""
         h, _, _ = self.hidden_states(tokens)
         return self.project_vocab(h.flatten(0, 1)[positions]).float()
-
-    def compute_loss(self, examples, labels, example_masks, label_masks, teacher_logits=None):
-        """The objective's pieces: CE on response tokens and the routing policy's aux loss (D-LLM:
-        the L1 execution-rate loss), over real tokens past the reserved initial ones.
-
-        The vocabulary projection and the CE run only at the positions that predict a response
-        token. Metrics are 0-d tensors, so the caller decides when to wait for the device: act_ratio
-        is the mean over those tokens of the share of all blocks executed (always-on blocks count as
-        executed), n_labels and n_tokens the counts the means are over. With `teacher_logits`
-        ([n, vocab] at `scored_positions(label_masks)`, dllm/distill.py) the metrics also hold
-        `distill_loss`, with its graph: KL from the teacher on the response tokens.
-        """
-        positions = self.scored_positions(label_masks)
-        h, activation, state = self.hidden_states(examples)
-        logits = self.project_vocab(h.flatten(0, 1)[positions]).float()
-        c_loss = F.cross_entropy(logits, labels.flatten()[positions + 1], reduction="sum") / max(len(positions), 1)
-        token_weight = example_masks.float().clone()
-        token_weight[:, : self.params.dynamic_reserve_initials] = 0
-        a_loss = self.routing.aux_loss(self, state, activation, h, token_weight)
-        n_tokens = token_weight.sum()
-        act_ratio = (activation.detach().mean(-1) * token_weight).sum() / n_tokens.clamp(min=1)
-        metrics = {"act_ratio": act_ratio, "n_labels": n_tokens.new_tensor(float(len(positions))), "n_tokens": n_tokens}
-        if teacher_logits is not None:
-            metrics["distill_loss"] = distill_loss(logits, teacher_logits)
-        return c_loss, a_loss, metrics
 
     def merge_lora(self):
         for layer in self.layers:

@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dllm import checkpoint, gguf_checkpoint, hf_checkpoint
+from dllm.checkpoints import gguf_layout
+from dllm.checkpoints import hf_layout
+from dllm.checkpoints import base_model, layouts, meta_layout, model_params
 from dllm.errors import InputError
-from dllm.gguf_vocab import write_tokenizer_files
-from dllm.model import ModelArgs, check_model_parallel_split
+from dllm.checkpoints.gguf_vocab import write_tokenizer_files
+from dllm.core.model import ModelArgs, check_model_parallel_split
 
 # files that travel with the weights unchanged (tokenizers, chat template, token ids)
 COMPANION_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -40,17 +42,17 @@ def read_source(src: str) -> Source:
     if not os.path.exists(src):
         raise InputError(f"{src} not found (expected a GGUF file, or a Hugging Face or Meta checkpoint directory)")
     if os.path.isfile(src):
-        args, state_dict, reader = gguf_checkpoint.read_gguf(src)
-        extra = {k: gguf_checkpoint.field(reader, key) for k, key in (
+        args, state_dict, reader = gguf_layout.read_gguf(src)
+        extra = {k: gguf_layout.field(reader, key) for k, key in (
             ("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id"),
             ("max_position_embeddings", "llama.context_length"))}
         return Source(args, state_dict, {k: int(v) for k, v in extra.items() if v is not None}, gguf_reader=reader)
-    args = checkpoint.load_params(src)
+    args = model_params.load_params(src)
     extra = {}
-    if checkpoint.checkpoint_layout(src) == "hf":
-        config = hf_checkpoint.read_config(src)
+    if layouts.checkpoint_layout(src) == "hf":
+        config = hf_layout.read_config(src)
         extra = {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
-    return Source(args, checkpoint.read_base(src, args), extra, companion_dir=src)
+    return Source(args, base_model.read_base(src, args), extra, companion_dir=src)
 
 
 def _cast(state_dict: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -59,7 +61,7 @@ def _cast(state_dict: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, 
 
 def write_hf(source: Source, out_dir: str, dtype: torch.dtype, max_shard_bytes: int):
     """config.json + safetensors (sharded with an index above max_shard_bytes)."""
-    tensors = _cast(hf_checkpoint.meta_to_hf(source.state_dict, source.args), dtype)
+    tensors = _cast(hf_layout.meta_to_hf(source.state_dict, source.args), dtype)
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -79,16 +81,16 @@ def write_hf(source: Source, out_dir: str, dtype: torch.dtype, max_shard_bytes: 
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(out_dir, hf_checkpoint.SAFETENSORS_INDEX), "w") as f:
+        with open(os.path.join(out_dir, hf_layout.SAFETENSORS_INDEX), "w") as f:
             json.dump(index, f, indent=2)
-    config = hf_checkpoint.params_to_config(source.args, dtype, source.hf_config_extra)
+    config = hf_layout.params_to_config(source.args, dtype, source.hf_config_extra)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
 
 def write_meta(source: Source, out_dir: str, dtype: torch.dtype, model_parallel_size: int):
     check_model_parallel_split(source.args, model_parallel_size)
-    checkpoint.write_meta_shards(_cast(source.state_dict, dtype), source.args, out_dir, model_parallel_size)
+    meta_layout.write_meta_shards(_cast(source.state_dict, dtype), source.args, out_dir, model_parallel_size)
 
 
 def write_companions(source: Source, out_dir: str):

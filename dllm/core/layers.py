@@ -1,0 +1,81 @@
+"""The building blocks the model is made of: RMSNorm, RoPE (with Llama-3.1's scaling), LoRA and
+the SwiGLU feed-forward, each model-parallel where it holds weights (fairscale layers)."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def llama3_scaled_freqs(freqs: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3.1 long-context RoPE: low frequencies divided by `factor`, a smooth ramp between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0,
+                         rope_scaling: Optional[dict] = None) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
+        freqs = llama3_scaled_freqs(freqs, rope_scaling)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, head_dim]; freqs_cis [..., head_dim // 2], one row per token."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)
+
+
+class LoRA(nn.Module):
+    """Low-rank update of a column-parallel projection; fp32 so it trains beside bf16 bases."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.linear_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
+        self.linear_B = ColumnParallelLinear(
+            rank, out_features, bias=False, gather_output=False, init_method=nn.init.zeros_
+        )
+        self.linear_B.weight.data = self.linear_B.weight.data.float()
+        self.dropout = nn.Dropout(dropout)
+        nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear_B(self.linear_A(self.dropout(x.float())))
+        return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
+
+    def delta_weight(self) -> torch.Tensor:
+        """The local shard of B @ A * scale, for merging into the base weight."""
+        return self.linear_B.weight @ self.linear_A.weight * self.scale
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, init_method):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

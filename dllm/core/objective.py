@@ -1,0 +1,72 @@
+"""The training objective in one place: CE on the response tokens, the routing policy's auxiliary
+loss (D-LLM: the rate loss) under its weight schedule, and the optional distillation KL from a
+frozen teacher. `Objective` is the whole loss as a module's forward, so DDP's hooks see it."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllm.core.model import Transformer
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over the positions given:
+    [n, vocab] each, the positions that predict a response token (`Transformer.scored_positions`)."""
+    student = F.log_softmax(student_logits.float(), -1)
+    teacher = F.log_softmax(teacher_logits.float(), -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return kl.sum() / max(kl.numel(), 1)
+
+
+def scored_positions(label_masks: torch.Tensor) -> torch.Tensor:
+    """Flat indices into [b * s] of the positions that predict a response token (position t
+    predicts token t + 1): the only positions the losses read, so the only ones projected to
+    the vocabulary. Finding them is this step's one wait for the device, before the forward."""
+    predicts = torch.zeros_like(label_masks, dtype=torch.bool)
+    predicts[:, :-1] = label_masks[:, 1:].bool()
+    return predicts.flatten().nonzero().squeeze(1)
+
+
+def compute_loss(model: Transformer, examples, labels, example_masks, label_masks, teacher_logits=None):
+    """The objective's pieces: CE on response tokens and the routing policy's aux loss (D-LLM:
+    the L1 execution-rate loss), over real tokens past the reserved initial ones.
+
+    The vocabulary projection and the CE run only at the positions that predict a response
+    token. Metrics are 0-d tensors, so the caller decides when to wait for the device: act_ratio
+    is the mean over those tokens of the share of all blocks executed (always-on blocks count as
+    executed), n_labels and n_tokens the counts the means are over. With `teacher_logits`
+    ([n, vocab] at `scored_positions(label_masks)`, dllm/training/teacher.py) the metrics also hold
+    `distill_loss`, with its graph: KL from the teacher on the response tokens.
+    """
+    positions = scored_positions(label_masks)
+    h, activation, state = model.hidden_states(examples)
+    logits = model.project_vocab(h.flatten(0, 1)[positions]).float()
+    c_loss = F.cross_entropy(logits, labels.flatten()[positions + 1], reduction="sum") / max(len(positions), 1)
+    token_weight = example_masks.float().clone()
+    token_weight[:, : model.params.dynamic_reserve_initials] = 0
+    a_loss = model.routing.aux_loss(model, state, activation, h, token_weight)
+    n_tokens = token_weight.sum()
+    act_ratio = (activation.detach().mean(-1) * token_weight).sum() / n_tokens.clamp(min=1)
+    metrics = {"act_ratio": act_ratio, "n_labels": n_tokens.new_tensor(float(len(positions))), "n_tokens": n_tokens}
+    if teacher_logits is not None:
+        metrics["distill_loss"] = distill_loss(logits, teacher_logits)
+    return c_loss, a_loss, metrics
+
+
+class Objective(nn.Module):
+    """loss = CE + aux_weight * aux loss + distill_weight * KL, with the pieces as metrics (0-d tensors,
+    read by the caller when it chooses)."""
+
+    def __init__(self, model: Transformer, distill_weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.distill_weight = distill_weight
+
+    def forward(self, examples, labels, example_masks, label_masks, teacher_logits: Optional[torch.Tensor] = None,
+                aux_weight: float = 0.0):
+        c_loss, a_loss, metrics = compute_loss(self.model, examples, labels, example_masks, label_masks, teacher_logits)
+        loss = c_loss + aux_weight * a_loss
+        if "distill_loss" in metrics:
+            loss = loss + self.distill_weight * metrics["distill_loss"]
+        return loss, {"c_loss": c_loss, "a_loss": a_loss, **metrics}

@@ -10,10 +10,11 @@ re-run this after a results file changes, and tests/test_docs.py fails until you
 A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table
-and the globals curve, interp, commands, zip.
+and the globals curve, interp, commands, zip, log.
 """
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -133,7 +134,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters.update(fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values)
     results = load_results(root)
-    env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip,
+    env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip, log=math.log,
                        commands=lambda stem: commands(results, stem))
     return env
 

@@ -1,0 +1,180 @@
+"""Write the results pages under docs/ and the README's results block from the committed results.
+
+Every number in those pages comes from benchmarks/results/*.json (or a build's build_info.json)
+through a Jinja2 template in docs/templates/, so the text cannot drift from the measurements:
+re-run this after a results file changes, and tests/test_docs.py fails until you do.
+
+    python -m tools.write_docs            # rewrite docs/*.md and the README block
+    python -m tools.write_docs --check    # exit 1 naming each file that is out of date
+
+A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
+under benchmarks/results/ by name) and `builds` (build_info.json of
+assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table
+and the globals curve, interp, commands, zip, log.
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import jinja2
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "docs" / "templates"
+README_TEMPLATE = "README-results.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def load_results(root: Path = ROOT) -> dict:
+    """Every results JSON by file stem, and each evaluate.py output directory's results.json by its name."""
+    results_dir = root / "benchmarks" / "results"
+    found = {p.stem: p for p in results_dir.glob("*.json")}
+    found.update({p.parent.name: p for p in results_dir.glob("*/results.json")})
+    return {name: json.loads(found[name].read_text()) for name in sorted(found)}
+
+
+def load_builds(root: Path = ROOT) -> dict:
+    """The build records of the shipped model and datasets, by directory name."""
+    paths = sorted(root.glob("assets/*/build_info.json")) + sorted(root.glob("datasets/*/build_info.json"))
+    return {p.parent.name: json.loads(p.read_text()) for p in paths}
+
+
+def field(row, key: str):
+    """row["a"]["b"] for key "a.b", so tables can reach into nested records."""
+    for part in key.split("."):
+        row = row[int(part)] if isinstance(row, list) else row[part]
+    return row
+
+
+def fmt(value, spec: str = "") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def pct(value, digits: int = 0) -> str:
+    return f"{100 * value:.{digits}f}%"
+
+
+def where(rows, **match) -> list:
+    return [r for r in rows if all(field(r, k) == v for k, v in match.items())]
+
+
+def one(rows, **match):
+    """The one row that matches; a template asking for an ambiguous or missing row is an error."""
+    found = where(rows, **match)
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} rows match {match}, expected 1")
+    return found[0]
+
+
+def values(rows, key=None) -> list:
+    return [r if key is None else field(r, key) for r in rows]
+
+
+def mean(rows, key=None) -> float:
+    return statistics.fmean(values(rows, key))
+
+
+def std(rows, key=None) -> float:
+    return statistics.stdev(values(rows, key))
+
+
+def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -> list:
+    """(x, y) points, rows with the same `by` (seeds of one target) averaged, sorted by x."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(field(r, by), []).append(r)
+    return sorted((mean(g, x), mean(g, y)) for g in groups.values())
+
+
+def interp(points: list, x: float):
+    """y at x on a piecewise linear curve; None outside it."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def table(rows, columns) -> str:
+    """A Markdown table; columns are [header, key, format spec] (key "a.b" reaches into a record)."""
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r, key, spec) for _, key, spec in columns) + " |")
+    return "\n".join(lines)
+
+
+def cell(row, key: str, spec: str) -> str:
+    """One table cell; "-" where the row has no such field (a configuration that measures less)."""
+    try:
+        return fmt(field(row, key), spec)
+    except (KeyError, IndexError):
+        return "-"
+
+
+def commands(results: dict, stem: str) -> list:
+    """The commands that wrote a results file: from its meta, else from the first line of its .md."""
+    data = results[stem]
+    meta = data.get("meta", {}) if isinstance(data, dict) else {}
+    if "commands" in meta:
+        return list(meta["commands"])
+    if "command" in meta:
+        return [meta["command"]]
+    md = ROOT / "benchmarks" / "results" / f"{stem}.md"
+    if md.exists():
+        found = [line.strip().strip("`") for line in md.read_text().splitlines() if line.startswith("`")]
+        if found:
+            return found[:1]
+    raise ValueError(f"benchmarks/results/{stem}.json: no command in its meta nor in {md.name}")
+
+
+def environment(root: Path = ROOT) -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root / "docs" / "templates")),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values)
+    results = load_results(root)
+    env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip, log=math.log,
+                       commands=lambda stem: commands(results, stem))
+    return env
+
+
+def header(name: str) -> str:
+    return (f"<!-- Written by `python -m tools.write_docs` from docs/templates/{name}; "
+            "edit the template, not this page. -->\n")
+
+
+def render_all(root: Path = ROOT) -> dict:
+    """Every generated file's path and its text as it should be committed."""
+    env = environment(root)
+    out = {}
+    for template in sorted(p.name for p in (root / "docs" / "templates").glob("*.md")):
+        if template != README_TEMPLATE:
+            out[root / "docs" / template] = header(template) + env.get_template(template).render()
+    readme = root / "README.md"
+    text = readme.read_text()
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    block = env.get_template(README_TEMPLATE).render()
+    out[readme] = text[:start] + "\n" + block.strip("\n") + "\n" + text[stop:]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")
+    args = p.parse_args(argv)
+    stale = []
+    for path, text in render_all().items():
+        if not path.exists() or path.read_text() != text:
+            stale.append(path.relative_to(ROOT))
+            if not args.check:
+                path.write_text(text)
+    verb = "out of date" if args.check else "wrote"
+    for path in stale:
+        print(f"{verb}: {path}")
+    if args.check and stale:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,21 @@ from dllm.data import load_records  # noqa: E402
 from dllm.errors import InputError, run_cli  # noqa: E402
 from dllm.evaluate import read_results  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import BASELINE_METHODS  # noqa: E402
+from dllm.core.routing import POLICIES  # noqa: E402
 from tools.rank_blocks import blocks_to_skip  # noqa: E402
 
+
+
+# the methods the baselines compare (benchmarks/baselines.py): a policy and, for static pruning, the
+# block ranking it prunes by (tools/rank_blocks.py)
+BASELINE_METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None),
+                    "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"),
+                    "early_exit": ("early_exit", None)}
+
+
+def baseline_label(method: str) -> str:
+    policy, criterion = BASELINE_METHODS[method]
+    return POLICIES[policy].label + (f" ({criterion})" if criterion else "")
 
 def floats(text: str):
     return [float(x) for x in text.split(",") if x.strip()]
@@ -93,7 +105,7 @@ def ranking(args) -> dict:
     """tools/rank_blocks.py once per sweep, with the fine-tune's sequence length and start layer."""
     path = os.path.join(args.work_dir, "ranking.json")
     if not os.path.isfile(path):
-        command = [sys.executable, "-m", "tools.rank_blocks", "--llama_model_path", args.model_path,
+        command = [sys.executable, "-m", "tools.rank_blocks", "--llama_ckpt_dir", args.model_path,
                    "--dataset_path", args.dataset_path, "--dataset_name", args.dataset_name, "--out", path]
         for env, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
                           ("TOKENIZER_PATH", "--tokenizer_path")):

@@ -157,14 +157,14 @@ class DllmRunner:
 
     def prefill(self, tokens, device, room: int = 0):
         """Time a prefill of `tokens` into a fresh cache (`room`: tokens to follow; dllm's cache grows)."""
-        self.model.routing = self.routing
+        self.model.use_routing(self.routing)
         cache = self.model.new_cache(tokens.shape[0])
         seconds, (_, activation) = timed(lambda: self.model(tokens, 0, cache), device, self.clock)
         return seconds, activation, cache
 
     def steps(self, cache, steps, start: int, device):
         """Time one token at a time for every column of `steps`, at positions from `start` on."""
-        self.model.routing = self.routing
+        self.model.use_routing(self.routing)
 
         def run():
             return torch.cat([self.model(steps[:, i : i + 1], start + i, cache)[1] for i in range(steps.shape[1])], 1)
@@ -175,7 +175,7 @@ class DllmRunner:
     def fill(self, tokens, device, room: int = 0):
         """Prefill untimed, FILL_CHUNK tokens at a time (the same cache, the same routing, less
         memory than one forward's logits); returns (activation, cache)."""
-        self.model.routing = self.routing
+        self.model.use_routing(self.routing)
         cache = self.model.new_cache(tokens.shape[0])
         starts = range(0, tokens.shape[1], FILL_CHUNK)
         activation = [self.model(tokens[:, a : a + FILL_CHUNK], a, cache)[1] for a in starts]

@@ -1,4 +1,4 @@
-"""One adapter, any budget: the compute dial measured against adapters trained per budget (issue 21).
+"""One adapter, any budget: the compute dial measured against adapters trained per budget.
 
     python benchmarks/dial_demo.py --dial_adapter runs/dial \\
         --separate "['0.55=runs/sep-0.55', '0.85=runs/sep-0.85']"
@@ -45,7 +45,7 @@ from dllm.evaluate import Evaluator, task_records  # noqa: E402
 from dllm.chat import ChatFormat  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
 from dllm.plots import quality_flops_figure, save_png  # noqa: E402
-from dllm.core.routing import baseline_label  # noqa: E402
+from benchmarks.baselines import baseline_label  # noqa: E402
 from dllm.training.validation import validate  # noqa: E402
 
 BASELINE_ROWS = ("dllm", "static_ppl", "dense")  # the baselines table's methods shown beside the dial

@@ -1,4 +1,4 @@
-"""Issue 9's attempts to make D-LLM beat static pruning on the demo, from one command.
+"""D-LLM's attempts to beat static pruning on the demo, from one command.
 
     python benchmarks/dllm_attempts.py    # runs each attempt's missing rows under runs/dllm-attempts
 
@@ -51,7 +51,7 @@ class Attempt:
 
 ATTEMPTS = [
     Attempt("dense", "the distillation teacher: LoRA only, the same recipe", methods="dense"),
-    Attempt("router_lr_reference", "routers at the LoRA learning rate (the reference; 5.6e-4 here)", {"ROUTER_LR": ""}),
+    Attempt("router_lr_reference", "routers at the LoRA learning rate (the reference; 5.6e-4 here)", {"ROUTER_LR": "none"}),
     Attempt("router_lr_5e-3", "a router learning rate between that and the demo's 2e-2", {"ROUTER_LR": "5e-3"}),
     Attempt("lambda_2", "a weaker rate loss", {"LAMBDA_ACTIVE": "2"}),
     Attempt("lambda_10", "a stronger rate loss", {"LAMBDA_ACTIVE": "10"}),
@@ -116,7 +116,7 @@ def static_curves(sweep: list, rows: list) -> dict:
 
 
 def markdown(rows: list, curves: dict, reference: list) -> str:
-    lines = ["### D-LLM attempts on the demo (issue 9)", "", "`python benchmarks/dllm_attempts.py`", "",
+    lines = ["### D-LLM attempts on the demo", "", "`python benchmarks/dllm_attempts.py`", "",
              "Reference, one epoch (`benchmarks/results/baselines_demo.json`): "
              + "; ".join(f"{name} {flops:.3f} / {ce:.3f}" for name, flops, ce in reference)
              + " (FLOPs ratio / val CE, mean of seeds 0-2 at target 0.5).", "",

@@ -1,6 +1,6 @@
 """How deep a model's predictions settle: per block, the share of response tokens whose top-1 from
 the head on that block's input is already the model's final top-1 (early exit's label,
-`dllm.core.routing.settled`). An early exit that runs a share s of the blocks stops the average token
+`EarlyExitRouting.settled`). An early exit that runs a share s of the blocks stops the average token
 near block s·n_layers, so it can only be harmless where this share is high there.
 
     python benchmarks/settled_depth.py --model_path models/smollm2 --dataset_name smol \\
@@ -24,7 +24,7 @@ from dllm.data import load_records  # noqa: E402
 from dllm.errors import run_cli  # noqa: E402
 from dllm.evaluate import scored_tokens  # noqa: E402
 from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import settled  # noqa: E402
+from dllm.core.routing import EarlyExitRouting  # noqa: E402
 
 
 @torch.inference_mode()
@@ -41,7 +41,7 @@ def settled_shares(model, sequences: List[Tuple[List[int], int]]) -> List[float]
             logits, _ = model(torch.tensor([ids], device=model.tok_embeddings.weight.device))
             final = logits[0, start - 1 : -1].argmax(-1)
             for layer_id, x in inputs.items():
-                counts[layer_id] += settled(model, x[0, start - 1 : -1], final).sum().item()
+                counts[layer_id] += EarlyExitRouting.settled(model, x[0, start - 1 : -1], final).sum().item()
             total += len(final)
     finally:
         for hook in hooks:

@@ -46,7 +46,7 @@ def build(model_dir, adapter, dense, max_seq_len, batch_size):
     generator = Llama.build(model_dir, adapter, max_seq_len=max_seq_len, max_batch_size=batch_size,
                             model_parallel_size=1)
     if dense:
-        generator.model.routing = DenseRouting()
+        generator.model.use_routing(DenseRouting())
     return generator
 
 

@@ -1,6 +1,17 @@
-"""dllm: D-LLM, token-adaptive layer skipping for Llama-family models."""
-from dllm.generation import Llama
-from dllm.core.model import ModelArgs, Transformer
-from dllm.tokenizer import Tokenizer
+"""dllm: D-LLM, token-adaptive layer skipping for Llama-family models.
 
-__all__ = ["Llama", "ModelArgs", "Tokenizer", "Transformer"]
+`from dllm import Llama` (Meta's generation API), `ModelArgs`, `Transformer` and `Tokenizer` are
+resolved on first use, so that importing the algorithm alone (dllm.core) needs torch and fairscale
+only.
+"""
+import importlib
+
+_EXPORTS = {"Llama": "dllm.generation", "ModelArgs": "dllm.core.model", "Transformer": "dllm.core.model",
+            "Tokenizer": "dllm.tokenizer"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dllm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,4 +1,4 @@
-"""What this checkout ships: the demo base model and, per base, the adapter trained on it."""
+"""Shipped adapters: a directory with one adapter folder per base, found by the base's architecture."""
 import glob
 import os
 import sys
@@ -6,13 +6,6 @@ from typing import Optional
 
 from dllm.checkpoints.model_params import check_args_match, load_params
 from dllm.errors import InputError, speaks
-
-
-# what the repository ships: the demo base model and, per base, the adapter trained on it
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-
-
-DEMO_BASE = os.path.join(ASSETS, "tiny-llama2")
 
 
 def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
@@ -31,7 +24,7 @@ def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
     return None
 
 
-def default_adapter(base_dir: str, assets_dir: str = ASSETS) -> Optional[str]:
+def default_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
     """The adapter shipped for this base, if any, said once on stderr (example.py and evaluate.py
     run it when no --dynamic_ckpt_dir is given)."""
     adapter = shipped_adapter(base_dir, assets_dir)

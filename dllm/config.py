@@ -13,20 +13,24 @@ out of range is one InputError line naming the flag, the value and what is allow
 import argparse
 import ast
 import dataclasses
+import json
 import math
+import os
 import sys
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 from dllm.errors import InputError, speaks, wait_for_rank_0
 
 
 def setting(default: Any, help: str, *, low: Optional[float] = None, high: Optional[float] = None,
             low_open: bool = False, choices: Optional[Sequence[str]] = None, required: bool = False,
-            metavar: Optional[str] = None):
+            metavar: Optional[str] = None, aliases: Sequence[str] = ()):
     """A dataclass field with its flag's help and range: low <= value <= high (low < value with
-    low_open); choices for strings; lists are checked element by element."""
-    meta = dict(help=help, low=low, high=high, low_open=low_open, choices=choices, required=required, metavar=metavar)
+    low_open); choices for strings; lists are checked element by element. `aliases`: other flag
+    names accepted for it (the paper code's other spelling)."""
+    meta = dict(help=help, low=low, high=high, low_open=low_open, choices=choices, required=required, metavar=metavar,
+                aliases=tuple(aliases))
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -72,6 +76,14 @@ def _number(kind):
     return convert
 
 
+def _or_none(convert):
+    """An Optional setting also takes `none`: unset, as if never given (a preset's value dropped)."""
+    def or_none(text: str):
+        return None if text.lower() == "none" else convert(text)
+    or_none.__name__ = convert.__name__
+    return or_none
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the docstring's layout and appends each flag's default."""
 
@@ -81,8 +93,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if default is not argparse.SUPPRESS and action.option_strings and "(default" not in text and not action.required:
             if isinstance(action, argparse.BooleanOptionalAction):
                 text += f" (default: {'on' if default else 'off'})"
-            elif default is not None and not (isinstance(default, (list, tuple)) and not default):
+            elif default is None:
+                text += " (default: none)"
+            elif not (isinstance(default, (list, tuple)) and not default):
                 text += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
+        if action.required:
+            text += " (required)"
         if getattr(action, "allowed", None):
             text += f" [{action.allowed}]"
         return text
@@ -102,25 +118,33 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+def parser_for(cls, description: str = "", parser: Optional[argparse.ArgumentParser] = None,
+               defaults: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The flags of a settings dataclass; `defaults` replace some of its defaults (an entry point's
+    own, a preset's), and --help shows the defaults in force."""
     parser = parser or _Parser(description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
     hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        kind, is_list, _ = _base_type(hints[f.name])
+        kind, is_list, optional = _base_type(hints[f.name])
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = "--" + f.name
+        required = meta.get("required", False) and f.name not in defaults
+        default = defaults.get(f.name, default)
+        flags = ["--" + f.name, *meta.get("aliases", ())]
         help_text = meta.get("help", "")
         if kind is bool:
-            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            action = parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                         help=help_text)
         elif is_list:
-            action = parser.add_argument(flag, type=_list_value(kind), default=default, help=help_text,
+            action = parser.add_argument(*flags, dest=f.name, type=_list_value(kind), default=default, help=help_text,
                                          metavar=meta.get("metavar") or "LIST")
         else:
             convert = _number(kind) if kind in (int, float) else kind
-            action = parser.add_argument(flag, type=convert, default=default, help=help_text,
-                                         required=meta.get("required", False), choices=meta.get("choices"),
-                                         metavar=meta.get("metavar"))
+            if optional:
+                convert = _or_none(convert)
+            action = parser.add_argument(*flags, dest=f.name, type=convert, default=default, help=help_text,
+                                         required=required, choices=meta.get("choices"), metavar=meta.get("metavar"))
         action.allowed = allowed_range(meta)
     return parser
 
@@ -159,7 +183,71 @@ class Settings:
     def __post_init__(self):
         check(self)
 
+    # settings a preset gives together: a command line that gives one of them drops the preset's others
+    PRESET_GROUPS: Tuple[Tuple[str, ...], ...] = ()
+
     @classmethod
-    def parse(cls, argv: Optional[Sequence[str]] = None, description: str = ""):
-        """argv -> a checked instance; --help lists every flag with its help and default."""
-        return cls(**vars(parser_for(cls, description).parse_args(argv)))
+    def parse(cls, argv: Optional[Sequence[str]] = None, description: str = "", defaults: Optional[dict] = None,
+              presets: Optional["Presets"] = None):
+        """argv -> a checked instance; --help lists every flag with its help and the default in force.
+        `defaults`: the entry point's own defaults for some settings; `presets`: named recipes, one
+        chosen with --preset NAME (a field of the class), whose values replace the defaults."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        defaults = dict(defaults or {})
+        if presets is not None:
+            first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            first.add_argument("--preset", default="")
+            name = first.parse_known_args(argv)[0].preset
+            given = given_flags(cls, argv)
+            if not name and presets.default and not given & set(presets.unless_given):
+                name = presets.default
+            if name:
+                chosen = presets.values(name, {f.name for f in dataclasses.fields(cls)})
+                for group in cls.PRESET_GROUPS:
+                    if given & set(group):
+                        chosen = {k: v for k, v in chosen.items() if k not in group}
+                defaults |= chosen | {"preset": name}
+        return cls(**vars(parser_for(cls, description, defaults=defaults).parse_args(argv)))
+
+
+def given_flags(cls, argv: Sequence[str]) -> set:
+    """The settings a command line names (by flag or alias, with or without =value)."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        for flag in ("--" + f.name, *f.metadata.get("aliases", ())):
+            names[flag] = f.name
+            if typing.get_type_hints(cls)[f.name] is bool:
+                names["--no-" + flag[2:]] = f.name
+    return {names[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in names}
+
+
+@dataclasses.dataclass
+class Presets:
+    """Named recipes: `directory`/NAME.json holds one object per entry point (`section`), mapping
+    settings to the values that replace their defaults. Paths in a preset (settings ending in _dir or
+    _path) are relative to the directory above `directory`, the repository. `default` is the preset
+    used when none is asked and the command line names none of `unless_given`."""
+
+    directory: str
+    section: str
+    default: Optional[str] = None
+    unless_given: Tuple[str, ...] = ("llama_ckpt_dir",)
+
+    def names(self) -> list:
+        return sorted(n[:-5] for n in os.listdir(self.directory) if n.endswith(".json"))
+
+    def values(self, name: str, known: set) -> dict:
+        path = name if name.endswith(".json") else os.path.join(self.directory, f"{name}.json")
+        if not os.path.isfile(path):
+            raise InputError(f"--preset {name}: no such preset; known: {', '.join(self.names())}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f).get(self.section, {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise InputError(f"{path}: not a preset (a JSON object of sections) ({e})") from None
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{path}: {self.section}.{unknown[0]} is not a setting of this entry point")
+        root = os.path.dirname(os.path.abspath(self.directory))
+        return {k: os.path.relpath(os.path.join(root, v)) if k.endswith(("_dir", "_path")) and isinstance(v, str) and v
+                and not os.path.isabs(v) else v for k, v in values.items()}

@@ -54,6 +54,20 @@ class RecordError(ValueError):
     """A malformed raw record; `load_records` adds the file and the record index."""
 
 
+# the paper's prompt (Alpaca's, as datasets/alpaca/prompt.json holds it)
+ALPACA_TEMPLATES = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n"
+    ),
+}
+
+
 class Templates:
     """The templates of one prompt.json; a template naming an unknown field is the file's fault.
 

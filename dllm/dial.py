@@ -8,7 +8,6 @@ early exit fit their threshold with) so the executed share on the records equals
 per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
 and read into the policy (routing.MarginDial) when a budget is asked.
 """
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -18,25 +17,19 @@ from torch.utils.data import Subset
 
 from dllm.checkpoints import adapters
 from dllm import assets
-from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.config import Settings, setting
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import Transformer
+from dllm.checkpoints.dial_file import dial_path, write_dial
 from dllm.core.routing import MarginDial
 from dllm.training.data_loading import Indexed, trim_padding, val_loader
 from dllm.training.validation import calibrate_threshold, validate
 
-DIAL_SUFFIX = ".dial.json"
 GRID_STEP = 0.05
 BISECTION_STEPS = 10  # the quantile level to 1e-3: the share to about that
-
-
-def dial_path(adapter: str) -> str:
-    """Where an adapter's dial lives: beside its checkpoint file, NAME.dial.json."""
-    return os.path.splitext(adapters.adapter_file(adapter))[0] + DIAL_SUFFIX
 
 
 def default_budgets(args) -> List[float]:
@@ -114,50 +107,19 @@ def calibrate(model: Transformer, loader, device, budgets: List[float]):
     return routing.dial, achieved
 
 
-def write_dial(dial: MarginDial, path: str, adapter_sha256: Optional[str], achieved: List[float], provenance: dict):
-    routed = sorted({i for i in range(dial.thresholds.shape[1]) if dial.thresholds[:, i].any()})
-    data = {**provenance, "adapter_sha256": adapter_sha256, "budgets": [round(b, 6) for b in dial.budgets.tolist()],
-            "achieved_on_calibration": [round(a, 5) for a in achieved], "routed_blocks": routed,
-            "thresholds": [[row[i] for i in routed] for row in dial.thresholds.tolist()]}
-    atomic_write_text(json.dumps(data, indent=1) + "\n", path)
-
-
-def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
-    """The dial beside an adapter, None if there is none; a dial of another version of the adapter
-    (checksum) or a malformed file is refused in one line."""
-    path = dial_path(adapter)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        budgets, rows, routed = data["budgets"], data["thresholds"], data["routed_blocks"]
-        thresholds = torch.zeros(len(budgets), n_layers)
-        for k, row in enumerate(rows):
-            thresholds[k, routed] = torch.tensor(row, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-        raise InputError(f"{path}: not a valid dial ({e}); build it again with python -m tools.calibrate_dial") from None
-    if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
-        raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
-                         f"python -m tools.calibrate_dial")
-    own = adapters.read_adapter(adapter).get("adapter_sha256")
-    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
-        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
-                         f"differs); build it again with python -m tools.calibrate_dial")
-    return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)
-
-
 @dataclass
 class DialConfig(Settings):
     """tools/calibrate_dial.py's settings."""
 
-    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
+    llama_ckpt_dir: str = setting("", "base model directory (Meta or Hugging Face layout)", required=True)
     dynamic_ckpt_dir: Optional[str] = setting(None, "the D-LLM adapter: a checkpoint file or a fine-tuning output "
-                                              "directory (default: the adapter shipped for this base)")
+                                              "directory (default: the adapter shipped for this base under "
+                                              "--shipped_adapters)")
+    shipped_adapters: Optional[str] = setting(None, "a directory of adapters, one folder each: the one trained on "
+                                              "this base is calibrated when no --dynamic_ckpt_dir is given")
     tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
                                             "--llama_ckpt_dir)")
-    dataset_path: str = setting(os.path.join(os.path.dirname(assets.ASSETS), "datasets"),
-                                "directory with one NAME/{train,test,prompt}.json per dataset")
+    dataset_path: str = setting("datasets", "directory with one NAME/{train,test,prompt}.json per dataset")
     dataset_name: str = setting("demo", "the dataset whose training records the dial is calibrated on (never its "
                                 "test split)")
     n_records: int = setting(64, "the first training records, in file order, the dial is calibrated on", low=1)
@@ -171,7 +133,9 @@ class DialConfig(Settings):
 def calibrate_dial(config: DialConfig) -> str:
     """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
     beside the checkpoint; returns its path."""
-    adapter = config.dynamic_ckpt_dir or assets.default_adapter(config.llama_ckpt_dir)
+    adapter = config.dynamic_ckpt_dir
+    if adapter is None and config.shipped_adapters:
+        adapter = assets.default_adapter(config.llama_ckpt_dir, config.shipped_adapters)
     if adapter is None:
         raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
     path = dial_path(adapter)

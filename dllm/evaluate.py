@@ -24,7 +24,6 @@ from tqdm import tqdm
 from dllm import distributed
 from dllm.core import flops
 from dllm.checkpoints import adapters
-from dllm import assets
 from dllm.atomic_io import atomic_write_text, check_writable_dir
 from dllm.chat import ChatFormat
 from dllm.config import setting
@@ -34,7 +33,8 @@ from dllm.generation import Llama, ModelSettings
 from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
 
-REPO = os.path.dirname(assets.ASSETS)
+# the checkout this code runs from, if it runs from one: its commit is the results' code version
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_FILES = ("results.json", "results.md")
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -299,8 +299,7 @@ def code_version() -> str:
 
 @dataclass
 class EvalConfig(ModelSettings):
-    dataset_path: str = setting(os.path.join(REPO, "datasets"), "directory with one NAME/{train,test,prompt}.json "
-                                "per dataset")
+    dataset_path: str = setting("datasets", "directory with one NAME/{train,test,prompt}.json per dataset")
     datasets: List[str] = setting(["demo"], f"datasets to evaluate, comma-separated (demo,piqa) or a list "
                                   f"(\"['demo', 'piqa']\"); known: {', '.join(sorted(TASKS))}", choices=sorted(TASKS))
     split: str = setting("test", "the split evaluated: validation to choose a recipe or an operating point, test "

@@ -9,6 +9,7 @@ from dllm import distributed
 from dllm.checkpoints import adapters, base_model, layouts, model_params
 from dllm import assets
 from dllm.chat import ChatFormat
+from dllm.checkpoints.dial_file import read_dial
 from dllm.config import Settings, setting
 from dllm.errors import InputError
 from dllm.core.model import Transformer
@@ -52,12 +53,17 @@ class RoutingStats:
 class ModelSettings(Settings):
     """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
 
-    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory: Meta layout (params.json, "
-                                  "consolidated.NN.pth, tokenizer.model) or Hugging Face (config.json, *.safetensors, "
-                                  "tokenizer.json)")
+    preset: str = setting("", "a named recipe: presets/NAME.json's settings for this entry point replace the "
+                          "defaults (demo, smollm2, llama2-7b-alpaca; the demo when no --llama_ckpt_dir is given)")
+    llama_ckpt_dir: str = setting("", "base model directory: Meta layout (params.json, consolidated.NN.pth, "
+                                  "tokenizer.model) or Hugging Face (config.json, *.safetensors, tokenizer.json)",
+                                  required=True)
     dynamic_ckpt_dir: Optional[str] = setting(None, "the adapter: a checkpoint file or a fine-tuning output directory "
                                               "(its checkpoint-last.pth), e.g. output/tiny-dllm (default: the adapter "
-                                              "shipped under assets/ for this base, if any)")
+                                              "shipped for this base under --shipped_adapters, if any)")
+    shipped_adapters: Optional[str] = setting(None, "a directory of adapters, one folder each (params.json, "
+                                              "checkpoint.pth): the one trained on this base runs when no "
+                                              "--dynamic_ckpt_dir is given")
     model_args_path: Optional[str] = setting(None, "params.json for an adapter that carries none (neither in its "
                                              "checkpoint nor next to it); must agree with the adapter's own otherwise "
                                              "(default: the adapter's own)")
@@ -79,7 +85,9 @@ class ModelSettings(Settings):
         """The adapter to run: --dynamic_ckpt_dir, else the one shipped for this base; None with --dense."""
         if self.dense:
             return None
-        return self.dynamic_ckpt_dir or assets.default_adapter(self.llama_ckpt_dir)
+        if self.dynamic_ckpt_dir or not self.shipped_adapters:
+            return self.dynamic_ckpt_dir
+        return assets.default_adapter(self.llama_ckpt_dir, self.shipped_adapters)
 
     def build(self, adapter: Optional[str], max_batch_size: int) -> "Llama":
         return Llama.build(self.llama_ckpt_dir, adapter, self.model_args_path, self.tokenizer_path, self.max_seq_len,
@@ -128,14 +136,12 @@ class Llama:
             model_params.check_args_match(args, base_args, args_path, layouts.params_file(llama_ckpt_dir))
         else:
             args = model_params.load_params(llama_ckpt_dir, lora_rank=0, routing="dense", **sizes)
-        model_params.check_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
+        args = model_params.with_vocab(args, tokenizer, tokenizer_path or llama_ckpt_dir)
         device = distributed.setup(model_parallel_size or layouts.default_model_parallel_size(llama_ckpt_dir))
         torch.manual_seed(seed)
         model = base_model.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
         model.merge_lora()
         if dynamic_ckpt_dir and model.routing.name == "dllm":
-            from dllm.dial import read_dial  # the dial's calibration builds on training code that imports this module
-
             model.routing.dial = read_dial(dynamic_ckpt_dir, model.n_layers)
         generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir)
         if budget is not None:

@@ -6,15 +6,13 @@ from typing import List, Optional
 from dllm import distributed
 from dllm.atomic_io import check_writable_dir
 from dllm.chat import ChatFormat
-from dllm.assets import ASSETS
 from dllm.config import setting
-from dllm.data import RecordError, Templates, check_text, instruction_prompt, read_templates
+from dllm.data import ALPACA_TEMPLATES, RecordError, Templates, check_text, instruction_prompt, read_templates
 from dllm.errors import InputError
 from dllm.generation import ModelSettings
 from dllm.plots import routing_grid_figure, save_png
 from dllm.token_view import sequences_from_generation, write_html
 
-ALPACA_PROMPT = os.path.join(os.path.dirname(ASSETS), "datasets", "alpaca", "prompt.json")
 DEFAULT_INSTRUCTS = [
     "Tell me about alpacas.",
     "Tell me about the president of Mexico in 2019.",
@@ -25,13 +23,15 @@ DEFAULT_INSTRUCTS = [
 
 @dataclass
 class InstructConfig(ModelSettings):
+    PRESET_GROUPS = (("instructs", "inputs"),)
+
     instructs: List[str] = setting(DEFAULT_INSTRUCTS, "the instructions, a Python list: --instructs "
                                    "\"['Tell me about alpacas.', 'Name three colours.']\" (one plain string is one "
                                    "instruction)")
     inputs: Optional[List[str]] = setting(None, "the Input section of each instruction's prompt, a list as long as "
                                           "--instructs, '' for none (default: no input)")
-    prompt_path: str = setting(ALPACA_PROMPT, "prompt.json with the templates prompt_input and prompt_no_input, e.g. "
-                               "datasets/demo/prompt.json, the demo adapter's")
+    prompt_path: Optional[str] = setting(None, "prompt.json with the templates prompt_input and prompt_no_input, e.g. "
+                                         "datasets/demo/prompt.json, the demo adapter's (default: Alpaca's, the paper's)")
     chat: bool = setting(False, "send each instruction as a user turn in the model's own chat template instead")
     temperature: float = setting(0.1, "sampling temperature; 0 is greedy", low=0.0)
     top_p: float = setting(0.75, "nucleus sampling: sample among the most likely tokens that make up this "
@@ -63,7 +63,9 @@ def answer(config: InstructConfig):
     for flag, path in (("--html", config.html), ("--png", config.png)):
         if path:
             check_writable_dir(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
-    templates = None if config.chat else read_templates(config.prompt_path)
+    templates = None
+    if not config.chat:
+        templates = read_templates(config.prompt_path) if config.prompt_path else ALPACA_TEMPLATES
     generator = config.build(config.adapter(), config.max_batch_size)
     pairs = list(zip(config.instructs, config.inputs))
     sampling = dict(temperature=config.temperature, top_p=config.top_p, max_gen_len=config.max_gen_len)
@@ -71,7 +73,7 @@ def answer(config: InstructConfig):
         dialogs = [[{"role": "user", "content": f"{instruct}\n\n{text}" if text else instruct}] for instruct, text in pairs]
         answers = [r["generation"]["content"] for r in generator.chat_completion(dialogs, **sampling)]
     else:
-        filled = Templates(config.prompt_path, templates, ChatFormat(generator.tokenizer))
+        filled = Templates(config.prompt_path or "Alpaca's templates", templates, ChatFormat(generator.tokenizer))
         prompts = [instruction_prompt(filled, instruct, text) for instruct, text in pairs]
         answers = [r["generation"] for r in generator.text_completion(prompts, **sampling)]
     if not distributed.is_main():

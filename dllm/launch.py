@@ -2,7 +2,7 @@
 worker's error line last and once (not torchrun's ChildFailedError report after it), and the failing
 worker's exit status.
 
-    python -m dllm.launch --nproc_per_node 2 finetuning.py --llama_model_path ...
+    python -m dllm.launch --nproc_per_node 2 finetuning.py --llama_ckpt_dir ...
 
 It takes torchrun's flags. Every rank writes to log files in a temporary directory and rank 0's are
 copied to this terminal as they grow (progress bars included); the other ranks' would repeat it.

@@ -27,14 +27,14 @@ def inference_probes(model, tokens, masks):
     """Logits of both paths (eval: real skipping; train: masked) under D-LLM, fixed and dense routing."""
     results = {}
     model.eval()
-    model.routing = DLLMRouting(model.params)
+    model.use_routing(DLLMRouting(model.params))
     results["eval_dllm"], results["eval_dllm_activation"] = model(tokens)
-    model.routing = FixedRouting(masks)
+    model.use_routing(FixedRouting(masks))
     results["eval_fixed"], _ = model(tokens)
     model.train()
-    model.routing = DenseRouting()
+    model.use_routing(DenseRouting())
     results["train_dense"], _ = model(tokens)
-    model.routing = FixedRouting(masks)
+    model.use_routing(FixedRouting(masks))
     results["train_fixed"], _ = model(tokens)
     return results
 
@@ -47,7 +47,7 @@ def training_probe(model, tokens, seed):
             module.p = 0.3
     model.set_adapter_trainable(True)
     model.train()
-    model.routing = DLLMRouting(model.params)
+    model.use_routing(DLLMRouting(model.params))
     torch.manual_seed(seed)
     logits, activation = model(tokens)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()) + activation.mean()
@@ -103,7 +103,7 @@ def main(ckpt_dir, adapter_path, inputs_path, out_path):
     with torch.no_grad():
         model.eval()
         model.merge_lora()
-        model.routing = DLLMRouting(args)
+        model.use_routing(DLLMRouting(args))
         results["eval_merged"], _ = model(tokens)
     if dist.get_rank() == 0:
         results = {k: v.contiguous() for k, v in results.items()}

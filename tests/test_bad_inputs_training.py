@@ -19,7 +19,7 @@ import finetuning
 from conftest import free_port, one_torch_thread, subprocess_env
 from dllm.checkpoints import adapters, base_model
 from dllm.errors import InputError
-from dllm.core.model import ModelArgs
+from dllm.checkpoints import model_params
 from train_utils import ROOT, one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,11 +151,10 @@ def test_a_text_file_named_tokenizer_model(tiny, tmp_path, capsys):
     assert line.startswith(f"error: {fake}: not a SentencePiece model")
 
 
-def test_the_shard_hint_names_the_scripts_variables(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("DLLM_LAUNCHER", "finetuning.sh")
+def test_a_shard_count_mismatch_says_how_many_processes_to_run(tiny, tmp_path, capsys):
     line = one_line_error(capsys, train_argv(tiny["base_mp2"], tiny["data"], str(tmp_path / "out")))
     assert line == (f"error: {tiny['base_mp2']} has 2 checkpoint shard(s) but model parallel size is 1; "
-                    f"set MODEL_PARALLEL_SIZE=2 and NPROC to a multiple of it")
+                    f"run it with 2 model-parallel processes (or reshard it)")
 
 
 def _damaged_copy(tiny, tmp_path, change) -> str:
@@ -184,7 +183,7 @@ def test_a_fresh_run_into_a_used_directory_is_refused(tiny, used, capsys):
     out, before = used
     line = one_line_error(capsys, argv(tiny, out))
     assert line == (f"error: {out} already holds a run (checkpoint-0.pth, checkpoint-last.pth, log.jsonl); continue it "
-                    f"with RESUME={out} (--resume), or start over with OVERWRITE=1 (--overwrite_output_dir)")
+                    f"with --resume {out}, or start over with --overwrite_output_dir")
     assert snapshot(out) == before
 
 
@@ -229,7 +228,7 @@ def test_resuming_with_another_recipe_names_both_values(tiny, used, capsys, opti
     out, before = used
     line = one_line_error(capsys, argv(tiny, out, resume=str(out), epochs=2, **options))
     assert line == (f"error: {out / 'checkpoint-last.pth'} was trained with --{name} {saved} but this run has "
-                    f"--{name} {given} (finetuning.sh {name.upper()}); resume with the same value, or start a new run elsewhere")
+                    f"--{name} {given}; resume with the same value, or start a new run elsewhere")
     assert snapshot(out) == before
 
 
@@ -251,7 +250,7 @@ def test_a_checkpoint_with_flipped_bytes_is_a_checksum_mismatch(tiny, used, caps
 
 def test_an_adapter_on_another_base_of_the_same_shape_names_both_fingerprints(tiny, finished, tmp_path, capsys):
     other = _damaged_copy(tiny, tmp_path, lambda w: [t.neg_() for t in w.values() if t.ndim == 2])
-    params = ModelArgs.from_json(str(finished / "params.json"))
+    params = model_params.read_args(str(finished / "params.json"))
     with pytest.raises(InputError) as e:
         base_model.build_model(params, other, str(finished / "checkpoint-last.pth"))
     saved = adapters.read_adapter(str(finished / "checkpoint-last.pth"))["base_fingerprint"]

@@ -1,4 +1,4 @@
-"""benchmarks/baselines.py: the runs the sweep makes (its smoke run is in the report of issue 9)."""
+"""benchmarks/baselines.py: the runs the sweep makes."""
 import json
 import math
 import os

@@ -1,4 +1,4 @@
-"""The compute dial (issue 21): a budget chosen at inference. The quantile dial calibrated beside an
+"""The compute dial: a budget chosen at inference. The quantile dial calibrated beside an
 ordinary D-LLM adapter meets a budget on its calibration records and on held-out ones; more budget
 never executes fewer blocks; a batch with mixed budgets routes each row as it would alone; the
 budget-conditioned D-LLM trains each sequence at its own drawn target; a budget an adapter cannot
@@ -13,6 +13,7 @@ import torch
 import finetuning
 from conftest import ROOT, tiny_args
 from dllm import dial, evaluate
+from dllm.checkpoints import dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
@@ -52,7 +53,7 @@ def held_out_share(generator, runs, budget: float, n_records: int = 48) -> float
 
 @pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
 def test_quantile_dial_meets_the_budget_on_its_records_and_held_out(runs, adapter):
-    with open(dial.dial_path(runs[adapter])) as f:
+    with open(dial_file.dial_path(runs[adapter])) as f:
         saved = json.load(f)
     assert saved["budgets"] == BUDGETS
     assert saved["achieved_on_calibration"] == pytest.approx(BUDGETS, abs=0.005)
@@ -137,7 +138,9 @@ def test_the_shipped_adapter_evaluates_as_before(tmp_path):
     shutil.copy(os.path.join(ROOT, "datasets", "demo", "prompt.json"), data / "prompt.json")
     with open(os.path.join(ROOT, "datasets", "demo", "test.json")) as f:
         (data / "test.json").write_text(json.dumps(json.load(f)[:40]))
-    config = evaluate.EvalConfig(dataset_path=str(tmp_path / "datasets"), output_dir=str(tmp_path / "out"))
+    config = evaluate.EvalConfig(llama_ckpt_dir=os.path.join(ROOT, "assets", "tiny-llama2"),
+                                 shipped_adapters=os.path.join(ROOT, "assets"), dataset_path=str(tmp_path / "datasets"),
+                                 output_dir=str(tmp_path / "out"))
     evaluate.evaluate(config)
     with open(os.path.join(ROOT, "tests", "reference", "tiny_dllm_demo40.json")) as f:
         expected = json.load(f)["rows"]

@@ -164,7 +164,7 @@ def test_flops_ratio_dense_routed_and_threshold(tmp_path, tokenizer_path):
     low = ppl_row()
     generator.model.routing.threshold = 0.7
     high = ppl_row()
-    generator.model.routing = DenseRouting()
+    generator.model.use_routing(DenseRouting())
     dense = ppl_row()
     assert dense.flops_ratio == 1.0 and dense.kv_ratio == 1.0
     assert routed.flops_ratio < 1

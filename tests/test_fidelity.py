@@ -17,7 +17,7 @@ RECORDS = [Record("The quick brown fox", " jumps over the lazy dog."),
 def models(tokenizer_path):
     routed = make_generator(tokenizer_path)
     base = make_generator(tokenizer_path)
-    base.model.routing = DenseRouting()
+    base.model.use_routing(DenseRouting())
     return routed, base
 
 

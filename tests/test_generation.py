@@ -96,7 +96,7 @@ def test_reused_generator_equals_fresh_ones(tokenizer_path):
 def test_dense_mode_is_the_plain_model(tokenizer_path):
     """DenseRouting on a model with routers equals a model that has no routers at all."""
     routed = make_generator(tokenizer_path)
-    routed.model.routing = DenseRouting()
+    routed.model.use_routing(DenseRouting())
     plain = make_generator(tokenizer_path, dynamic_start_layer=routed.model.n_layers)
     plain.model.load_state_dict({k: v for k, v in routed.model.state_dict().items() if ".router." not in k})
     prompts = encode(routed, PROMPTS)

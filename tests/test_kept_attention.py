@@ -46,7 +46,7 @@ def ragged_masks(model):
 def model_and_tokens(n_layers=5):
     torch.manual_seed(0)
     model = randomize(Transformer(tiny_args(n_layers=n_layers)), seed=1, lora_b_std=0.2)
-    model.routing = PositionRouting(ragged_masks(model))
+    model.use_routing(PositionRouting(ragged_masks(model)))
     return model, torch.randint(0, 320, (B, S), generator=torch.Generator().manual_seed(2))
 
 

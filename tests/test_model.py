@@ -123,7 +123,7 @@ def oracle_case(name):
 def test_logits_match_transformers_llama(config, mode, routing):
     model, tokens, expected = oracle_case(config)
     model.train(mode == "train")
-    model.routing = DenseRouting() if routing == "dense" else DLLMRouting(model.params)
+    model.use_routing(DenseRouting() if routing == "dense" else DLLMRouting(model.params))
     with torch.no_grad():
         logits, activation = model(tokens)
     assert logits.dtype == torch.float32 and logits.shape == expected.shape
@@ -136,7 +136,7 @@ def test_oracle_is_sensitive_to_rotary_layout():
     """Control: without the rotary permutation the same comparison fails clearly."""
     model, tokens, expected = oracle_case("gqa")
     model.eval()
-    model.routing = DenseRouting()
+    model.use_routing(DenseRouting())
     hf = meta_to_hf(model)
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
@@ -217,9 +217,9 @@ def test_all_execute_mask_is_a_no_op():
     # the same at model level, every routed block with an all-True mask
     tokens = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        model.routing = DenseRouting()
+        model.use_routing(DenseRouting())
         ref, _ = model(tokens)
-        model.routing = FixedRouting({i: torch.ones(2, 10, dtype=torch.bool) for i in routed_layers(model)})
+        model.use_routing(FixedRouting({i: torch.ones(2, 10, dtype=torch.bool) for i in routed_layers(model)}))
         got, activation = model(tokens)
     assert torch.all(activation == 1)
     assert max_diff(ref, got) <= 1e-6
@@ -242,7 +242,7 @@ def test_gather_path_equals_masked_path(config):
     model = randomize(make_model(seed=10, n_layers=5, **CONFIGS[config]), seed=11, lora_b_std=0.2)
     b, s = 3, 12
     tokens = torch.randint(0, 320, (b, s), generator=torch.Generator().manual_seed(12))
-    model.routing = FixedRouting(_random_masks(model, b, s, seed=13))
+    model.use_routing(FixedRouting(_random_masks(model, b, s, seed=13)))
     with torch.no_grad():
         model.train()
         masked, act_train = model(tokens)
@@ -353,7 +353,7 @@ def test_compute_loss_by_hand_with_fixed_routing():
     g = torch.Generator().manual_seed(26)
     masks = {i: torch.rand(b, s, generator=g) < 0.5 for i in routed_layers(model)}
     masks[routed_layers(model)[0]][:, :2] = False  # reserved tokens skip: they must not count anyway
-    model.routing = FixedRouting(masks)
+    model.use_routing(FixedRouting(masks))
     model.train()
     with torch.no_grad():
         c_loss, _, metrics = compute_loss(model, examples, labels, example_masks, label_masks)

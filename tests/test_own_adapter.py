@@ -129,7 +129,8 @@ def test_help_describes_every_flag_with_its_default(script, config, capsys):
         if action.dest == "help":
             continue
         described = " ".join(formatter._get_help_string(action).split())
-        assert len(described) > 20 and "(default" in described, (action.option_strings, described)
+        assert len(described) > 20 and ("(default" in described or "(required)" in described), (
+            action.option_strings, described)
         assert action.option_strings[0] in text and described[:30] in text, action.option_strings
     if script is EXAMPLE:
         assert "--instructs \"['Tell me about alpacas.', 'Name three colours.']\"" in text

@@ -53,7 +53,7 @@ def test_ppl_criterion_is_the_model_with_the_block_deleted(ranked):
 def test_taylor_criterion_is_gradient_times_weight(ranked):
     ranking, reference, batches = ranked
     model = copy.deepcopy(reference).train()
-    model.routing = DenseRouting()
+    model.use_routing(DenseRouting())
     for block in (1, 2, 3):
         weights = [p for p in model.layers[block].parameters() if p.ndim == 2]
         grads = torch.autograd.grad(mean_ce(model, batches), weights)

@@ -18,6 +18,7 @@ from dllm.core import flops
 from dllm.core import routing
 from dllm.checkpoints.adapters import adapter_state_dict, read_adapter
 from dllm.checkpoints.base_model import build_model
+from dllm.checkpoints import model_params
 from dllm.checkpoints.meta_layout import save_meta_checkpoint
 from dllm.atomic_io import atomic_save
 from dllm.generation import Llama
@@ -420,7 +421,7 @@ def test_calibrated_threshold_meets_the_target(tiny_run, name):
     """The inference threshold of early exit and MoD's predictor, fit after training, gives the
     target executed share on the batches it was fit on (and the adapter's params.json keeps it)."""
     base, out = tiny_run(name)
-    params = ModelArgs.from_json(str(out / "params.json"))
+    params = model_params.read_args(str(out / "params.json"))
     trainer = Trainer(finetuning.parse_args(train_argv(base, str(out.parent / "data"), str(out.parent / f"probe-{name}"),
                                                        routing=name, resume=str(out))))
     trainer.model.routing.threshold = params.execute_threshold

@@ -27,6 +27,6 @@ def test_settled_depth_counts_response_positions_whose_top1_is_final_at_each_blo
             tokens = torch.tensor([ids])
             final, embedded = model(tokens)[0][0].argmax(-1), model.tok_embeddings(tokens)[0]
             for position in range(prompt_length - 1, len(ids) - 1):  # each predicts response token position + 1
-                hits += routing.settled(model, embedded[position], final[position]).item()
+                hits += routing.EarlyExitRouting.settled(model, embedded[position], final[position]).item()
     response_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
     assert shares[0] == pytest.approx(hits / response_tokens) and 0 < shares[0] < 1

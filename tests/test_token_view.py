@@ -55,7 +55,7 @@ def test_cells_are_the_recorded_routing(generated):
 
 def test_dense_model_runs_every_block_always_on(tokenizer_path):
     generator = make_generator(tokenizer_path)
-    generator.model.routing = DenseRouting()
+    generator.model.use_routing(DenseRouting())
     generator.generate(encode(generator, PROMPTS[:1]), max_gen_len=4, temperature=0.0)
     seq, = sequences_from_generation(generator)
     assert {k for cells in seq.kinds for k in cells} == {ALWAYS_ON}

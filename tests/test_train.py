@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from dllm.checkpoints import adapters, base_model, model_params
 from dllm.checkpoints.adapters import read_adapter
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
-from dllm.core.model import ModelArgs, Transformer
+from dllm.core.model import Transformer
 from dllm.core.routing import rate_loss_weight
 from dllm.training.loop import Trainer, train
 from dllm.training.config import TrainConfig
@@ -222,7 +223,7 @@ def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, t
     capsys.readouterr()
     trainer.train()
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"nothing left to do: {out / 'checkpoint-last.pth'} finished all 2 epochs (raise --epochs / EPOCHS to train longer)")
+        f"nothing left to do: {out / 'checkpoint-last.pth'} finished all 2 epochs (raise --epochs to train longer)")
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
@@ -264,8 +265,14 @@ def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_p
     assert lines[1] == (f"final validation (test.json): executed {final['val_act_ratio']:.3f} of the blocks, CE "
                         f"{final['val_c_loss']:.3f}, perplexity {math.exp(final['val_c_loss']):.1f}")
     use = f"--llama_ckpt_dir {tiny['base']} --dynamic_ckpt_dir {out}"
-    assert lines[2] == f"generate with it: torchrun --nproc_per_node 1 example.py {use}"
-    assert lines[3] == f"evaluate it:      torchrun --nproc_per_node 1 evaluate.py {use}"
+    with open(os.path.join(tiny["data"], "demo", "test.json")) as f:
+        first = json.load(f)[0]
+    prompt = f"--prompt_path {os.path.join(tiny['data'], 'demo', 'prompt.json')} " \
+             f"--instructs {shlex.quote(repr([first['instruction']]))}"
+    if first["input"]:
+        prompt += f" --inputs {shlex.quote(repr([first['input']]))}"
+    assert lines[2] == f"generate with it: torchrun --nproc_per_node 1 example.py {use} {prompt}"
+    assert lines[3] == f"evaluate it:      torchrun --nproc_per_node 1 evaluate.py {use} --datasets demo"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -550,7 +557,7 @@ def test_non_finite_loss_from_the_data_names_the_examples_and_keeps_the_checkpoi
     assert str(e.value) == (
         f"non-finite loss at epoch 0 step 2: the loss of examples [{bad}] of {train_json} is not finite even at the "
         f"initial adapter and the base weights are finite: check those records; the last checkpoint, "
-        f"{out / 'checkpoint-last.pth'} (epoch 0, step 2), is finite and kept: RESUME={out} continues from it")
+        f"{out / 'checkpoint-last.pth'} (epoch 0, step 2), is finite and kept: --resume {out} continues from it")
     saved = read_adapter(str(out / "checkpoint-last.pth"))
     assert (saved["epoch"], saved["step"]) == (0, 2)
     assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
@@ -559,13 +566,13 @@ def test_non_finite_loss_from_the_data_names_the_examples_and_keeps_the_checkpoi
 def test_a_huge_learning_rate_never_saves_nan_and_blames_the_learning_rate(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     line = one_line_error(capsys, argv(tiny, out, lr=1e12, router_lr=1e12, warmup_epochs=0, save_steps=1))
-    assert "the training diverged, lower the learning rate (lr 1e+12: --blr/--lr, finetuning.sh BLR=/LR=)" in line
+    assert "the training diverged, lower the learning rate (lr 1e+12: --blr/--lr)" in line
     saved = sorted(glob.glob(str(out / "*.pth")))
     for path in saved:  # whatever was written before the divergence is finite
         ckpt = read_adapter(path)
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     if saved:
-        assert line.endswith(f"is finite and kept: RESUME={out} continues from it"), line
+        assert line.endswith(f"is finite and kept: --resume {out} continues from it"), line
     else:
         assert line.endswith(f"no checkpoint was written to {out}"), line
     assert [name for name in os.listdir(out) if name.startswith(".tmp-")] == []
@@ -597,7 +604,7 @@ def test_log_params_and_checkpoints(tiny, run_a):
     # the rate loss is doing its job: execution falls from ~0.9 toward the 0.5 target
     assert epochs[-1]["val_act_ratio"] < steps[0]["act_ratio"] - 0.05
 
-    params = ModelArgs.from_json(str(run_a / "params.json"))
+    params = model_params.read_args(str(run_a / "params.json"))
     expected = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=320, max_seq_len=48, lora_rank=4,
                     dynamic_active_target=0.5, dynamic_start_layer=1, dynamic_router_hdim=16,
                     dynamic_reserve_initials=2, dynamic_router_bias=(0.1, 2.0))
@@ -633,8 +640,8 @@ def test_help_describes_every_flag_with_its_default_and_range(capsys):
 
 def test_a_config_built_directly_is_checked_and_gives_the_model_args_by_name(tiny):
     with pytest.raises(InputError, match="--epochs 0: must be >= 1"):
-        TrainConfig(llama_model_path=tiny["base"], epochs=0)
-    config = TrainConfig(llama_model_path=tiny["base"], lora_rank=4, dynamic_router_bias=[0.5, 1.5])
+        TrainConfig(llama_ckpt_dir=tiny["base"], epochs=0)
+    config = TrainConfig(llama_ckpt_dir=tiny["base"], lora_rank=4, dynamic_router_bias=[0.5, 1.5])
     overrides = config.model_overrides()
     assert set(overrides) == {"max_seq_len", "lora_rank", "dynamic_active_target", "dynamic_router_hdim",
                               "dynamic_start_layer", "dynamic_reserve_initials", "dynamic_router_bias", "gumbel_tau",

@@ -64,7 +64,7 @@ def make_dataset(directory: str, name: str = "demo") -> str:
 def train_argv(base: str, data: str, out: str, *extra: str, **options) -> list:
     """finetuning.py arguments for a tiny run; keyword options override the defaults below."""
     values = dict(
-        llama_model_path=base, dataset_path=data, dataset_name="demo", output_dir=out,
+        llama_ckpt_dir=base, dataset_path=data, dataset_name="demo", output_dir=out,
         max_seq_len=48, lora_rank=4, dynamic_router_hdim=16, dynamic_start_layer=1, dynamic_reserve_initials=2,
         dynamic_active_target=0.5, lambda_active=1.0, batch_size=BATCH, epochs=2, warmup_epochs=0.5,
         lr=5e-3, router_lr=2e-2, min_lr=1e-4, weight_decay=0.02, seed=0, log_freq=1,

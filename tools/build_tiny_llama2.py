@@ -119,7 +119,7 @@ def build(out_dir="assets/tiny-llama2", steps=600, batch=16, seq_len=256, lr=1e-
                          dynamic_start_layer=n_layers, lora_dropout=0.0)
         distributed.setup_if_needed()
         model = Transformer(args)
-        model.routing = DenseRouting()
+        model.use_routing(DenseRouting())
         n_params = sum(p.numel() for p in model.parameters())
         # no weight decay on norm gains (the only 1-d parameters)
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -152,7 +152,7 @@ def build(out_dir="assets/tiny-llama2", steps=600, batch=16, seq_len=256, lr=1e-
         # the reported number is that of the shipped (bf16) weights, loaded as a user would load them
         reloaded = Transformer(load_params(tmp, lora_rank=0, dynamic_start_layer=n_layers), init_weights=False)
         load_base(reloaded, tmp)
-        reloaded.routing = DenseRouting()
+        reloaded.use_routing(DenseRouting())
         heldout_ppl = perplexity(reloaded, heldout, eval_batch)
         tail = losses[-20:]  # mean of the last 20 steps: one batch is noisy
         info = {

@@ -18,7 +18,7 @@ import os
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import read_results
 from dllm.plots import quality_flops_figure, save_png
-from dllm.core.routing import BASELINE_METHODS, baseline_label
+from benchmarks.baselines import BASELINE_METHODS, baseline_label
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

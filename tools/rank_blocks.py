@@ -1,6 +1,6 @@
 """Rank a base model's blocks for static pruning, Shortened-LLaMA's two criteria (Kim et al. 2024).
 
-    python -m tools.rank_blocks --llama_model_path assets/tiny-llama2 --dataset_name demo --out runs/ranking.json
+    python -m tools.rank_blocks --llama_ckpt_dir assets/tiny-llama2 --dataset_name demo --out runs/ranking.json
 
 On the first --n_records training records: the perplexity of the responses with each block removed
 (every token skips it, as `--routing static` runs it), and each block's Taylor importance, the sum
@@ -47,13 +47,13 @@ def response_ce(model: Transformer, batches) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity_without(model: Transformer, batches, block: int) -> float:
-    model.routing = StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,)))
+    model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
     return math.exp(response_ce(model.eval(), batches).item())
 
 
 def taylor_scores(model: Transformer, batches) -> Dict[int, float]:
     """Per block: sum over its 2-D weights of |grad * weight|, the gradient of the mean CE."""
-    model.routing = DenseRouting()
+    model.use_routing(DenseRouting())
     model.train()
     weights = {layer.layer_id: [p for p in layer.parameters() if p.ndim == 2] for layer in model.layers}
     for p in model.parameters():
@@ -68,7 +68,7 @@ def taylor_scores(model: Transformer, batches) -> Dict[int, float]:
 def rank_blocks(model: Transformer, batches, start_layer: int) -> dict:
     candidates = list(range(start_layer, model.n_layers))
     with torch.no_grad():
-        model.routing = DenseRouting()
+        model.use_routing(DenseRouting())
         base_ppl = math.exp(response_ce(model.eval(), batches).item())
     ppl = {block: perplexity_without(model, batches, block) for block in candidates}
     taylor = {block: score for block, score in taylor_scores(model, batches).items() if block in candidates}
@@ -90,10 +90,10 @@ def blocks_to_skip(ranking: dict, criterion: str, target: float) -> List[int]:
 
 def main(args):
     device = distributed.setup(1)
-    tokenizer = Tokenizer(args.tokenizer_path or args.llama_model_path)
-    params = model_params.load_params(args.llama_model_path, lora_rank=0, routing="dense", max_seq_len=args.max_seq_len)
-    model_params.check_vocab(params, tokenizer, args.tokenizer_path or args.llama_model_path)
-    model = base_model.build_model(params, args.llama_model_path, None, device)
+    tokenizer = Tokenizer(args.tokenizer_path or args.llama_ckpt_dir)
+    params = model_params.load_params(args.llama_ckpt_dir, lora_rank=0, routing="dense", max_seq_len=args.max_seq_len)
+    params = model_params.with_vocab(params, tokenizer, args.tokenizer_path or args.llama_ckpt_dir)
+    model = base_model.build_model(params, args.llama_ckpt_dir, None, device)
     records = load_records(args.dataset_path, args.dataset_name, "train", ChatFormat(tokenizer))[: args.n_records]
     loader = DataLoader(InstructionDataset(records, tokenizer, args.max_seq_len), batch_size=args.batch_size)
     batches = [[t.to(device) for t in trim_padding(batch)] for batch in loader]
@@ -107,9 +107,9 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--llama_model_path", default=os.path.join("assets", "tiny-llama2"),
+    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"),
                    help="base checkpoint directory, Meta or Hugging Face layout")
-    p.add_argument("--tokenizer_path", default=None, help="default: the one in --llama_model_path")
+    p.add_argument("--tokenizer_path", default=None, help="default: the one in --llama_ckpt_dir")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo")
     p.add_argument("--n_records", type=int, default=64, help="training records the criteria are measured on")

@@ -40,13 +40,6 @@ def shard_files(ckpt_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
 
 
-def _shard_hint(n_shards: int) -> str:
-    """How to match the shard count, in the words of the script the user started."""
-    if os.environ.get("DLLM_LAUNCHER") == "finetuning.sh":
-        return f"set MODEL_PARALLEL_SIZE={n_shards} and NPROC to a multiple of it"
-    return f"run with --nproc_per_node {n_shards} (or reshard)"
-
-
 def base_shard_path(ckpt_dir: str) -> str:
     """The consolidated.NN.pth of this model-parallel rank; the shard count must equal the MP size."""
     if not os.path.isdir(ckpt_dir):
@@ -57,7 +50,7 @@ def base_shard_path(ckpt_dir: str) -> str:
     if len(shards) != distributed.mp_size():
         raise InputError(
             f"{ckpt_dir} has {len(shards)} checkpoint shard(s) but model parallel size is "
-            f"{distributed.mp_size()}; {_shard_hint(len(shards))}"
+            f"{distributed.mp_size()}; run it with {len(shards)} model-parallel processes (or reshard it)"
         )
     return shards[distributed.mp_rank()]
 

@@ -1,8 +1,10 @@
 """Model args from a base's params.json or config.json, checked field by field, and the checks
 that an adapter's args and a tokenizer belong to that base. Nothing here changes its arguments."""
+import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 from typing import Optional
 
@@ -68,19 +70,33 @@ def load_params(ckpt_dir_or_file: str, **overrides) -> ModelArgs:
         if os.path.basename(path) == "config.json":
             config = hf_layout.read_config(os.path.dirname(path))
             check_types(config, HF_CONFIG_TYPES, path)
-            return ModelArgs.from_dict(hf_layout.config_to_params(config, path), **overrides)
+            return args_from_dict(hf_layout.config_to_params(config, path), **overrides)
         with open(path) as f:
             params = json.load(f)
         if isinstance(params, dict):
             check_types(params, typing.get_type_hints(ModelArgs), path)
-        return ModelArgs.from_dict(params, **overrides)
+        return args_from_dict(params, **overrides)
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise InputError(f"{path}: not a valid {os.path.basename(path)} ({e})") from None
 
 
+def args_from_dict(params: dict, **overrides) -> ModelArgs:
+    """ModelArgs.from_dict, saying on stderr which keys it ignores."""
+    unknown = ModelArgs.unknown_keys(params) if isinstance(params, dict) else []
+    if unknown:
+        print(f"warning: ignoring unknown model args {unknown}", file=sys.stderr)
+    return ModelArgs.from_dict(params, **overrides)
+
+
+def read_args(path: str, **overrides) -> ModelArgs:
+    """An adapter's params.json (or any Meta params.json) as model args."""
+    with open(path) as f:
+        return args_from_dict(json.load(f), **overrides)
+
+
 def model_args(params: dict, path: str, **overrides) -> ModelArgs:
     try:
-        return ModelArgs.from_dict(params, **overrides)
+        return args_from_dict(params, **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: not valid model args ({e})") from None
 
@@ -121,12 +137,14 @@ def check_args_match(args: ModelArgs, base: ModelArgs, args_path: str, base_path
 VOCAB_PADDING = 1024
 
 
-def check_vocab(args: ModelArgs, tokenizer, tokenizer_path: str):
-    """Every token id has an embedding row, and the table is the tokenizer's (at most padded to a
-    multiple of VOCAB_PADDING); Meta checkpoints leave vocab_size to the tokenizer."""
+def with_vocab(args: ModelArgs, tokenizer, tokenizer_path: str) -> ModelArgs:
+    """The args with their vocab_size checked against the tokenizer: every token id has an embedding
+    row, and the table is the tokenizer's (at most padded to a multiple of VOCAB_PADDING). Meta
+    checkpoints leave vocab_size to the tokenizer (-1): the copy returned has the tokenizer's."""
     if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
+        args = dataclasses.replace(args, vocab_size=tokenizer.n_words)
     padded = VOCAB_PADDING * math.ceil(tokenizer.n_words / VOCAB_PADDING)
     if not tokenizer.n_words <= args.vocab_size <= max(padded, tokenizer.n_words):
         raise InputError(f"{tokenizer_path}: {tokenizer.n_words} tokens but the model's vocab_size is "
                          f"{args.vocab_size} (the tokenizer does not belong to this model)")
+    return args

@@ -9,8 +9,6 @@ K/V behind (see kv_cache.py). A block every token runs, with rows keeping as man
 the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
 import functools
-import json
-import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
@@ -30,7 +28,9 @@ from dllm.core.routing import Decision, DenseRouting, make_routing
 
 
 @dataclass
-class ModelArgs:
+class LlamaArgs:
+    """The base model's architecture: what a Meta params.json or a Hugging Face config.json says."""
+
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -45,21 +45,25 @@ class ModelArgs:
     hidden_dim: Optional[int] = None  # the FFN width as stored (HF intermediate_size); else rounded from dim
     tie_word_embeddings: bool = False  # the output projection is the embedding matrix
     rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-    # D-LLM (official names)
+
+
+@dataclass
+class AdapterArgs:
+    """What an adapter adds to its base and how it routes: LoRA, the routing policy and its
+    settings (the D-LLM names are the official ones; the rest default to the reference's behaviour).
+    The training settings themselves (lambda, lr, schedule) are TrainConfig's."""
+
     lora_rank: int = 8
     dynamic_active_target: float = 0.5
     dynamic_start_layer: int = 2
     dynamic_router_hdim: int = 512
     dynamic_reserve_initials: int = 2
-    # ours, with the reference's behaviour as default
     lora_scale: float = 1.0
     lora_dropout: float = 0.05
     dynamic_router_bias: Tuple[float, float] = (0.1, 2.0)
     gumbel_tau: float = 1.0
     rate_loss_unit: str = "token"  # D-LLM's rate loss holds each token's share at the target, or each sequence's mean
-    execute_threshold: float = 0.5
+    execute_threshold: float = 0.5  # the policy's inference threshold as saved (policies that have one)
     # budget-conditioned D-LLM: the range of execution shares its routers are trained for and take as
     # input (a target drawn per sequence from it); empty: one fixed target, the routers take no budget
     dynamic_budget_range: Tuple[float, ...] = ()
@@ -67,15 +71,26 @@ class ModelArgs:
     routing: str = "dllm"
     static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips
 
+
+@dataclass
+class ModelArgs(AdapterArgs, LlamaArgs):
+    """Everything a model is built from, flat as the official params.json keeps it: the base's
+    architecture, the adapter's settings, and the sizes the KV cache and RoPE table are made for."""
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @staticmethod
+    def unknown_keys(params: dict) -> list:
+        """The keys of a params dict this model does not know (from_dict ignores them)."""
+        return sorted(set(params) - {f.name for f in fields(ModelArgs)} - {"use_scaled_rope"})
+
     @classmethod
     def from_dict(cls, params: dict, **overrides) -> "ModelArgs":
-        """Accept a Meta params.json as is; keys this model does not know are reported and ignored."""
+        """Accept a Meta params.json as is; keys this model does not know are ignored (`unknown_keys`)."""
         if not isinstance(params, dict):
             raise TypeError(f"expected a JSON object, got {type(params).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known - {"use_scaled_rope"})
-        if unknown:
-            print(f"warning: ignoring unknown model args {unknown}", file=sys.stderr)
         merged = {k: v for k, v in params.items() if k in known}
         if params.get("use_scaled_rope") and merged.get("rope_scaling") is None:
             merged["rope_scaling"] = dict(META_LLAMA3_ROPE_SCALING)  # Meta's Llama-3.1 params.json
@@ -84,11 +99,6 @@ class ModelArgs:
             if key in merged:
                 merged[key] = tuple(merged[key])
         return cls(**merged)
-
-    @classmethod
-    def from_json(cls, path, **overrides) -> "ModelArgs":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), **overrides)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -396,6 +406,13 @@ class Transformer(nn.Module):
         """fp32 logits [n, vocab] at the flat `positions` (objective.scored_positions) only: a teacher's targets."""
         h, _, _ = self.hidden_states(tokens)
         return self.project_vocab(h.flatten(0, 1)[positions]).float()
+
+    def use_routing(self, routing: DenseRouting):
+        """Route with another policy over the blocks as built (the dense base, a pruning probe, fixed
+        decisions): it reads the block modules this model holds, and adds none."""
+        if not isinstance(routing, DenseRouting):
+            raise TypeError(f"a routing policy (routing.DenseRouting or a subclass), got {type(routing).__name__}")
+        self.routing = routing
 
     def merge_lora(self):
         for layer in self.layers:

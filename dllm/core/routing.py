@@ -127,6 +127,9 @@ class DenseRouting:
     label = "dense LoRA"
     # True: the inference threshold is fit after training so the executed share meets the target
     calibrates_threshold = False
+    # the inference threshold of a policy that decides by one (D-LLM, MoD, early exit): set from
+    # execute_threshold when built, and by calibration (training.validation.calibrate_threshold)
+    threshold: Optional[float] = None
 
     def __init__(self, args=None):
         self.args = args
@@ -318,8 +321,8 @@ class MoDRouting(DenseRouting):
     executed tokens' update, which is how the router learns. Inference: the causal predictor decides
     (sigmoid >= threshold), the update scaled the same way. The aux loss is the predictor's binary
     cross-entropy against top-k membership. Choices: the threshold is fit after training so the
-    executed share meets the target (`calibrates_threshold`; MoD's 0.5 executed 0.37 at a 0.5 target
-    on the demo, so matched compute needs it); the router weight is 2 * sigmoid(score), not
+    executed share meets the target (`calibrates_threshold`: the predictor's 0.5 misses the target,
+    so matched compute needs it); the router weight is 2 * sigmoid(score), not
     MoD's raw score, which from a pretrained base would start near 0 and erase the frozen blocks;
     k counts the batch's padded length; no reserved initial tokens (MoD has none).
     """
@@ -407,11 +410,6 @@ class StaticRouting(DenseRouting):
         return layer_id in self.skipped
 
 
-def settled(model, x: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """Whether the head on hidden states x already gives the final top-1 tokens: early exit's label."""
-    return model.project_vocab(model.norm(x)).argmax(-1) == final
-
-
 class EarlyExitRouting(DenseRouting):
     """Early exit, Ada-Infer-style (Fan et al. 2024): from dynamic_start_layer on, a classifier on
     each block's input says whether the token's prediction has settled; if so the token stops
@@ -434,6 +432,11 @@ class EarlyExitRouting(DenseRouting):
     def __init__(self, args):
         super().__init__(args)
         self.threshold = args.execute_threshold
+
+    @staticmethod
+    def settled(model, x: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """Whether the head on hidden states x already gives the final top-1 tokens: the classifiers' label."""
+        return model.project_vocab(model.norm(x)).argmax(-1) == final
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
         return router_from_start_layer(self.args, layer_id)
@@ -462,7 +465,7 @@ class EarlyExitRouting(DenseRouting):
         total = 0.0
         for x, router_logits in pairs:
             with torch.no_grad():
-                go_on = ~settled(model, x[counted], final)
+                go_on = ~self.settled(model, x[counted], final)
             ce = F.cross_entropy(router_logits[counted], go_on.long(), reduction="none")
             total = total + (ce * weight).sum()
         return total / (len(pairs) * weight.sum().clamp(min=1))
@@ -496,18 +499,6 @@ class FixedRouting(DenseRouting):
 
 
 POLICIES = {policy.name: policy for policy in (DLLMRouting, MoDRouting, StaticRouting, EarlyExitRouting, DenseRouting)}
-
-# the methods the baselines compare (benchmarks/baselines.py): a policy and, for static pruning, the
-# block ranking it prunes by (tools/rank_blocks.py)
-BASELINE_METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None),
-                    "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"),
-                    "early_exit": ("early_exit", None)}
-
-
-def baseline_label(method: str) -> str:
-    policy, criterion = BASELINE_METHODS[method]
-    return POLICIES[policy].label + (f" ({criterion})" if criterion else "")
-
 
 def make_routing(args) -> DenseRouting:
     """The policy `args.routing` names, built from the model args."""

@@ -1,5 +1,5 @@
 """The fine-tuning settings, defined once: each field is a finetuning.py flag (the paper's code's
-names and defaults), its help and its allowed range. Fields named like a `ModelArgs` field
+names and defaults; presets/*.json hold the recipes that differ), its help and its allowed range. Fields named like a `ModelArgs` field
 override the base's model args by that name (`model_overrides`).
 """
 import dataclasses
@@ -11,7 +11,7 @@ from dllm.errors import InputError
 from dllm.core.model import ModelArgs
 from dllm.core.routing import POLICIES, DLLMRouting
 
-# what a resumed run must share with the checkpoint it continues (finetuning.sh names them in capitals)
+# what a resumed run must share with the checkpoint it continues
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
                      "rate_loss_unit", "dynamic_budget_range")
@@ -20,9 +20,12 @@ RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active
 @dataclass
 class TrainConfig(Settings):
     # paths (official names)
-    llama_model_path: str = setting("", "base checkpoint directory, Meta or Hugging Face layout", required=True)
-    llama_param_path: Optional[str] = setting(None, "params.json or config.json (default: the one in --llama_model_path)")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in --llama_model_path)")
+    preset: str = setting("", "a named recipe: presets/NAME.json's finetuning settings replace the defaults (demo, "
+                          "smollm2, llama2-7b-alpaca; --help with it shows them); flags still override them")
+    llama_ckpt_dir: str = setting("", "base checkpoint directory, Meta or Hugging Face layout", required=True,
+                                  aliases=["--llama_model_path"])
+    llama_param_path: Optional[str] = setting(None, "params.json or config.json (default: the one in --llama_ckpt_dir)")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in --llama_ckpt_dir)")
     dataset_path: str = setting("datasets", "directory holding one folder per dataset")
     dataset_name: str = setting("alpaca", "dataset folder under --dataset_path (train.json, test.json)")
     output_dir: str = setting("./output", "where checkpoints, params.json, log.jsonl and curves.png go")
@@ -107,5 +110,5 @@ class TrainConfig(Settings):
         for name in RESUME_MUST_MATCH:
             if name in saved and saved[name] != getattr(self, name):
                 raise InputError(
-                    f"{path} was trained with --{name} {saved[name]} but this run has --{name} {getattr(self, name)} "
-                    f"(finetuning.sh {name.upper()}); resume with the same value, or start a new run elsewhere")
+                    f"{path} was trained with --{name} {saved[name]} but this run has --{name} {getattr(self, name)}; "
+                    f"resume with the same value, or start a new run elsewhere")

@@ -25,7 +25,7 @@ def non_finite_cause(model: Transformer, initial_adapter: dict, indices, batch, 
     base_finite = all(torch.isfinite(p).all() for name, p in model.state_dict().items()
                       if not is_adapter_key(name) and p.is_floating_point())
     if not all_ranks(base_finite, device):
-        return (f"the base weights in {config.llama_model_path} hold NaN or inf: the base checkpoint is "
+        return (f"the base weights in {config.llama_ckpt_dir} hold NaN or inf: the base checkpoint is "
                 f"damaged, re-download or re-convert it")
     model.load_state_dict(initial_adapter, strict=False)
     # one example at a time (model-parallel peers hold the same batch and compute together)
@@ -42,4 +42,4 @@ def non_finite_cause(model: Transformer, initial_adapter: dict, indices, batch, 
         return (f"the loss of examples {bad} of {train_json} is not finite even at the initial adapter and the "
                 f"base weights are finite: check those records")
     return (f"the base weights are finite and the same examples give a finite loss at the initial adapter: the "
-            f"training diverged, lower the learning rate (lr {lr:.3g}: --blr/--lr, finetuning.sh BLR=/LR=)")
+            f"training diverged, lower the learning rate (lr {lr:.3g}: --blr/--lr)")

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -58,6 +59,20 @@ def _to_cpu(obj):
     return obj
 
 
+def example_flags(dataset_path: str, name: str, split: str) -> str:
+    """example.py's flags for the first record of a split, in its dataset's own prompt: what the
+    closing summary suggests generating with ("" for datasets that are not instruction records)."""
+    prompt = os.path.join(dataset_path, name, "prompt.json")
+    with open(os.path.join(dataset_path, name, f"{split}.json"), encoding="utf-8") as f:
+        first = json.load(f)[0]
+    if not (os.path.isfile(prompt) and isinstance(first.get("instruction"), str)):
+        return ""
+    flags = f"--prompt_path {prompt} --instructs {shlex.quote(repr([first['instruction']]))}"
+    if first.get("input"):
+        flags += f" --inputs {shlex.quote(repr([first['input']]))}"
+    return flags
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = args = config
@@ -65,11 +80,11 @@ class Trainer:
         self.device = distributed.setup(args.model_parallel_size)
         self.main = distributed.is_main()
         # the cheap checks first: nothing heavy loads before the inputs are known to be usable
-        base_model.check_base(args.llama_model_path)  # a missing model says so before anything else
-        tokenizer = Tokenizer(args.tokenizer_path or args.llama_model_path)
-        params_path = args.llama_param_path or layouts.params_file(args.llama_model_path)
+        base_model.check_base(args.llama_ckpt_dir)  # a missing model says so before anything else
+        tokenizer = Tokenizer(args.tokenizer_path or args.llama_ckpt_dir)
+        params_path = args.llama_param_path or layouts.params_file(args.llama_ckpt_dir)
         self.model_args = model_params.load_params(params_path, **args.model_overrides())
-        model_params.check_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_model_path)
+        self.model_args = model_params.with_vocab(self.model_args, tokenizer, args.tokenizer_path or args.llama_ckpt_dir)
         args.check_model(self.model_args, params_path)
         self.resumed = self.read_resume(args.resume) if args.resume else None
         teacher.check_teacher(args.distill_teacher)
@@ -80,6 +95,7 @@ class Trainer:
                      f"recipe by these numbers")
         records = {split: load_records(args.dataset_path, args.dataset_name, split, chat)
                    for split in ("train", self.val_split)}
+        self.example_prompt = example_flags(args.dataset_path, args.dataset_name, self.val_split)
         # DistributedSampler(drop_last) and DataLoader(drop_last): the training loader's length
         if len(records["train"]) // distributed.dp_size() // args.batch_size < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(records['train'])} training records give fewer batches than --accum_iter")
@@ -96,12 +112,12 @@ class Trainer:
         # adapters start identical on every rank; noise (Gumbel, dropout) differs across data-parallel ranks
         torch.manual_seed(args.seed)
         self.model = base_model.build_model(
-            self.model_args, args.llama_model_path, None, self.device, distributed.base_dtype(self.device)
+            self.model_args, args.llama_ckpt_dir, None, self.device, distributed.base_dtype(self.device)
         )
         self.fingerprint = adapters.base_fingerprint(self.model)
         self.teacher = None
         if args.distill_teacher:
-            self.teacher = teacher.build_teacher(args.distill_teacher, self.model_args, args.llama_model_path,
+            self.teacher = teacher.build_teacher(args.distill_teacher, self.model_args, args.llama_ckpt_dir,
                                                  self.device, distributed.base_dtype(self.device))
         self.initial_adapter = {k: v.clone() for k, v in self.model.state_dict().items() if is_adapter_key(k)}
         torch.manual_seed(args.seed + distributed.dp_rank())
@@ -187,7 +203,7 @@ class Trainer:
             raise InputError(
                 f"the adapter or its optimizer state became non-finite by epoch {epoch} step {step} although every "
                 f"loss was finite: the training diverged, lower the learning rate (lr {self.lr:.3g}: --blr/--lr, "
-                f"finetuning.sh BLR=/LR=); {self.output.newest_checkpoint()}")
+                f"--blr/--lr); {self.output.newest_checkpoint()}")
         states = [state]
         if dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
@@ -221,7 +237,7 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         if self.start_epoch >= args.epochs:
             self.log(f"nothing left to do: {self.resumed['file']} finished all {args.epochs} epochs "
-                     f"(raise --epochs / EPOCHS to train longer)")
+                     f"(raise --epochs to train longer)")
             return
         self.model.train()
         self.eta = ETA(steps_per_epoch * args.epochs - (self.start_epoch * steps_per_epoch + self.start_step))
@@ -250,16 +266,21 @@ class Trainer:
         """Where the run went, what it reached, and the commands that use its adapter."""
         args, out = self.config, self.config.output_dir
         nproc = args.model_parallel_size
-        use = f"--llama_ckpt_dir {args.llama_model_path} --dynamic_ckpt_dir {out}"
+        use = f"--llama_ckpt_dir {args.llama_ckpt_dir} --dynamic_ckpt_dir {out}"
         if args.tokenizer_path:
             use += f" --tokenizer_path {args.tokenizer_path}"
+        generate, evaluate = use, use + f" --datasets {args.dataset_name}"
+        if args.preset:  # the preset's prompt, instruction and datasets fit the model it trains
+            generate = evaluate = f"--preset {args.preset} {use}"
+        elif self.example_prompt:
+            generate += " " + self.example_prompt
         return "\n".join([
             f"done in {format_duration(time.time() - self.started)}: adapter in {out}/ "
             f"({args.model_save_name}-last.pth, params.json, log.jsonl, curves.png)",
             f"final validation ({self.val_split}.json): executed {metrics['val_act_ratio']:.3f} of the blocks, CE {metrics['val_c_loss']:.3f}, "
             f"perplexity {math.exp(min(metrics['val_c_loss'], 50.0)):.1f}",
-            f"generate with it: torchrun --nproc_per_node {nproc} example.py {use}",
-            f"evaluate it:      torchrun --nproc_per_node {nproc} evaluate.py {use}",
+            f"generate with it: torchrun --nproc_per_node {nproc} example.py {generate}",
+            f"evaluate it:      torchrun --nproc_per_node {nproc} evaluate.py {evaluate}",
         ])
 
     def train_epoch(self, epoch: int, first_step: int, steps_per_epoch: int):

@@ -48,7 +48,7 @@ class OutputDir:
         if used and not self.config.resume and not self.config.overwrite_output_dir:
             raise InputError(
                 f"{self.path} already holds a run ({', '.join(used[:3])}{', ...' if len(used) > 3 else ''}); continue it "
-                f"with RESUME={self.path} (--resume), or start over with OVERWRITE=1 (--overwrite_output_dir)")
+                f"with --resume {self.path}, or start over with --overwrite_output_dir")
         try:
             os.makedirs(self.path, exist_ok=True)
             self.lock = open(os.path.join(self.path, self.LOCK), "a+")
@@ -98,4 +98,4 @@ class OutputDir:
         newest = max(files, key=os.path.getmtime)
         ckpt = adapters.read_adapter(newest)
         return (f"the last checkpoint, {newest} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}), is finite and "
-                f"kept: RESUME={self.path} continues from it")
+                f"kept: --resume {self.path} continues from it")

@@ -1,0 +1,52 @@
+"""An adapter's compute dial on disk: NAME.dial.json beside its checkpoint, the per-block margin
+thresholds of each budget of a grid (calibrated by dllm/dial.py), with the adapter's checksum."""
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+from dllm.atomic_io import atomic_write_text
+from dllm.checkpoints import adapters
+from dllm.core.routing import MarginDial
+from dllm.errors import InputError
+
+DIAL_SUFFIX = ".dial.json"
+
+
+def dial_path(adapter: str) -> str:
+    """Where an adapter's dial lives: beside its checkpoint file, NAME.dial.json."""
+    return os.path.splitext(adapters.adapter_file(adapter))[0] + DIAL_SUFFIX
+
+
+def write_dial(dial: MarginDial, path: str, adapter_sha256: Optional[str], achieved: List[float], provenance: dict):
+    routed = sorted({i for i in range(dial.thresholds.shape[1]) if dial.thresholds[:, i].any()})
+    data = {**provenance, "adapter_sha256": adapter_sha256, "budgets": [round(b, 6) for b in dial.budgets.tolist()],
+            "achieved_on_calibration": [round(a, 5) for a in achieved], "routed_blocks": routed,
+            "thresholds": [[row[i] for i in routed] for row in dial.thresholds.tolist()]}
+    atomic_write_text(json.dumps(data, indent=1) + "\n", path)
+
+
+def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
+    """The dial beside an adapter, None if there is none; a dial of another version of the adapter
+    (checksum) or a malformed file is refused in one line."""
+    path = dial_path(adapter)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        budgets, rows, routed = data["budgets"], data["thresholds"], data["routed_blocks"]
+        thresholds = torch.zeros(len(budgets), n_layers)
+        for k, row in enumerate(rows):
+            thresholds[k, routed] = torch.tensor(row, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise InputError(f"{path}: not a valid dial ({e}); build it again with python -m tools.calibrate_dial") from None
+    if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
+        raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
+                         f"python -m tools.calibrate_dial")
+    own = adapters.read_adapter(adapter).get("adapter_sha256")
+    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
+        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
+                         f"differs); build it again with python -m tools.calibrate_dial")
+    return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)

@@ -17,7 +17,7 @@ at most `max_gen_len` tokens; an answer that does not end within that is dropped
 be a false end-of-turn target), and the count is recorded. Same arguments, same files; `--splits`
 builds only the named splits into a directory that lacks them.
 
-    python -m tools.build_smol_dataset --model_dir models/smollm2 --out_dir datasets/smol   # about 35 minutes on 2 cores
+    python -m tools.build_smol_dataset --llama_ckpt_dir models/smollm2 --out_dir datasets/smol   # about 35 minutes on 2 cores
 """
 import json
 import os
@@ -179,7 +179,7 @@ def questions(n_train: int, n_test: int, n_validation: int, max_passage_chars: i
     return {"train": train, "validation": validation, "test": test}
 
 
-def main(model_dir: str = "models/smollm2", out_dir: str = "datasets/smol", n_train: int = 640, n_test: int = 140,
+def main(llama_ckpt_dir: str = "models/smollm2", out_dir: str = "datasets/smol", n_train: int = 640, n_test: int = 140,
          n_validation: int = 140, max_gen_len: int = 96, max_passage_chars: int = 300, batch_size: int = 16,
          seed: int = 0, splits: Tuple[str, ...] = ("train", "validation", "test")):
     splits = [splits] if isinstance(splits, str) else list(splits)
@@ -191,10 +191,10 @@ def main(model_dir: str = "models/smollm2", out_dir: str = "datasets/smol", n_tr
         raise InputError(f"{out_dir} already holds {', '.join(s + '.json' for s in present)}; build into a new "
                          f"directory or name only the missing --splits")
     torch.manual_seed(seed)
-    generator = Llama.build(model_dir, max_seq_len=512, max_batch_size=batch_size, model_parallel_size=1)
+    generator = Llama.build(llama_ckpt_dir, max_seq_len=512, max_batch_size=batch_size, model_parallel_size=1)
     asked = questions(n_train, n_test, n_validation, max_passage_chars, seed)
     info_path = os.path.join(out_dir, "build_info.json")
-    info = {"model_dir": model_dir, "n_train": n_train, "n_test": n_test, "n_validation": n_validation,
+    info = {"llama_ckpt_dir": llama_ckpt_dir, "n_train": n_train, "n_test": n_test, "n_validation": n_validation,
             "max_gen_len": max_gen_len, "max_passage_chars": max_passage_chars, "batch_size": batch_size, "seed": seed,
             "decoding": "greedy, the model's chat template, stop at its end-of-turn token", "kept": {}}
     if os.path.exists(info_path):

@@ -37,7 +37,7 @@ class Router(nn.Module):
     embedding of the row's budget (Linear(1, hdim), zero at the start) is added to the hidden layer.
     """
 
-    def __init__(self, dim: int, hdim: int, eps: float, bias_init=(0.1, 2.0), budget_input: bool = False):
+    def __init__(self, dim: int, hdim: int, eps: float, bias_init: Tuple[float, float], budget_input: bool = False):
         super().__init__()
         self.linear_1 = nn.Linear(dim, hdim, dtype=torch.float32)
         self.norm = RMSNorm(hdim, eps, dtype=torch.float32)

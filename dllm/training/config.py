@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from dllm.config import Settings, setting
 from dllm.errors import InputError
-from dllm.core.model import ModelArgs
+from dllm.core.model import AdapterArgs, ModelArgs
 from dllm.core.routing import POLICIES, DLLMRouting
 
 # what a resumed run must share with the checkpoint it continues
@@ -34,11 +34,11 @@ class TrainConfig(Settings):
     resume: str = setting("", "training checkpoint file or output directory to continue from")
     # model knobs (official names and the reference's defaults)
     max_seq_len: int = setting(1024, "tokens per training example (longer ones are cut)", low=2)
-    lora_rank: int = setting(8, "LoRA rank of the attention projections; 0: no LoRA", low=0)
-    dynamic_active_target: float = setting(0.5, "share of routed blocks a token should execute", low=0.0, high=1.0)
-    dynamic_router_hdim: int = setting(512, "hidden width of each router MLP", low=1)
-    dynamic_start_layer: int = setting(2, "the first routed block; the blocks before it always run", low=0)
-    dynamic_reserve_initials: int = setting(2, "the first tokens of a sequence run every block", low=0)
+    lora_rank: int = setting(AdapterArgs.lora_rank, "LoRA rank of the attention projections; 0: no LoRA", low=0)
+    dynamic_active_target: float = setting(AdapterArgs.dynamic_active_target, "share of routed blocks a token should execute", low=0.0, high=1.0)
+    dynamic_router_hdim: int = setting(AdapterArgs.dynamic_router_hdim, "hidden width of each router MLP", low=1)
+    dynamic_start_layer: int = setting(AdapterArgs.dynamic_start_layer, "the first routed block; the blocks before it always run", low=0)
+    dynamic_reserve_initials: int = setting(AdapterArgs.dynamic_reserve_initials, "the first tokens of a sequence run every block", low=0)
     lambda_active: float = setting(5.0, "final weight of the rate loss (sine-annealed from 0)", low=0.0)
     # optimisation (official names and defaults)
     batch_size: int = setting(1, "records per step and process", low=1)
@@ -54,19 +54,19 @@ class TrainConfig(Settings):
     num_workers: int = setting(0, "DataLoader worker processes", low=0)
     # ours: what it takes to reach the target in a short budget (defaults are the reference's)
     router_lr: Optional[float] = setting(None, "absolute lr for routers (default: the same as lr)", low=0.0, low_open=True)
-    dynamic_router_bias: List[float] = setting([0.1, 2.0], "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
-    rate_loss_unit: str = setting("token", "D-LLM's rate loss holds each token's executed share at the target (token, the "
+    dynamic_router_bias: List[float] = setting(list(AdapterArgs.dynamic_router_bias), "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
+    rate_loss_unit: str = setting(AdapterArgs.rate_loss_unit, "D-LLM's rate loss holds each token's executed share at the target (token, the "
                                   "reference) or each sequence's mean share (sequence: tokens free to differ)",
                                   choices=list(DLLMRouting.RATE_LOSS_UNITS))
-    dynamic_budget_range: List[float] = setting([], "a budget-conditioned D-LLM: [low, high], the range of shares its "
+    dynamic_budget_range: List[float] = setting(list(AdapterArgs.dynamic_budget_range), "a budget-conditioned D-LLM: [low, high], the range of shares its "
                                                 "routers take as input (the budget chosen at inference, --budget); "
                                                 "each sequence trains at a target drawn from it, e.g. \"[0.4, 1.0]\"; "
                                                 "--dynamic_active_target (within it) is the budget when none is asked; "
                                                 "empty: one fixed target", low=0.0, high=1.0)
-    gumbel_tau: float = setting(1.0, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
-    routing: str = setting("dllm", "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
+    gumbel_tau: float = setting(AdapterArgs.gumbel_tau, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
+    routing: str = setting(AdapterArgs.routing, "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
-    static_skip_layers: List[int] = setting([], "--routing static: the blocks every token skips, e.g. \"[3, 5]\"", low=0)
+    static_skip_layers: List[int] = setting(list(AdapterArgs.static_skip_layers), "--routing static: the blocks every token skips, e.g. \"[3, 5]\"", low=0)
     distill_teacher: str = setting("", "also match this teacher's next-token distributions (KL) on the response tokens: "
                                    "'base' (the base model, every block, no LoRA) or an adapter of the same base, e.g. a "
                                    "--routing dense run; empty: labels only")

@@ -119,7 +119,7 @@ class Bench:
             for _ in range(self.config.repeats):
                 for name, g in (("dense", self.dense), ("run", generator)):
                     start = time.perf_counter()
-                    out, _, _ = g.generate([prompt], self.config.max_gen_len, temperature=0.0, actprobs=False)
+                    out = g.generate([prompt], self.config.max_gen_len, temperature=0.0, actprobs=False).tokens
                     best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
                     best[name + "_tokens"] = len(out[0])
             seconds, generated = seconds + best["run"], generated + best["run_tokens"]

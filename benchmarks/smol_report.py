@@ -93,8 +93,8 @@ def generations(generator, records, chat, n, max_gen_len, batch_size):
     outputs, shares, prefix, exact, counts, per_kind = [], [], [], 0, [], {}
     for start in range(0, n, batch_size):
         batch = prompts[start : start + batch_size]
-        tokens, _, _ = generator.generate(batch, max_gen_len, temperature=0.0, actprobs=False, stop_ids=chat.stop_ids)
-        stats = generator.last_stats
+        tokens, _, _, stats = generator.generate(batch, max_gen_len, temperature=0.0, actprobs=False,
+                                                 stop_ids=chat.stop_ids)
         executed_blocks(generator, stats, [p + t for p, t in zip(batch, tokens)], counts, per_kind)
         for i, out in enumerate(tokens):
             reference = tok.encode(records[start + i].response, bos=False, eos=False)

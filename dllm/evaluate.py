@@ -177,10 +177,9 @@ class Evaluator:
 
     def _generate(self, prompts: List[str], tally: Tally) -> List[str]:
         tokens = [self.tokenizer.encode(p, bos=True, eos=False)[-(self.args.max_seq_len - 1):] for p in prompts]
-        out, _, _ = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
-        stats = self.generator.last_stats
-        tally.add_routing(self.args, stats.activation, stats.token_mask, self.model.routing)
-        return [self.tokenizer.decode(t) for t in out]
+        generation = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
+        tally.add_routing(self.args, generation.routing.activation, generation.routing.token_mask, self.model.routing)
+        return [self.tokenizer.decode(t) for t in generation.tokens]
 
     def perplexity(self, name: str, records: List[Record]) -> List[Row]:
         """Perplexity of the responses, and top-1 agreement: the share of response tokens that are the

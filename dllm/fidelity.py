@@ -171,11 +171,11 @@ def timed_answer(generator: Llama, prompt: List[int], max_gen_len: int, stop_ids
     """(answer text, prefill seconds, decode seconds, decode steps, the call's routing record)."""
     timer = StepTimer(generator.model)
     try:
-        out, _, _ = generator.generate([prompt], max_gen_len, temperature=0.0, actprobs=False, stop_ids=stop_ids)
+        generation = generator.generate([prompt], max_gen_len, temperature=0.0, actprobs=False, stop_ids=stop_ids)
     finally:
         timer.close()
-    return generator.tokenizer.decode(out[0]), timer.steps[0], sum(timer.steps[1:]), len(timer.steps) - 1, \
-        generator.last_stats
+    return generator.tokenizer.decode(generation.tokens[0]), timer.steps[0], sum(timer.steps[1:]), \
+        len(timer.steps) - 1, generation.routing
 
 
 def first_words(text: str) -> List[str]:

@@ -165,9 +165,9 @@ class DLLMHarnessModel(LM):
                 batch = indices[at : at + self.batch_size]
                 keep = max(1, self.max_seq_len - max_gen)  # the context's end, with room to generate
                 prompts = [self.tokenizer.encode(requests[i].args[0], bos=True, eos=False)[-keep:] for i in batch]
-                tokens, _, _ = self.generator.generate(prompts, max_gen, temperature, kwargs.get("top_p", 1.0), actprobs=False)
-                stats = self.generator.last_stats
-                tally.add_routing(self.model.params, stats.activation, stats.token_mask, self.model.routing)
+                tokens, _, _, routing = self.generator.generate(prompts, max_gen, temperature, kwargs.get("top_p", 1.0),
+                                                                actprobs=False)
+                tally.add_routing(self.model.params, routing.activation, routing.token_mask, self.model.routing)
                 for i, prompt, t in zip(batch, prompts, tokens):
                     out[i] = cut_at_stops(self._continuation_text(prompt, t), until)
         self._count("generate_until", len(requests))

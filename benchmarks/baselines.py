@@ -1,7 +1,7 @@
 """D-LLM against its baselines at matched compute, from one harness.
 
-    python benchmarks/baselines.py        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
-    EPOCHS=1 python benchmarks/baselines.py --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
+    python -m benchmarks.baselines        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
+    EPOCHS=1 python -m benchmarks.baselines --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
 
 Every method gets the same fine-tune: finetuning.sh with its defaults or the environment's variables
 (data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING, DYNAMIC_ACTIVE_TARGET,
@@ -30,22 +30,21 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from typing import List
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import InputError, run_cli  # noqa: E402
-from dllm.evaluate import read_results  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import BASELINE_METHODS  # noqa: E402
-from tools.rank_blocks import blocks_to_skip  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.data import load_records
+from dllm.errors import InputError, run_cli
+from dllm.evaluate import read_results
+from dllm.generation import Llama
+from dllm.core.routing import BASELINE_METHODS
+from dllm.timing import timed
+from tools.rank_blocks import blocks_to_skip
 
 
 def floats(text: str):
@@ -163,15 +162,15 @@ def real_text(sequences: List[List[int]], args, device) -> torch.Tensor:
 def seconds(generator: Llama, text: torch.Tensor, args):
     """(prefill of --prefill_len tokens, --decode_steps single-token steps after --decode_prompt_len)."""
     model = generator.model
-    start = time.perf_counter()
-    model(text[:, : args.prefill_len], 0, model.new_cache(1))
-    prefill = time.perf_counter() - start
+    prefill, _ = timed(lambda: model(text[:, : args.prefill_len], 0, model.new_cache(1)), generator.device)
     cache, p = model.new_cache(1), args.decode_prompt_len
     model(text[:, :p], 0, cache)
-    start = time.perf_counter()
-    for i in range(p, p + args.decode_steps):
-        model(text[:, i : i + 1], i, cache)
-    return prefill, time.perf_counter() - start
+
+    def decode():
+        for i in range(p, p + args.decode_steps):
+            model(text[:, i : i + 1], i, cache)
+
+    return prefill, timed(decode, generator.device)[0]
 
 
 def speedups(dense: Llama, generator: Llama, text, args):
@@ -244,7 +243,7 @@ def top1_cell(row) -> str:
 def markdown(rows, args) -> str:
     env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
     lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
-             f"`{env + ' ' if env else ''}python benchmarks/baselines.py {' '.join(sys.argv[1:])}`", "",
+             f"`{env + ' ' if env else ''}python -m benchmarks.baselines {' '.join(sys.argv[1:])}`", "",
              "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | top-1 | prefill x | decode x "
              "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -3,7 +3,7 @@ the head on that block's input is already the model's final top-1 (early exit's 
 `dllm.core.routing.settled`). An early exit that runs a share s of the blocks stops the average token
 near block s·n_layers, so it can only be harmless where this share is high there.
 
-    python benchmarks/settled_depth.py --model_path models/smollm2 --dataset_name smol \\
+    python -m benchmarks.settled_depth --model_path models/smollm2 --dataset_name smol \\
         --out benchmarks/results/settled_depth_smollm2.json
 
 Teacher forced on the test split's prompt + response, the base model with every block run.
@@ -11,20 +11,17 @@ Teacher forced on the test split's prompt + response, the base model with every 
 import argparse
 import json
 import os
-import sys
 from typing import List, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.evaluate import scored_tokens  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import settled  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.data import load_records
+from dllm.errors import run_cli
+from dllm.generation import Llama
+from dllm.core.routing import settled
+from dllm.scoring import encode_pair, fit
 
 
 @torch.inference_mode()
@@ -54,7 +51,7 @@ def main(args):
                             model_parallel_size=1, dense=True)
     tokenizer = generator.tokenizer
     records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(tokenizer))[: args.records]
-    sequences = [scored_tokens(tokenizer, r.prompt, r.response, args.max_seq_len) for r in records]
+    sequences = [fit(*encode_pair(tokenizer, r.prompt, r.response, eos=True), args.max_seq_len) for r in records]
     shares = settled_shares(generator.model, sequences)
     print("block  settled at its input")
     for layer_id, share in enumerate(shares):

@@ -1,7 +1,7 @@
 r"""SmolLM2 with D-LLM against the dense model and a dense LoRA fine-tune, on the held-out smol split,
 measured in one run on one machine.
 
-    python benchmarks/smol_report.py --model_dir models/smollm2 \
+    python -m benchmarks.smol_report --model_dir models/smollm2 \
         --runs "dense=;lora=output/smollm2-lora/checkpoint-last.pth:dense;dllm=assets/smollm2-dllm/checkpoint.pth"
 
 `--runs` is `label=adapter[:dense]` separated by `;` (an empty adapter is the base model; `:dense`
@@ -15,22 +15,19 @@ import json
 import math
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.config import Settings, setting  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.evaluate import Evaluator  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import DenseRouting  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.config import Settings, setting
+from dllm.data import load_records
+from dllm.errors import run_cli
+from dllm.evaluate import Evaluator
+from dllm.generation import Llama
+from dllm.core.routing import DenseRouting
+from dllm.timing import timed
 
 
 def parse_runs(runs: str):
@@ -121,22 +118,27 @@ def speed_prompts(generator, records, prefill_len, decode_prompt_len):
 
 @torch.inference_mode()
 def time_prefill(model, tokens):
-    start = time.perf_counter()
-    model(tokens, 0, model.new_cache(1))
-    return time.perf_counter() - start
+    device = model.tok_embeddings.weight.device
+    tokens = tokens.to(device)
+    return timed(lambda: model(tokens, 0, model.new_cache(1)), device)[0]
 
 
 @torch.inference_mode()
 def time_decode(model, prompt, steps):
     """Greedy decoding, one token a step, after the prompt's prefill (not timed)."""
+    device = model.tok_embeddings.weight.device
+    prompt = prompt.to(device)
     cache = model.new_cache(1)
     logits, _ = model(prompt, 0, cache)
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for i in range(steps):
-        logits, _ = model(token, prompt.shape[1] + i, cache)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - start
+    first = logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode():
+        token = first
+        for i in range(steps):
+            logits, _ = model(token, prompt.shape[1] + i, cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+
+    return timed(decode, device)[0]
 
 
 def instructions(dataset_path, dataset, n):

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from conftest import ROOT, load_script
+from benchmarks import baselines
+from benchmarks import dllm_attempts as attempts
+from conftest import ROOT
 from dllm.errors import InputError
-
-baselines = load_script("benchmarks/baselines.py")
 
 
 def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_spread_is_asked():
@@ -71,9 +71,6 @@ def test_each_run_is_measured_against_the_base_once_per_split(tmp_path, monkeypa
     baselines.fidelity(args, {"method": "dllm", "target": 0.5, "seed": 1, "adapter": "runs/a/checkpoint-last.pth"})
     assert measured == [("test", f"dllm:0.5-s1={os.path.join(ROOT, 'runs/a/checkpoint-last.pth')}",
                          str(tmp_path / "b_fidelity_test.json"), True)]
-
-
-attempts = load_script("benchmarks/dllm_attempts.py")
 
 
 def test_every_attempt_sets_only_variables_finetuning_sh_reads_and_the_teacher_runs_first():

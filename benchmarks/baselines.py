@@ -1,11 +1,13 @@
 """D-LLM against its baselines at matched compute, from one harness.
 
     python -m benchmarks.baselines        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
-    EPOCHS=1 python -m benchmarks.baselines --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
+    python -m benchmarks.baselines --recipe "EPOCHS=1" --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
 
-Every method gets the same fine-tune: finetuning.sh with its defaults or the environment's variables
-(data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING, DYNAMIC_ACTIVE_TARGET,
-SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Then evaluate.py on the dataset's test
+Every method gets the same fine-tune: finetuning.sh with its defaults and the variables --recipe
+sets (data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING,
+DYNAMIC_ACTIVE_TARGET, SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Each fine-tune,
+ranking and evaluation runs with an explicit environment (child_env), so nothing else of the
+caller's shell reaches it. Then evaluate.py on the dataset's test
 split (held-out CE, top-1 agreement, FLOPs and KV ratios from the routing that happened), prefill
 and decode timed against the dense base model in this process (best of --repeats, interleaved, real
 text), and the per-token adaptivity: blocks executed per token, its mean and its std across the
@@ -30,12 +32,13 @@ import socket
 import statistics
 import subprocess
 import sys
-from typing import List
+from typing import Dict, List
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks import command as run_command
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.data import load_records
@@ -83,7 +86,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(command, env=None):
+# what a child process keeps of this one's environment: where programs are, the home directory,
+# the thread counts and the visible GPUs; PYTHONPATH leads with this checkout
+PASSED_ON = ("PATH", "HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def child_env(**variables) -> Dict[str, str]:
+    """The environment of a fine-tune, ranking or evaluation: PASSED_ON, this checkout first on
+    PYTHONPATH, then `variables`; a stray MODEL_PATH, LR or ROUTING in the caller's shell never
+    reaches a run."""
+    env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return dict(env, **variables)
+
+
+def run(command, env: Dict[str, str]):
     print("+", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
@@ -94,19 +111,20 @@ def ranking(args) -> dict:
     if not os.path.isfile(path):
         command = [sys.executable, "-m", "tools.rank_blocks", "--llama_model_path", args.model_path,
                    "--dataset_path", args.dataset_path, "--dataset_name", args.dataset_name, "--out", path]
-        for env, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
-                          ("TOKENIZER_PATH", "--tokenizer_path")):
-            if os.environ.get(env):
-                command += [flag, os.environ[env]]
-        run(command)
+        for variable, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
+                               ("TOKENIZER_PATH", "--tokenizer_path")):
+            if args.recipe.get(variable):
+                command += [flag, args.recipe[variable]]
+        run(command, child_env())
     with open(path) as f:
         return json.load(f)
 
 
 def fine_tune(args, method, target, seed, out_dir) -> dict:
     routing, criterion = BASELINE_METHODS[method]
-    env = dict(os.environ, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.model_path, DATASET_PATH=args.dataset_path,
-               DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir, MASTER_PORT=str(free_port()))
+    env = child_env(**args.recipe, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.model_path,
+                    DATASET_PATH=args.dataset_path, DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir,
+                    MASTER_PORT=str(free_port()))
     extra = {}
     if method != "dense":
         env["DYNAMIC_ACTIVE_TARGET"] = str(target)
@@ -121,9 +139,9 @@ def evaluate(args, adapter, out_dir):
     """evaluate.py on the test split, into out_dir."""
     command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.model_path, "--dynamic_ckpt_dir", adapter,
                "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir, "--overwrite"]
-    if os.environ.get("TOKENIZER_PATH"):
-        command += ["--tokenizer_path", os.environ["TOKENIZER_PATH"]]
-    run(command)
+    if args.recipe.get("TOKENIZER_PATH"):
+        command += ["--tokenizer_path", args.recipe["TOKENIZER_PATH"]]
+    run(command, child_env())
 
 
 def quality(eval_dir) -> dict:
@@ -137,7 +155,7 @@ def quality(eval_dir) -> dict:
 
 
 def build(args, adapter=None) -> Llama:
-    return Llama.build(args.model_path, adapter, tokenizer_path=os.environ.get("TOKENIZER_PATH") or None,
+    return Llama.build(args.model_path, adapter, tokenizer_path=args.recipe.get("TOKENIZER_PATH") or None,
                        max_seq_len=max(args.prefill_len, args.decode_prompt_len + args.decode_steps),
                        max_batch_size=1, model_parallel_size=1, dense=adapter is None)
 
@@ -241,9 +259,7 @@ def top1_cell(row) -> str:
 
 
 def markdown(rows, args) -> str:
-    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
-    lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
-             f"`{env + ' ' if env else ''}python -m benchmarks.baselines {' '.join(sys.argv[1:])}`", "",
+    lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "", f"`{run_command()}`", "",
              "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | top-1 | prefill x | decode x "
              "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -264,7 +280,7 @@ def markdown(rows, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-# finetuning.sh's variables that shape the recipe, echoed in the table's command
+# finetuning.sh's variables that shape the recipe, the ones --recipe takes
 FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
                         "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
                         "ACCUM_ITER", "NPROC", "TOKENIZER_PATH", "ROUTER_BIAS", "DISTILL_TEACHER",
@@ -287,9 +303,23 @@ def main(args):
     print(markdown(rows, args))
 
 
+def parse_recipe(text: str) -> Dict[str, str]:
+    """--recipe "EPOCHS=1 ROUTER_BIAS='1.0 1.0' ROUTER_LR=": finetuning.sh variables by name."""
+    recipe = {}
+    for item in shlex.split(text):
+        name, equals, value = item.partition("=")
+        if not equals or name not in FINETUNING_VARIABLES:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=VALUE, NAME one of finetuning.sh's "
+                                             f"{', '.join(sorted(FINETUNING_VARIABLES))}")
+        recipe[name] = value
+    return recipe
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
+    p.add_argument("--recipe", type=parse_recipe, default="", help="finetuning.sh variables for every fine-tune, "
+                   "e.g. \"EPOCHS=1 LR=1e-3\" (the others keep finetuning.sh's defaults; the environment is not read)")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo", help="fine-tuned on its train split, evaluated on its test split")
     p.add_argument("--methods", default=",".join(BASELINE_METHODS), help=f"comma-separated, of {', '.join(BASELINE_METHODS)}")

@@ -71,14 +71,14 @@ ATTEMPTS = [
 def run_attempt(attempt: Attempt, work_dir: str) -> list:
     out = os.path.join(work_dir, f"{attempt.name}.json")
     variables = {k: (os.path.join(ROOT, v) if v == TEACHER else v) for k, v in attempt.finetuning_variables().items()}
-    env = dict(os.environ, **variables)
     spread = (["--spread_methods", attempt.methods, "--spread_target", "0.5", "--spread_seeds", attempt.spread_seeds]
               if attempt.spread_seeds else ["--spread_methods", "none"])
     command = [sys.executable, "-m", "benchmarks.baselines", "--methods", attempt.methods, "--targets",
                attempt.targets, *spread, "--extra_runs", attempt.extra_runs,
-               "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
+               "--work_dir", os.path.join(work_dir, attempt.name), "--out", out,
+               "--recipe", " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())]
     print(f"=== {attempt.name}: {attempt.why}", flush=True)
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    subprocess.run(command, cwd=ROOT, check=True)
     with open(out) as f:
         return [dict(row, attempt=attempt.name, variables=recipe(attempt), epochs=attempt.epochs) for row in json.load(f)]
 

@@ -1,3 +1,11 @@
 """Benchmarks: scripts that measure and write benchmarks/results/; run from the repository root as
 `python -m benchmarks.NAME` (this file makes the folder a package that wins over fairscale's own
 top-level `benchmarks`)."""
+import shlex
+import sys
+
+
+def command() -> str:
+    """How this run was started, for a results file: `python -m benchmarks.NAME ARGS`."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return " ".join([f"python -m {spec.name}" if spec else f"python {sys.argv[0]}", shlex.join(sys.argv[1:])]).strip()

@@ -1,11 +1,13 @@
 """D-LLM against its baselines at matched compute, from one harness.
 
-    python benchmarks/baselines.py        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
-    EPOCHS=1 python benchmarks/baselines.py --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
+    python -m benchmarks.baselines        # the demo: targets 0.4 0.5 0.7, seeds 0 1 2 at 0.5 for dllm and static
+    python -m benchmarks.baselines --recipe "EPOCHS=1" --targets 0.5 --spread_seeds 0 --out /tmp/b.json   # shorter
 
-Every method gets the same fine-tune: finetuning.sh with its defaults or the environment's variables
-(data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING, DYNAMIC_ACTIVE_TARGET,
-SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Then evaluate.py on the dataset's test
+Every method gets the same fine-tune: finetuning.sh with its defaults and the variables --recipe
+sets (data, steps, LoRA rank, learning rates, ...); this script sets only ROUTING,
+DYNAMIC_ACTIVE_TARGET, SEED, STATIC_SKIP_LAYERS, the paths and a free MASTER_PORT. Each fine-tune,
+ranking and evaluation runs with an explicit environment (child_env), so nothing else of the
+caller's shell reaches it. Then evaluate.py on the dataset's test
 split (held-out CE, top-1 agreement, FLOPs and KV ratios from the routing that happened), prefill
 and decode timed against the dense base model in this process (best of --repeats, interleaved, real
 text), and the per-token adaptivity: blocks executed per token, its mean and its std across the
@@ -30,22 +32,22 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
-from typing import List
+from typing import Dict, List
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import InputError, run_cli  # noqa: E402
-from dllm.evaluate import read_results  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import POLICIES  # noqa: E402
-from tools.rank_blocks import blocks_to_skip  # noqa: E402
+from benchmarks import command as run_command
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.data import load_records
+from dllm.errors import InputError, run_cli
+from dllm.evaluate import read_results
+from dllm.generation import Llama
+from dllm.core.routing import POLICIES
+from dllm.timing import timed
+from tools.rank_blocks import blocks_to_skip
 
 
 
@@ -96,7 +98,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(command, env=None):
+# what a child process keeps of this one's environment: where programs are, the home directory,
+# the thread counts and the visible GPUs; PYTHONPATH leads with this checkout
+PASSED_ON = ("PATH", "HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def child_env(**variables) -> Dict[str, str]:
+    """The environment of a fine-tune, ranking or evaluation: PASSED_ON, this checkout first on
+    PYTHONPATH, then `variables`; a stray MODEL_PATH, LR or ROUTING in the caller's shell never
+    reaches a run."""
+    env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return dict(env, **variables)
+
+
+def run(command, env: Dict[str, str]):
     print("+", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
@@ -105,21 +121,22 @@ def ranking(args) -> dict:
     """tools/rank_blocks.py once per sweep, with the fine-tune's sequence length and start layer."""
     path = os.path.join(args.work_dir, "ranking.json")
     if not os.path.isfile(path):
-        command = [sys.executable, "-m", "tools.rank_blocks", "--llama_ckpt_dir", args.model_path,
+        command = [sys.executable, "-m", "tools.rank_blocks", "--llama_ckpt_dir", args.llama_ckpt_dir,
                    "--dataset_path", args.dataset_path, "--dataset_name", args.dataset_name, "--out", path]
-        for env, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
-                          ("TOKENIZER_PATH", "--tokenizer_path")):
-            if os.environ.get(env):
-                command += [flag, os.environ[env]]
-        run(command)
+        for variable, flag in (("MAX_SEQ_LEN", "--max_seq_len"), ("DYNAMIC_START_LAYER", "--start_layer"),
+                               ("TOKENIZER_PATH", "--tokenizer_path")):
+            if args.recipe.get(variable):
+                command += [flag, args.recipe[variable]]
+        run(command, child_env())
     with open(path) as f:
         return json.load(f)
 
 
 def fine_tune(args, method, target, seed, out_dir) -> dict:
     routing, criterion = BASELINE_METHODS[method]
-    env = dict(os.environ, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.model_path, DATASET_PATH=args.dataset_path,
-               DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir, MASTER_PORT=str(free_port()))
+    env = child_env(**args.recipe, ROUTING=routing, SEED=str(seed), MODEL_PATH=args.llama_ckpt_dir,
+                    DATASET_PATH=args.dataset_path, DATASET_NAME=args.dataset_name, OUTPUT_PATH=out_dir,
+                    MASTER_PORT=str(free_port()))
     extra = {}
     if method != "dense":
         env["DYNAMIC_ACTIVE_TARGET"] = str(target)
@@ -132,11 +149,11 @@ def fine_tune(args, method, target, seed, out_dir) -> dict:
 
 def evaluate(args, adapter, out_dir):
     """evaluate.py on the test split, into out_dir."""
-    command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.model_path, "--dynamic_ckpt_dir", adapter,
+    command = [sys.executable, "evaluate.py", "--llama_ckpt_dir", args.llama_ckpt_dir, "--dynamic_ckpt_dir", adapter,
                "--dataset_path", args.dataset_path, "--datasets", args.dataset_name, "--output_dir", out_dir, "--overwrite"]
-    if os.environ.get("TOKENIZER_PATH"):
-        command += ["--tokenizer_path", os.environ["TOKENIZER_PATH"]]
-    run(command)
+    if args.recipe.get("TOKENIZER_PATH"):
+        command += ["--tokenizer_path", args.recipe["TOKENIZER_PATH"]]
+    run(command, child_env())
 
 
 def quality(eval_dir) -> dict:
@@ -150,7 +167,7 @@ def quality(eval_dir) -> dict:
 
 
 def build(args, adapter=None) -> Llama:
-    return Llama.build(args.model_path, adapter, tokenizer_path=os.environ.get("TOKENIZER_PATH") or None,
+    return Llama.build(args.llama_ckpt_dir, adapter, tokenizer_path=args.recipe.get("TOKENIZER_PATH") or None,
                        max_seq_len=max(args.prefill_len, args.decode_prompt_len + args.decode_steps),
                        max_batch_size=1, model_parallel_size=1, dense=adapter is None)
 
@@ -175,15 +192,15 @@ def real_text(sequences: List[List[int]], args, device) -> torch.Tensor:
 def seconds(generator: Llama, text: torch.Tensor, args):
     """(prefill of --prefill_len tokens, --decode_steps single-token steps after --decode_prompt_len)."""
     model = generator.model
-    start = time.perf_counter()
-    model(text[:, : args.prefill_len], 0, model.new_cache(1))
-    prefill = time.perf_counter() - start
+    prefill, _ = timed(lambda: model(text[:, : args.prefill_len], 0, model.new_cache(1)), generator.device)
     cache, p = model.new_cache(1), args.decode_prompt_len
     model(text[:, :p], 0, cache)
-    start = time.perf_counter()
-    for i in range(p, p + args.decode_steps):
-        model(text[:, i : i + 1], i, cache)
-    return prefill, time.perf_counter() - start
+
+    def decode():
+        for i in range(p, p + args.decode_steps):
+            model(text[:, i : i + 1], i, cache)
+
+    return prefill, timed(decode, generator.device)[0]
 
 
 def speedups(dense: Llama, generator: Llama, text, args):
@@ -242,10 +259,10 @@ def fidelity(args, row):
             with open(out) as f:
                 if label in json.load(f)["runs"]:
                     continue
-        config = FidelityConfig(llama_ckpt_dir=args.model_path, runs=f"{label}={os.path.join(ROOT, row['adapter'])}",
+        config = FidelityConfig(llama_ckpt_dir=args.llama_ckpt_dir, runs=f"{label}={os.path.join(ROOT, row['adapter'])}",
                                 dataset_path=args.dataset_path, dataset_name=args.dataset_name, split=split, out=out,
                                 append=True)
-        measure_fidelity(config, f"python -m benchmarks.fidelity --llama_ckpt_dir {args.model_path} --dataset_name "
+        measure_fidelity(config, f"python -m benchmarks.fidelity --llama_ckpt_dir {args.llama_ckpt_dir} --dataset_name "
                                  f"{args.dataset_name} --split {split} --runs {config.runs} --out {out} --append")
 
 
@@ -254,9 +271,7 @@ def top1_cell(row) -> str:
 
 
 def markdown(rows, args) -> str:
-    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in sorted(os.environ) if k in FINETUNING_VARIABLES)
-    lines = [f"### Baselines on {args.model_path}, {args.dataset_name} test split", "",
-             f"`{env + ' ' if env else ''}python benchmarks/baselines.py {' '.join(sys.argv[1:])}`", "",
+    lines = [f"### Baselines on {args.llama_ckpt_dir}, {args.dataset_name} test split", "", f"`{run_command()}`", "",
              "| method | target | seed | FLOPs ratio | KV ratio | val CE | val ppl | top-1 | prefill x | decode x "
              "| blocks/token | std in sequence |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -277,7 +292,7 @@ def markdown(rows, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-# finetuning.sh's variables that shape the recipe, echoed in the table's command
+# finetuning.sh's variables that shape the recipe, the ones --recipe takes
 FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
                         "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
                         "ACCUM_ITER", "NPROC", "TOKENIZER_PATH", "ROUTER_BIAS", "DISTILL_TEACHER",
@@ -285,7 +300,7 @@ FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR
 
 
 def main(args):
-    for key in ("model_path", "dataset_path", "work_dir", "out"):  # finetuning.sh and evaluate.py run in ROOT
+    for key in ("llama_ckpt_dir", "dataset_path", "work_dir", "out"):  # finetuning.sh and evaluate.py run in ROOT
         setattr(args, key, os.path.abspath(getattr(args, key)))
     os.makedirs(args.work_dir, exist_ok=True)
     dense = build(args)
@@ -300,9 +315,23 @@ def main(args):
     print(markdown(rows, args))
 
 
+def parse_recipe(text: str) -> Dict[str, str]:
+    """--recipe "EPOCHS=1 ROUTER_BIAS='1.0 1.0' ROUTER_LR=": finetuning.sh variables by name."""
+    recipe = {}
+    for item in shlex.split(text):
+        name, equals, value = item.partition("=")
+        if not equals or name not in FINETUNING_VARIABLES:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=VALUE, NAME one of finetuning.sh's "
+                                             f"{', '.join(sorted(FINETUNING_VARIABLES))}")
+        recipe[name] = value
+    return recipe
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model_path", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
+    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
+    p.add_argument("--recipe", type=parse_recipe, default="", help="finetuning.sh variables for every fine-tune, "
+                   "e.g. \"EPOCHS=1 LR=1e-3\" (the others keep finetuning.sh's defaults; the environment is not read)")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo", help="fine-tuned on its train split, evaluated on its test split")
     p.add_argument("--methods", default=",".join(BASELINE_METHODS), help=f"comma-separated, of {', '.join(BASELINE_METHODS)}")

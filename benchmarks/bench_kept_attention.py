@@ -9,26 +9,24 @@ by a few), a share of the rows executes the step, and each route computes those 
 Routes are interleaved and the best of --repeats kept; `chosen` is the route the cache's cost rule
 (kv_cache.CALL_COST_BYTES) takes there. Attention only: projections and FFN are the same for all.
 
-    python benchmarks/bench_kept_attention.py --clock cpu --out benchmarks/results/kept_attention_cpu.json
+    python -m benchmarks.bench_kept_attention --clock cpu --out benchmarks/results/kept_attention_cpu.json
 """
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_skip import CLOCKS, device_name, timed  # noqa: E402
-from dllm import distributed  # noqa: E402
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.config import Settings, setting  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.core.kv_cache import LayerKVCache  # noqa: E402
-from dllm.core.model import Attention, ModelArgs  # noqa: E402
+from benchmarks import command
+from benchmarks.bench_skip import device_name
+from dllm import distributed
+from dllm.atomic_io import atomic_write_text
+from dllm.config import Settings, setting
+from dllm.errors import run_cli
+from dllm.core.kv_cache import LayerKVCache
+from dllm.core.model import Attention, ModelArgs
+from dllm.timing import CLOCKS, timed
 
 ROUTES = ("batched", "gathered", "row_by_row")
 
@@ -101,7 +99,7 @@ def main(config: KeptAttentionConfig):
                 for share in config.shares:
                     rows.append(measure(attention, batch, context, share, config, device))
                     print(markdown_row(rows[-1]), flush=True)
-    meta = {"settings": asdict(config), "command": " ".join(["python"] + sys.argv), "device": device_name(device),
+    meta = {"settings": asdict(config), "command": command(), "device": device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()}
     table = markdown(meta, rows)
     print(table)

@@ -9,33 +9,29 @@ configurations are interleaved within every repeat of a cell and the best repeat
 ratio in a row comes from one run. Routers and timing are bench_skip.py's; so is the bytes ideal
 of a decode cell (weights of the blocks some row executes, and each executing row's kept K/V).
 
-    python benchmarks/bench_scaling.py --llama_ckpt_dir models/smollm2 \\
+    python -m benchmarks.bench_scaling --llama_ckpt_dir models/smollm2 \\
         --out benchmarks/results/scaling_smollm2_cpu.json --png docs/scaling-smollm2.png
-    python benchmarks/bench_scaling.py --out benchmarks/results/scaling_dim1024_cpu.json \\
+    python -m benchmarks.bench_scaling --out benchmarks/results/scaling_dim1024_cpu.json \\
         --png docs/scaling-dim1024.png   # the random-weight dim-1024 shape of bench_skip.py
 
 --out writes the JSON and a Markdown table beside it (.md); without it the table is printed only.
 """
 import json
 import os
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_skip import (  # noqa: E402
+from benchmarks.bench_skip import (
     BenchBase, CacheBytes, build_model, decode_bytes, describe, keep_best, make_runners, weight_bytes,
 )
-from dllm import distributed  # noqa: E402
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.config import setting  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.plots import save_png, scaling_figure  # noqa: E402
-from dllm.core.routing import DLLMRouting  # noqa: E402
+from dllm import distributed
+from dllm.atomic_io import atomic_write_text
+from dllm.config import setting
+from dllm.errors import run_cli
+from dllm.plots import save_png, scaling_figure
+from dllm.core.routing import DLLMRouting
 
 MB = 2 ** 20
 

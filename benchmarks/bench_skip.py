@@ -20,10 +20,10 @@ eviction can pay. `dllm-agree@s` measures what batched decode could gain if
 routers agreed across the batch: the first row decides for every row (a different model, only a
 measurement of the bound; its quality is not measured).
 
-    python benchmarks/bench_skip.py --out benchmarks/results/bench_skip_cpu.json   # the committed CPU table
-    python benchmarks/bench_skip.py --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16 --repeats 3 \\
+    python -m benchmarks.bench_skip --out benchmarks/results/bench_skip_cpu.json   # the committed CPU table
+    python -m benchmarks.bench_skip --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16 --repeats 3 \\
         --out benchmarks/results/bench_skip_gpu.json     # Llama-2-7B shape on a GPU (synchronised timing)
-    python benchmarks/bench_skip.py --llama_ckpt_dir models/smollm2 --decode_batches 1 \\
+    python -m benchmarks.bench_skip --llama_ckpt_dir models/smollm2 --decode_batches 1 \\
         --out benchmarks/results/bench_smollm2_cpu.json  # a real base (Meta or HF layout)
 
 Without --out the table is printed and nothing is written.
@@ -31,30 +31,23 @@ Without --out the table is printed and nothing is written.
 import json
 import os
 import platform
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dllm import distributed  # noqa: E402
-from dllm.checkpoints import hf_layout  # noqa: E402
-from dllm.checkpoints import base_model, model_params  # noqa: E402
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.config import Settings, setting  # noqa: E402
-from dllm.errors import InputError, run_cli  # noqa: E402
-from dllm.core.flops import flops_ratio, forward_flops, kv_ratio  # noqa: E402
-from dllm.core.kv_cache import KVCache  # noqa: E402
-from dllm.core.model import ModelArgs, Transformer  # noqa: E402
-from dllm.core.routing import DenseRouting, DLLMRouting  # noqa: E402
-
-
-# wall time, or this process's CPU time: on a CPU shared with other jobs, what the run itself
-# spent (its threads summed), not how long it waited for a core
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+from benchmarks import command
+from dllm import distributed
+from dllm.checkpoints import hf_layout
+from dllm.checkpoints import base_model, model_params
+from dllm.atomic_io import atomic_write_text
+from dllm.config import Settings, setting
+from dllm.errors import InputError, run_cli
+from dllm.core.flops import flops_ratio, forward_flops, kv_ratio
+from dllm.core.kv_cache import KVCache
+from dllm.core.model import ModelArgs, Transformer
+from dllm.core.routing import DenseRouting, DLLMRouting
+from dllm.timing import CLOCKS, timed
 
 
 @dataclass
@@ -118,19 +111,6 @@ class AgreeingRouting(CalibratedRouting):
         if decision is not None:
             decision.weight, decision.mask = decision.weight[:1].expand_as(decision.weight), decision.mask[:1].expand_as(decision.mask)
         return decision
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, clock: str = "wall"):
-    sync(device)
-    start = CLOCKS[clock]()
-    out = fn()
-    sync(device)
-    return CLOCKS[clock]() - start, out
 
 
 FILL_CHUNK = 256  # tokens per forward of an untimed prefill
@@ -421,7 +401,7 @@ def summarise(config, model, runners, best, record) -> List[dict]:
 def describe(config: BenchBase, model: Transformer, device) -> dict:
     """The run's settings, command, machine and model, for the results file's header."""
     args = model.params
-    return {"settings": asdict(config), "command": " ".join(["python"] + sys.argv),
+    return {"settings": asdict(config), "command": command(),
             "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
             "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),

@@ -20,14 +20,14 @@ import json
 import multiprocessing
 import os
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 
-from benchmarks.bench_skip import device_name, keep_best, sync, timed, transformers_version
+from benchmarks import command
+from benchmarks.bench_skip import device_name, keep_best, transformers_version
 from dllm.core.objective import compute_loss
 from dllm import distributed
 from dllm.checkpoints import base_model, model_params
@@ -37,6 +37,7 @@ from dllm.errors import run_cli
 from dllm.core.flops import token_flops
 from dllm.core.model import ModelArgs
 from dllm.core.routing import mlp_flops
+from dllm.timing import synchronize, timed
 from dllm.training.loop import param_groups
 
 CONFIGS = ("transformers+peft", "dllm lora", "dllm d-llm")
@@ -164,7 +165,7 @@ def peak_memory(config: TrainStepConfig, name: str) -> float:
             f.write("5")  # VmHWM := the current RSS
     for _ in range(config.warmup + 1):
         step()
-    sync(device)
+    synchronize(device)
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
     return peak_rss()
@@ -191,7 +192,7 @@ def print_profile(name: str, step, device):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        sync(device)
+        synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n{name}: one step, by self time")
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
@@ -230,7 +231,7 @@ def main(config: TrainStepConfig):
              "peak_memory_bytes": peaks.get(name), "first_loss": first_loss[name], "times_s": times[name]}
             for name in CONFIGS]
     import peft
-    meta = {"command": " ".join(["python -m benchmarks.bench_train_step"] + sys.argv[1:]),
+    meta = {"command": command(),
             "settings": asdict(config), "device": device_name(device),
             "dtype": str(base_dtype(config, device)).replace("torch.", ""),
             "peak_memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",

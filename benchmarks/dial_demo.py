@@ -1,8 +1,8 @@
 """One adapter, any budget: the compute dial measured against adapters trained per budget.
 
-    python benchmarks/dial_demo.py --dial_adapter runs/dial \\
+    python -m benchmarks.dial_demo --dial_adapter runs/dial \\
         --separate "['0.55=runs/sep-0.55', '0.85=runs/sep-0.85']"
-    python benchmarks/dial_demo.py --llama_ckpt_dir models/smollm2 --dataset_name smol \\
+    python -m benchmarks.dial_demo --llama_ckpt_dir models/smollm2 --dataset_name smol \\
         --dial_adapter output/smollm2-dial --baselines "" --out benchmarks/results/dial_smollm2.json \\
         --png docs/dial_smollm2.png
 
@@ -25,28 +25,27 @@ KV ratios from the routing that happened); and generation speed: greedy generati
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dllm.checkpoints import adapters  # noqa: E402
-from dllm import assets  # noqa: E402
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.config import Settings, setting  # noqa: E402
-from dllm.dial import records_loader  # noqa: E402
-from dllm.errors import InputError, run_cli  # noqa: E402
-from dllm.evaluate import Evaluator, task_records  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.plots import quality_flops_figure, save_png  # noqa: E402
-from benchmarks.baselines import baseline_label  # noqa: E402
-from dllm.training.validation import validate  # noqa: E402
+from benchmarks import command as run_command
+from benchmarks.baselines import baseline_label
+from dllm.checkpoints import adapters
+from dllm import assets
+from dllm.atomic_io import atomic_write_text
+from dllm.config import Settings, setting
+from dllm.dial import records_loader
+from dllm.errors import InputError, run_cli
+from dllm.evaluate import Evaluator, task_records
+from dllm.chat import ChatFormat
+from dllm.generation import Llama
+from dllm.plots import quality_flops_figure, save_png
+from dllm.timing import timed
+from dllm.training.validation import validate
 
 BASELINE_ROWS = ("dllm", "static_ppl", "dense")  # the baselines table's methods shown beside the dial
 
@@ -118,10 +117,10 @@ class Bench:
             best = {}
             for _ in range(self.config.repeats):
                 for name, g in (("dense", self.dense), ("run", generator)):
-                    start = time.perf_counter()
-                    out, _, _ = g.generate([prompt], self.config.max_gen_len, temperature=0.0, actprobs=False)
-                    best[name] = min(best.get(name, math.inf), time.perf_counter() - start)
-                    best[name + "_tokens"] = len(out[0])
+                    seconds, generation = timed(lambda: g.generate([prompt], self.config.max_gen_len, temperature=0.0,
+                                                                   actprobs=False), g.device)
+                    best[name] = min(best.get(name, math.inf), seconds)
+                    best[name + "_tokens"] = len(generation.tokens[0])
             seconds, generated = seconds + best["run"], generated + best["run_tokens"]
             dense_seconds, dense_generated = dense_seconds + best["dense"], dense_generated + best["dense_tokens"]
         return generated / seconds, (generated / seconds) / (dense_generated / dense_seconds)
@@ -218,7 +217,7 @@ def joined_rows(parts: List[str]):
 
 
 def main(config: DialBenchConfig):
-    command = " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    command = run_command()
     machine = (f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the "
                f"end), {torch.get_num_threads()} torch threads; speeds are ratios to the dense base timed in turn with "
                f"each configuration")

@@ -1,6 +1,6 @@
 """D-LLM's attempts to beat static pruning on the demo, from one command.
 
-    python benchmarks/dllm_attempts.py    # runs each attempt's missing rows under runs/dllm-attempts
+    python -m benchmarks.dllm_attempts    # runs each attempt's missing rows under runs/dllm-attempts
 
 Each attempt is a `benchmarks/baselines.py` run (the same harness: fine-tune, evaluate.py on the
 test split, timings, blocks per token) with some finetuning.sh variables changed from the sweep's
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.errors import run_cli
 
 ONE_EPOCH = {"EPOCHS": "1", "WARMUP_EPOCHS": "0.2"}
 TEACHER = os.path.join("runs", "dllm-attempts", "dense", "dense-1-s0")
@@ -72,14 +71,14 @@ ATTEMPTS = [
 def run_attempt(attempt: Attempt, work_dir: str) -> list:
     out = os.path.join(work_dir, f"{attempt.name}.json")
     variables = {k: (os.path.join(ROOT, v) if v == TEACHER else v) for k, v in attempt.finetuning_variables().items()}
-    env = dict(os.environ, **variables)
     spread = (["--spread_methods", attempt.methods, "--spread_target", "0.5", "--spread_seeds", attempt.spread_seeds]
               if attempt.spread_seeds else ["--spread_methods", "none"])
-    command = [sys.executable, os.path.join("benchmarks", "baselines.py"), "--methods", attempt.methods, "--targets",
+    command = [sys.executable, "-m", "benchmarks.baselines", "--methods", attempt.methods, "--targets",
                attempt.targets, *spread, "--extra_runs", attempt.extra_runs,
-               "--work_dir", os.path.join(work_dir, attempt.name), "--out", out]
+               "--work_dir", os.path.join(work_dir, attempt.name), "--out", out,
+               "--recipe", " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items())]
     print(f"=== {attempt.name}: {attempt.why}", flush=True)
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    subprocess.run(command, cwd=ROOT, check=True)
     with open(out) as f:
         return [dict(row, attempt=attempt.name, variables=recipe(attempt), epochs=attempt.epochs) for row in json.load(f)]
 
@@ -116,7 +115,7 @@ def static_curves(sweep: list, rows: list) -> dict:
 
 
 def markdown(rows: list, curves: dict, reference: list) -> str:
-    lines = ["### D-LLM attempts on the demo", "", "`python benchmarks/dllm_attempts.py`", "",
+    lines = ["### D-LLM attempts on the demo", "", "`python -m benchmarks.dllm_attempts`", "",
              "Reference, one epoch (`benchmarks/results/baselines_demo.json`): "
              + "; ".join(f"{name} {flops:.3f} / {ce:.3f}" for name, flops, ce in reference)
              + " (FLOPs ratio / val CE, mean of seeds 0-2 at target 0.5).", "",

@@ -3,7 +3,7 @@ the head on that block's input is already the model's final top-1 (early exit's 
 `EarlyExitRouting.settled`). An early exit that runs a share s of the blocks stops the average token
 near block s·n_layers, so it can only be harmless where this share is high there.
 
-    python benchmarks/settled_depth.py --model_path models/smollm2 --dataset_name smol \\
+    python -m benchmarks.settled_depth --llama_ckpt_dir models/smollm2 --dataset_name smol \\
         --out benchmarks/results/settled_depth_smollm2.json
 
 Teacher forced on the test split's prompt + response, the base model with every block run.
@@ -11,20 +11,17 @@ Teacher forced on the test split's prompt + response, the base model with every 
 import argparse
 import json
 import os
-import sys
 from typing import List, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.evaluate import scored_tokens  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import EarlyExitRouting  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.data import load_records
+from dllm.errors import run_cli
+from dllm.generation import Llama
+from dllm.core.routing import EarlyExitRouting
+from dllm.scoring import encode_pair, fit
 
 
 @torch.inference_mode()
@@ -50,16 +47,16 @@ def settled_shares(model, sequences: List[Tuple[List[int], int]]) -> List[float]
 
 
 def main(args):
-    generator = Llama.build(args.model_path, None, max_seq_len=args.max_seq_len, max_batch_size=1,
+    generator = Llama.build(args.llama_ckpt_dir, None, max_seq_len=args.max_seq_len, max_batch_size=1,
                             model_parallel_size=1, dense=True)
     tokenizer = generator.tokenizer
     records = load_records(args.dataset_path, args.dataset_name, "test", ChatFormat(tokenizer))[: args.records]
-    sequences = [scored_tokens(tokenizer, r.prompt, r.response, args.max_seq_len) for r in records]
+    sequences = [fit(*encode_pair(tokenizer, r.prompt, r.response, eos=True), args.max_seq_len) for r in records]
     shares = settled_shares(generator.model, sequences)
     print("block  settled at its input")
     for layer_id, share in enumerate(shares):
         print(f"{layer_id:5d}  {share:.3f}")
-    result = {"model_path": args.model_path, "dataset": args.dataset_name, "records": len(sequences),
+    result = {"llama_ckpt_dir": args.llama_ckpt_dir, "dataset": args.dataset_name, "records": len(sequences),
               "settled_at_block_input": shares}
     if args.out:
         atomic_write_text(json.dumps(result, indent=2) + "\n", args.out)
@@ -67,7 +64,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model_path", default=os.path.join("assets", "tiny-llama2"))
+    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"))
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo")
     p.add_argument("--records", type=int, default=32, help="test records measured")

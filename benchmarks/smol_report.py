@@ -1,7 +1,7 @@
 r"""SmolLM2 with D-LLM against the dense model and a dense LoRA fine-tune, on the held-out smol split,
 measured in one run on one machine.
 
-    python benchmarks/smol_report.py --model_dir models/smollm2 \
+    python -m benchmarks.smol_report --llama_ckpt_dir models/smollm2 \
         --runs "dense=;lora=output/smollm2-lora/checkpoint-last.pth:dense;dllm=assets/smollm2-dllm/checkpoint.pth"
 
 `--runs` is `label=adapter[:dense]` separated by `;` (an empty adapter is the base model; `:dense`
@@ -15,22 +15,19 @@ import json
 import math
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dllm.atomic_io import atomic_write_text  # noqa: E402
-from dllm.chat import ChatFormat  # noqa: E402
-from dllm.config import Settings, setting  # noqa: E402
-from dllm.data import load_records  # noqa: E402
-from dllm.errors import run_cli  # noqa: E402
-from dllm.evaluate import Evaluator  # noqa: E402
-from dllm.generation import Llama  # noqa: E402
-from dllm.core.routing import DenseRouting  # noqa: E402
+from dllm.atomic_io import atomic_write_text
+from dllm.chat import ChatFormat
+from dllm.config import Settings, setting
+from dllm.data import load_records
+from dllm.errors import run_cli
+from dllm.evaluate import Evaluator
+from dllm.generation import Llama
+from dllm.core.routing import DenseRouting
+from dllm.timing import timed
 
 
 def parse_runs(runs: str):
@@ -42,8 +39,8 @@ def parse_runs(runs: str):
     return out
 
 
-def build(model_dir, adapter, dense, max_seq_len, batch_size):
-    generator = Llama.build(model_dir, adapter, max_seq_len=max_seq_len, max_batch_size=batch_size,
+def build(llama_ckpt_dir, adapter, dense, max_seq_len, batch_size):
+    generator = Llama.build(llama_ckpt_dir, adapter, max_seq_len=max_seq_len, max_batch_size=batch_size,
                             model_parallel_size=1)
     if dense:
         generator.model.use_routing(DenseRouting())
@@ -93,8 +90,8 @@ def generations(generator, records, chat, n, max_gen_len, batch_size):
     outputs, shares, prefix, exact, counts, per_kind = [], [], [], 0, [], {}
     for start in range(0, n, batch_size):
         batch = prompts[start : start + batch_size]
-        tokens, _, _ = generator.generate(batch, max_gen_len, temperature=0.0, actprobs=False, stop_ids=chat.stop_ids)
-        stats = generator.last_stats
+        tokens, _, _, stats = generator.generate(batch, max_gen_len, temperature=0.0, actprobs=False,
+                                                 stop_ids=chat.stop_ids)
         executed_blocks(generator, stats, [p + t for p, t in zip(batch, tokens)], counts, per_kind)
         for i, out in enumerate(tokens):
             reference = tok.encode(records[start + i].response, bos=False, eos=False)
@@ -121,22 +118,27 @@ def speed_prompts(generator, records, prefill_len, decode_prompt_len):
 
 @torch.inference_mode()
 def time_prefill(model, tokens):
-    start = time.perf_counter()
-    model(tokens, 0, model.new_cache(1))
-    return time.perf_counter() - start
+    device = model.tok_embeddings.weight.device
+    tokens = tokens.to(device)
+    return timed(lambda: model(tokens, 0, model.new_cache(1)), device)[0]
 
 
 @torch.inference_mode()
 def time_decode(model, prompt, steps):
     """Greedy decoding, one token a step, after the prompt's prefill (not timed)."""
+    device = model.tok_embeddings.weight.device
+    prompt = prompt.to(device)
     cache = model.new_cache(1)
     logits, _ = model(prompt, 0, cache)
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for i in range(steps):
-        logits, _ = model(token, prompt.shape[1] + i, cache)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - start
+    first = logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode():
+        token = first
+        for i in range(steps):
+            logits, _ = model(token, prompt.shape[1] + i, cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+
+    return timed(decode, device)[0]
 
 
 def instructions(dataset_path, dataset, n):
@@ -146,7 +148,7 @@ def instructions(dataset_path, dataset, n):
 
 @dataclass
 class ReportConfig(Settings):
-    model_dir: str = setting("models/smollm2", "base model directory (tools/convert_checkpoint.py writes it)")
+    llama_ckpt_dir: str = setting("models/smollm2", "base model directory (tools/convert_checkpoint.py writes it)")
     runs: str = setting("dense=", "label=adapter[:dense] separated by ';' (the first run is the speed reference)")
     dataset_path: str = setting("datasets", "directory of the datasets")
     dataset: str = setting("smol", "dataset whose test split is measured")
@@ -163,13 +165,13 @@ class ReportConfig(Settings):
 
 
 def main(config: ReportConfig):
-    model_dir, dataset_path, dataset, batch_size = config.model_dir, config.dataset_path, config.dataset, config.batch_size
+    llama_ckpt_dir, dataset_path, dataset, batch_size = config.llama_ckpt_dir, config.dataset_path, config.dataset, config.batch_size
     n_generate, max_gen_len, max_seq_len = config.n_generate, config.max_gen_len, config.max_seq_len
     prefill_len, decode_prompt_len, decode_steps = config.prefill_len, config.decode_prompt_len, config.decode_steps
     repeats, n_examples, out = config.repeats, config.n_examples, config.out
     results, generators = {}, {}
     for label, adapter, dense in parse_runs(config.runs):
-        generator = build(model_dir, adapter, dense, max_seq_len, batch_size)
+        generator = build(llama_ckpt_dir, adapter, dense, max_seq_len, batch_size)
         chat = ChatFormat(generator.tokenizer)
         records = load_records(dataset_path, dataset, "test", chat)
         evaluator = Evaluator(generator, batch_size, max_gen_len, 0, dataset_path)
@@ -202,7 +204,7 @@ def main(config: ReportConfig):
         r["prefill_speedup"] = best[dense_label]["prefill"] / best[label]["prefill"]
         r["decode_speedup"] = best[dense_label]["decode"] / best[label]["decode"]
 
-    meta = {"model_dir": model_dir, "dataset": dataset, "n_generate": n_generate, "max_gen_len": max_gen_len,
+    meta = {"llama_ckpt_dir": llama_ckpt_dir, "dataset": dataset, "n_generate": n_generate, "max_gen_len": max_gen_len,
             "prefill_len": prefill_len, "decode_prompt_len": decode_prompt_len, "decode_steps": decode_steps,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "speed_reference": dense_label}

@@ -14,11 +14,10 @@ import os
 import re
 import subprocess
 from dataclasses import asdict, dataclass, replace
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dllm import distributed
@@ -31,6 +30,7 @@ from dllm.data import TASKS, Record, load_records, task
 from dllm.errors import InputError
 from dllm.generation import Llama, ModelSettings
 from dllm.core.routing import DenseRouting
+from dllm.scoring import encode_pair, teacher_forced
 from dllm.tokenizer import Tokenizer
 
 # the checkout this code runs from, if it runs from one: its commit is the results' code version
@@ -121,16 +121,6 @@ def task_records(dataset_path: str, name: str, n_shot: int, chat: ChatFormat, sp
     return records
 
 
-def scored_tokens(tokenizer, prompt: str, continuation: str, max_seq_len: int) -> Tuple[List[int], int]:
-    """prompt + continuation as tokens (eos included) and the index of the first scored token: the
-    continuation's first. Too long: the prompt's start is dropped (as generation does), never the
-    scored tokens."""
-    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
-    full = tokenizer.encode(prompt + continuation, bos=True, eos=True)
-    cut = max(0, len(full) - max_seq_len)
-    return full[cut:], max(1, min(len(prompt_ids), len(full) - 1) - cut)
-
-
 class Evaluator:
     def __init__(self, generator: Llama, batch_size: int, max_gen_len: int, n_shot: int, dataset_path: str,
                  split: str = "test"):
@@ -155,32 +145,18 @@ class Evaluator:
 
     def _score(self, prompts: List[str], continuations: List[str], tally: Tally):
         """Teacher-forced log-likelihood, token count and top-1 hits (argmax = the next token) of each
-        continuation after its prompt, eos included, in one right-padded forward."""
-        seqs, starts = zip(*(scored_tokens(self.tokenizer, prompt, continuation, self.args.max_seq_len)
-                             for prompt, continuation in zip(prompts, continuations)))
-        width = max(len(s) for s in seqs)
-        device = self.generator.device
-        tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(seqs), width, device=device)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)
-            mask[i, : len(s)] = 1
-        with torch.inference_mode():
-            logits, activation = self.model(tokens)
-        tally.add_routing(self.args, activation, mask, self.model.routing)
-        logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        target = torch.zeros_like(mask[:, 1:])
-        for i, (s, start) in enumerate(zip(seqs, starts)):
-            target[i, start - 1 : len(s) - 1] = 1
-        top1 = (logits[:, :-1].argmax(-1) == tokens[:, 1:]).float() * target
-        return (logp * target).sum(1).tolist(), target.sum(1).tolist(), top1.sum(1).tolist()
+        continuation after its prompt, eos included (dllm/scoring.py, its truncation rule)."""
+        pairs = [encode_pair(self.tokenizer, prompt, continuation, eos=True)
+                 for prompt, continuation in zip(prompts, continuations)]
+        scored = teacher_forced(self.model, pairs, self.args.max_seq_len)
+        tally.add_routing(self.args, scored.activation, scored.token_mask, self.model.routing)
+        return scored.loglik(), scored.n_scored(), scored.top1()
 
     def _generate(self, prompts: List[str], tally: Tally) -> List[str]:
         tokens = [self.tokenizer.encode(p, bos=True, eos=False)[-(self.args.max_seq_len - 1):] for p in prompts]
-        out, _, _ = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
-        stats = self.generator.last_stats
-        tally.add_routing(self.args, stats.activation, stats.token_mask, self.model.routing)
-        return [self.tokenizer.decode(t) for t in out]
+        generation = self.generator.generate(tokens, self.max_gen_len, temperature=0.0, actprobs=False)
+        tally.add_routing(self.args, generation.routing.activation, generation.routing.token_mask, self.model.routing)
+        return [self.tokenizer.decode(t) for t in generation.tokens]
 
     def perplexity(self, name: str, records: List[Record]) -> List[Row]:
         """Perplexity of the responses, and top-1 agreement: the share of response tokens that are the

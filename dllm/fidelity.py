@@ -12,7 +12,6 @@ tokens and over the response's (teacher forced), and in real generation over the
 the decode steps, each against the dense model on the same tokens; prefill and decode speed are
 timed while the answers are generated (batch 1, so a step is one request's prefill or one token).
 """
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -23,8 +22,9 @@ from tqdm import tqdm
 
 from dllm.core import flops
 from dllm.data import Record
-from dllm.evaluate import scored_tokens
 from dllm.generation import Llama
+from dllm.scoring import encode_pair, teacher_forced as score
+from dllm.timing import StepTimer
 
 FIRST_WORDS = 10
 
@@ -106,23 +106,15 @@ def _add_flops(sums: Sums, name: str, model, activation, token_mask, counted):
 @torch.inference_mode()
 def teacher_forced(model, base, tokenizer, records: List[Record], sums: Sums, batch_size: int, desc: str = "score"):
     """KL(base || model), top-1 agreement and CE on every response token after its prompt (eos
-    included, evaluate.py's truncation rule), and the compute of prompt and response tokens."""
+    included, scored as evaluate.py scores it: dllm/scoring.py), and the compute of prompt and
+    response tokens."""
     max_seq_len = model.params.max_seq_len
-    device = model.tok_embeddings.weight.device
     for at in tqdm(range(0, len(records), batch_size), desc=desc, leave=False):
-        batch = records[at : at + batch_size]
-        seqs, starts = zip(*(scored_tokens(tokenizer, r.prompt, r.response, max_seq_len) for r in batch))
-        width = max(len(s) for s in seqs)
-        tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-        real = torch.zeros(len(seqs), width, device=device)
-        response = torch.zeros_like(real)  # the response's tokens as inputs
-        for i, (s, start) in enumerate(zip(seqs, starts)):
-            tokens[i, : len(s)] = torch.tensor(s, device=device)
-            real[i, : len(s)] = 1
-            response[i, start : len(s)] = 1
-        logits, activation = model(tokens)
-        base_logits, _ = base(tokens)
-        predicts = response[:, 1:]  # positions whose next token is a response token
+        pairs = [encode_pair(tokenizer, r.prompt, r.response, eos=True) for r in records[at : at + batch_size]]
+        scored, base_scored = score(model, pairs, max_seq_len), score(base, pairs, max_seq_len)
+        tokens, real, response = scored.tokens, scored.token_mask, scored.scored
+        logits, activation, base_logits = scored.logits, scored.activation, base_scored.logits
+        predicts = scored.targets  # positions whose next token is a response token
         logp, base_logp = F.log_softmax(logits[:, :-1], -1), F.log_softmax(base_logits[:, :-1], -1)
         kl = (base_logp.exp() * (base_logp - logp)).sum(-1)
         ce = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
@@ -140,42 +132,12 @@ def teacher_forced(model, base, tokenizer, records: List[Record], sums: Sums, ba
         _add_flops(sums, "flops_response", model, activation, real, response)
 
 
-class StepTimer:
-    """Times each forward of a model (device synchronised): in a batch-1 generate() the first is the
-    prefill and each later one a decode step."""
-
-    def __init__(self, model):
-        self.model, self.steps = model, []
-        self._start = 0.0
-        self._handles = [model.register_forward_pre_hook(self._begin), model.register_forward_hook(self._end)]
-
-    def _sync(self):
-        device = self.model.tok_embeddings.weight.device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def _begin(self, module, inputs):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def _end(self, module, inputs, output):
-        self._sync()
-        self.steps.append(time.perf_counter() - self._start)
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
-
-
 def timed_answer(generator: Llama, prompt: List[int], max_gen_len: int, stop_ids) -> tuple:
     """(answer text, prefill seconds, decode seconds, decode steps, the call's routing record)."""
-    timer = StepTimer(generator.model)
-    try:
-        out, _, _ = generator.generate([prompt], max_gen_len, temperature=0.0, actprobs=False, stop_ids=stop_ids)
-    finally:
-        timer.close()
-    return generator.tokenizer.decode(out[0]), timer.steps[0], sum(timer.steps[1:]), len(timer.steps) - 1, \
-        generator.last_stats
+    with StepTimer(generator.model) as timer:
+        generation = generator.generate([prompt], max_gen_len, temperature=0.0, actprobs=False, stop_ids=stop_ids)
+    return generator.tokenizer.decode(generation.tokens[0]), timer.steps[0], sum(timer.steps[1:]), \
+        len(timer.steps) - 1, generation.routing
 
 
 def first_words(text: str) -> List[str]:

@@ -1,6 +1,6 @@
 """Meta's Llama generation API on the D-LLM model, with real skipping and the evicting KV cache."""
 from dataclasses import dataclass
-from typing import Collection, List, Optional, Sequence, Tuple, Union
+from typing import Collection, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,41 +12,19 @@ from dllm.chat import ChatFormat
 from dllm.checkpoints.dial_file import read_dial
 from dllm.config import Settings, setting
 from dllm.errors import InputError
+from dllm.core.flops import RoutingStats
 from dllm.core.model import Transformer
 from dllm.tokenizer import Tokenizer
 
 
-@dataclass
-class RoutingStats:
-    """What one generate() call executed and kept, per prompt, up to the end of its output."""
+class Generation(NamedTuple):
+    """What generate() returns: per prompt its tokens, their log-probabilities and block shares (None
+    unless asked), and the call's routing record."""
 
-    activation: torch.Tensor  # [b, tokens fed, n_layers] on the CPU, 1 = executed (= K/V kept)
-    lengths: List[int]  # per row, the tokens up to the end of its output
-    pair_bytes: int  # one token's K and V at one block
-    cache_bytes_kept: int  # the whole batch's cache as it ended (every token fed, past eos too)
-    tokens: List[List[int]]  # per row, its prompt and output, `lengths[row]` tokens
-    prompt_lengths: List[int]
-
-    @property
-    def n_layers(self) -> int:
-        return self.activation.shape[2]
-
-    @property
-    def token_mask(self) -> torch.Tensor:
-        """[b, tokens fed], 1 up to the end of each row's output."""
-        return (torch.arange(self.activation.shape[1])[None, :] < torch.tensor(self.lengths)[:, None]).float()
-
-    def exec_pairs(self, row: int) -> int:
-        return int(self.activation[row, : self.lengths[row]].sum())
-
-    def exec_share(self, row: int) -> float:
-        return self.exec_pairs(row) / max(1, self.lengths[row] * self.n_layers)
-
-    def kv_bytes(self, row: int) -> int:
-        return self.exec_pairs(row) * self.pair_bytes
-
-    def kv_bytes_dense(self, row: int) -> int:
-        return self.lengths[row] * self.n_layers * self.pair_bytes
+    tokens: List[List[int]]
+    logprobs: Optional[List[List[float]]]
+    actprobs: Optional[List[List[float]]]
+    routing: RoutingStats
 
 
 @dataclass
@@ -152,7 +130,6 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = adapter
-        self.last_stats: Optional[RoutingStats] = None
 
     def set_budget(self, budget: float):
         """The share of blocks every forward executes from now on, unless a forward asks another."""
@@ -197,12 +174,12 @@ class Llama:
         echo: bool = False,
         stop_ids: Optional[Collection[int]] = None,
         budget: Union[None, float, Sequence[float]] = None,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]], Optional[List[List[float]]]]:
+    ) -> Generation:
         """Meta's loop over a fresh evicting cache. actprobs: per returned token, the share of
         blocks it executed. A row ends at the first of `stop_ids` (default: the tokenizer's).
         `budget`: the share of blocks to execute, one for all prompts or one per prompt (a batch
         serving requests at different budgets; each row routes as it would alone); default: the
-        one given to `build`. `self.last_stats` keeps what this call executed and kept."""
+        one given to `build`. The returned routing record holds what this call executed and kept."""
         self._check_batch(prompt_tokens)
         row_budget = self._row_budget(budget, len(prompt_tokens))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
@@ -260,49 +237,52 @@ class Llama:
             out_actprobs.append((executed[i, start:end] / n_layers).tolist())
             lengths.append(end)
             fed_tokens.append(toks[:end])
-        self.last_stats = RoutingStats(activation[:, :fed].cpu(), lengths, cache.pair_bytes(), cache.bytes_kept(),
-                                       fed_tokens, [len(t) for t in prompt_tokens])
-        return out_tokens, out_logprobs if logprobs else None, out_actprobs if actprobs else None
+        routing = RoutingStats(activation[:, :fed].cpu(), lengths, cache.pair_bytes(), cache.bytes_kept(),
+                               fed_tokens, [len(t) for t in prompt_tokens])
+        return Generation(out_tokens, out_logprobs if logprobs else None, out_actprobs if actprobs else None, routing)
 
-    def _completions(self, generation_tokens, generation_logprobs, generation_actprobs, logprobs: bool):
-        stats = self.last_stats
+    def _completions(self, generation: Generation, logprobs: bool) -> List[dict]:
         out = []
-        for i, t in enumerate(generation_tokens):
+        for i, t in enumerate(generation.tokens):
             item = {
                 "generation": self.tokenizer.decode(t),
-                "actprobs": generation_actprobs[i],
-                "exec_share": stats.exec_share(i),
+                "actprobs": generation.actprobs[i],
+                "exec_share": generation.routing.exec_share(i),
             }
             if logprobs:
                 item["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                item["logprobs"] = generation_logprobs[i]
+                item["logprobs"] = generation.logprobs[i]
             out.append(item)
         return out
 
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False,
-                        budget: Union[None, float, Sequence[float]] = None):
+                        budget: Union[None, float, Sequence[float]] = None, return_routing: bool = False):
+        """Meta's completions, one dict per prompt; with `return_routing`, (completions, the call's
+        RoutingStats)."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, echo, budget=budget)
-        return self._completions(*result, logprobs)
+        generation = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, echo, budget=budget)
+        completions = self._completions(generation, logprobs)
+        return (completions, generation.routing) if return_routing else completions
 
     def chat_completion(self, dialogs: List[List[dict]], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False,
-                        budget: Union[None, float, Sequence[float]] = None):
+                        budget: Union[None, float, Sequence[float]] = None, return_routing: bool = False):
         """Dialogs in the model's own chat template (Llama-2's [INST] format when it has none);
-        generation stops at the template's end-of-turn token."""
+        generation stops at the template's end-of-turn token. `return_routing` as for text_completion."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         chat = ChatFormat(self.tokenizer)
         prompt_tokens = [chat.encode_dialog(d) for d in dialogs]
-        result = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True, stop_ids=chat.stop_ids,
-                               budget=budget)
-        return [
+        generation = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, True,
+                                   stop_ids=chat.stop_ids, budget=budget)
+        completions = [
             {"generation": {"role": "assistant", "content": c.pop("generation")}, **c}
-            for c in self._completions(*result, logprobs)
+            for c in self._completions(generation, logprobs)
         ]
+        return (completions, generation.routing) if return_routing else completions
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:

@@ -71,14 +71,15 @@ def answer(config: InstructConfig):
     sampling = dict(temperature=config.temperature, top_p=config.top_p, max_gen_len=config.max_gen_len)
     if config.chat:
         dialogs = [[{"role": "user", "content": f"{instruct}\n\n{text}" if text else instruct}] for instruct, text in pairs]
-        answers = [r["generation"]["content"] for r in generator.chat_completion(dialogs, **sampling)]
+        completions, stats = generator.chat_completion(dialogs, **sampling, return_routing=True)
+        answers = [r["generation"]["content"] for r in completions]
     else:
         filled = Templates(config.prompt_path or "Alpaca's templates", templates, ChatFormat(generator.tokenizer))
         prompts = [instruction_prompt(filled, instruct, text) for instruct, text in pairs]
-        answers = [r["generation"] for r in generator.text_completion(prompts, **sampling)]
+        completions, stats = generator.text_completion(prompts, **sampling, return_routing=True)
+        answers = [r["generation"] for r in completions]
     if not distributed.is_main():
         return
-    stats = generator.last_stats
     for row, ((instruct, text), reply) in enumerate(zip(pairs, answers)):
         if config.chat:  # a dialogue, as Meta's chat example prints it
             print(f"User: {instruct}\n\n{text}" if text else f"User: {instruct}")
@@ -92,7 +93,7 @@ def answer(config: InstructConfig):
             f"[blocks executed: {100 * stats.exec_share(row):.1f}% of {stats.n_layers} per token | "
             f"KV cache kept: {stats.kv_bytes(row) / 1024:.1f} KiB of {stats.kv_bytes_dense(row) / 1024:.1f} KiB dense]\n"
         )
-    sequences = sequences_from_generation(generator) if config.html or config.png else []
+    sequences = sequences_from_generation(generator, stats) if config.html or config.png else []
     if config.html:
         write_html(sequences, config.html)
     if config.png:

@@ -2,25 +2,23 @@
 mode forwards and `Llama.generate`), batched, with the FLOPs and KV ratios they cost.
 
     python -m tools.run_lm_eval --model dllm \
-        --model_args base=assets/tiny-llama2,adapter=assets/tiny-dllm/checkpoint.pth,execute_threshold=0.5 \
+        --model_args llama_ckpt_dir=assets/tiny-llama2,adapter=assets/tiny-dllm/checkpoint.pth,execute_threshold=0.5 \
         --tasks TASK --batch_size 8
 
 lm-eval is an optional extra (`pip install -r requirements-lm-eval.txt`). The harness has no plugin
 hook for models, so it knows `dllm` only once this module is imported; tools/run_lm_eval.py does
 that and then runs the harness's own command line.
 
-Scoring is evaluate.py's: the context with bos, the continuation's tokens as the ones that follow
-the context's tokens in the encoding of context + continuation, teacher forced in one right-padded
-forward (evaluate.py also scores an eos after the continuation; the harness asks for the
-continuation alone). The measured ratios, per request type, are logged after each call and
-written into the harness's results under config.dllm_routing.
+Scoring is evaluate.py's (dllm/scoring.py, its truncation rule): the context with bos, the
+continuation's tokens as the ones that follow the context's tokens in the encoding of context +
+continuation, teacher forced in one right-padded forward (evaluate.py also scores an eos after the
+continuation; the harness asks for the continuation alone). The measured ratios, per request type,
+are logged after each call and written into the harness's results under config.dllm_routing.
 """
 import logging
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import lm_eval.models  # noqa: F401 -- the harness's own models first: it loads them only into an empty registry
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -30,6 +28,7 @@ from tqdm import tqdm
 from dllm.errors import InputError
 from dllm.evaluate import Tally
 from dllm.generation import Llama
+from dllm.scoring import Pair, encode_pair, teacher_forced
 
 logger = logging.getLogger("lm_eval.dllm")  # in the harness's log, which shows lm_eval.* only
 
@@ -38,17 +37,20 @@ GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 
 @register_model("dllm")
 class DLLMHarnessModel(LM):
-    def __init__(self, base: str, adapter: Optional[str] = None, dense: bool = False,
+    def __init__(self, llama_ckpt_dir: Optional[str] = None, adapter: Optional[str] = None, dense: bool = False,
                  execute_threshold: Optional[float] = None, tokenizer: Optional[str] = None,
                  max_seq_len: int = 512, batch_size: Union[int, str] = 8, max_gen_toks: int = 256,
                  seed: int = 1, device: Optional[str] = None, max_batch_size: Optional[int] = None,
-                 budget: Optional[float] = None):
-        """`base`, `adapter` and `budget` as for Llama.build (`dense` ignores the adapter). `device` and
-        `max_batch_size` come from the harness's flags and are not used: dllm computes on CUDA when
-        there is one, else the CPU, in batches of `batch_size`."""
+                 budget: Optional[float] = None, base: Optional[str] = None):
+        """`llama_ckpt_dir` (`base` is an older name for it), `adapter` and `budget` as for Llama.build
+        (`dense` ignores the adapter). `device` and `max_batch_size` come from the harness's flags and
+        are not used: dllm computes on CUDA when there is one, else the CPU, in batches of `batch_size`."""
+        llama_ckpt_dir = llama_ckpt_dir or base
+        if not llama_ckpt_dir:
+            raise InputError("the dllm harness model needs its base: --model_args llama_ckpt_dir=DIR,...")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise InputError(f"batch_size {batch_size!r}: dllm takes a positive whole number (no 'auto')")
-        generator = Llama.build(base, adapter, tokenizer_path=tokenizer, max_seq_len=max_seq_len,
+        generator = Llama.build(llama_ckpt_dir, adapter, tokenizer_path=tokenizer, max_seq_len=max_seq_len,
                                 max_batch_size=int(batch_size), seed=seed, dense=dense,
                                 execute_threshold=execute_threshold,
                                 budget=None if budget is None else float(budget))
@@ -82,43 +84,24 @@ class DLLMHarnessModel(LM):
 
     # ------------------------------------------------------------------ scoring
 
-    def _encode_pair(self, context: str, continuation: str) -> Tuple[List[int], int]:
-        """(tokens, index of the first scored token), as evaluate.py encodes a prompt and response."""
-        context_ids = self.tokenizer.encode(context, bos=True, eos=False)
-        whole = self.tokenizer.encode(context + continuation, bos=True, eos=False)
+    def _encode_pair(self, context: str, continuation: str) -> Pair:
+        """(context, continuation) tokens as evaluate.py encodes a prompt and response, without eos."""
+        context_ids, continuation_ids = encode_pair(self.tokenizer, context, continuation, eos=False)
         if not context_ids:  # a tokenizer without bos and an empty context
-            context_ids, whole = [self.prefix_id], [self.prefix_id] + whole
-        return whole, min(len(context_ids), len(whole) - 1)
+            context_ids = [self.prefix_id]
+        return context_ids, continuation_ids
 
-    def _score(self, pairs: List[Tuple[List[int], int]], kind: str, disable_tqdm: bool) -> List[Tuple[float, bool]]:
-        """(sum of log p, greedy?) of tokens[start:] given what precedes them, longest first in batches.
-        Too long: the sequence's start is dropped, as evaluate.py does."""
+    def _score(self, pairs: List[Pair], kind: str, disable_tqdm: bool) -> List[Tuple[float, bool]]:
+        """(sum of log p, greedy?) of each continuation after its context, longest first in batches."""
         tally = self.tallies.setdefault(kind, Tally())
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+        order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
         results: List[Optional[Tuple[float, bool]]] = [None] * len(pairs)
-        device = self.generator.device
         for at in tqdm(range(0, len(order), self.batch_size), desc=f"dllm {kind}", disable=disable_tqdm, leave=False):
             batch = order[at : at + self.batch_size]
-            seqs, starts = [], []
-            for i in batch:
-                tokens, start = pairs[i]
-                cut = max(0, len(tokens) - (self.max_seq_len + 1))  # the last token is only a target
-                seqs.append(tokens[cut:])
-                starts.append(max(1, start - cut))
-            width = max(len(s) for s in seqs) - 1
-            inputs = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-            mask = torch.zeros(len(seqs), width, device=device)
-            for row, s in enumerate(seqs):
-                inputs[row, : len(s) - 1] = torch.tensor(s[:-1], device=device)
-                mask[row, : len(s) - 1] = 1
-            with torch.inference_mode():
-                logits, activation = self.model(inputs)
-            tally.add_routing(self.model.params, activation, mask, self.model.routing)
-            logp = F.log_softmax(logits, dim=-1)
-            for row, (i, s, start) in enumerate(zip(batch, seqs, starts)):
-                target = torch.tensor(s[start:], device=device)
-                rows = logp[row, start - 1 : len(s) - 1]
-                results[i] = (rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all()))
+            scored = teacher_forced(self.model, [pairs[i] for i in batch], self.max_seq_len)
+            tally.add_routing(self.model.params, scored.activation, scored.token_mask, self.model.routing)
+            for i, loglik, greedy in zip(batch, scored.loglik(), scored.greedy()):
+                results[i] = (loglik, greedy)
         return results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
@@ -127,13 +110,14 @@ class DLLMHarnessModel(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
-        """Each text in windows of max_seq_len predictions after `prefix_id` (the harness's rule)."""
+        """Each text in the harness's rolling windows after `prefix_id`, of max_seq_len - 1 predictions
+        so that a window, its first token included, fits max_seq_len."""
         windows, owner = [], []
         for i, r in enumerate(requests):
             tokens = self.tokenizer.encode(r.args[0], bos=False, eos=False)
             for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_seq_len, context_len=1)):
-                windows.append((context + continuation, len(context)))
+                    token_list=tokens, prefix_token=self.prefix_id, max_seq_len=self.max_seq_len - 1, context_len=1)):
+                windows.append((context, continuation))
                 owner.append(i)
         totals = [0.0] * len(requests)
         for i, (logp, _) in zip(owner, self._score(windows, "loglikelihood_rolling", disable_tqdm)):
@@ -165,9 +149,9 @@ class DLLMHarnessModel(LM):
                 batch = indices[at : at + self.batch_size]
                 keep = max(1, self.max_seq_len - max_gen)  # the context's end, with room to generate
                 prompts = [self.tokenizer.encode(requests[i].args[0], bos=True, eos=False)[-keep:] for i in batch]
-                tokens, _, _ = self.generator.generate(prompts, max_gen, temperature, kwargs.get("top_p", 1.0), actprobs=False)
-                stats = self.generator.last_stats
-                tally.add_routing(self.model.params, stats.activation, stats.token_mask, self.model.routing)
+                tokens, _, _, routing = self.generator.generate(prompts, max_gen, temperature, kwargs.get("top_p", 1.0),
+                                                                actprobs=False)
+                tally.add_routing(self.model.params, routing.activation, routing.token_mask, self.model.routing)
                 for i, prompt, t in zip(batch, prompts, tokens):
                     out[i] = cut_at_stops(self._continuation_text(prompt, t), until)
         self._count("generate_until", len(requests))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import List
 
 from dllm.core import flops
+from dllm.core.flops import RoutingStats
 from dllm.atomic_io import atomic_write_text
-from dllm.generation import Llama
 from dllm.core.routing import DenseRouting
 
 # cell kinds, in the order of the legend
@@ -58,12 +58,12 @@ def cell_kind(executed: bool, decided: bool, reserved: bool) -> int:
     return RESERVED if reserved else EXECUTED
 
 
-def sequences_from_generation(generator: Llama) -> List[SequenceRouting]:
-    """Every row of the generator's last generate() call, from `generator.last_stats`.
+def sequences_from_generation(generator, stats: RoutingStats) -> List[SequenceRouting]:
+    """Every row of a generate() call of `generator`, from the routing record it returned.
 
     A block is decided (not always-on) where the policy has a decision module and is not the plain
     dense one; only D-LLM reserves initial positions."""
-    stats, model = generator.last_stats, generator.model
+    model = generator.model
     dense = type(model.routing) is DenseRouting
     decided = [not dense and layer.router is not None for layer in model.layers]
     n_reserved = getattr(model.routing, "reserve_initials", 0)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from conftest import ROOT, load_script
+from benchmarks import baselines
+from benchmarks import dllm_attempts as attempts
+from conftest import ROOT
 from dllm.errors import InputError
-
-baselines = load_script("benchmarks/baselines.py")
 
 
 def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_spread_is_asked():
@@ -59,6 +59,25 @@ def test_a_finished_run_is_reused_and_retime_replaces_only_its_speedups(tmp_path
     assert "| 0.200 |" in baselines.markdown([measured], args)
 
 
+def test_a_fine_tune_sees_the_recipe_flags_and_not_the_callers_shell(tmp_path, monkeypatch, capsys):
+    """A stray MODEL_PATH, LR or ROUTING in the caller's environment never reaches a baseline run; the
+    recipe comes from --recipe alone."""
+    for name, value in (("MODEL_PATH", "/elsewhere"), ("LR", "1.0"), ("ROUTING", "mod"), ("EPOCHS", "9")):
+        monkeypatch.setenv(name, value)
+    args = baselines.parse_args(["--recipe", "EPOCHS=1 ROUTER_BIAS='1.0 1.0' ROUTER_LR="])
+    started = []
+    monkeypatch.setattr(baselines, "run", lambda command, env: started.append((command, env)))
+    baselines.fine_tune(args, "dllm", 0.5, 3, str(tmp_path / "run"))
+    (command, env), = started
+    assert command == ["bash", "finetuning.sh"]
+    assert "LR" not in env and env["MODEL_PATH"] == args.llama_ckpt_dir and env["ROUTING"] == "dllm"
+    assert (env["EPOCHS"], env["ROUTER_BIAS"], env["ROUTER_LR"], env["SEED"]) == ("1", "1.0 1.0", "", "3")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == ROOT
+    with pytest.raises(SystemExit):
+        baselines.parse_args(["--recipe", "MODEL_PATH=/elsewhere"])
+    assert "--recipe: 'MODEL_PATH=/elsewhere': expected NAME=VALUE" in capsys.readouterr().err
+
+
 def test_each_run_is_measured_against_the_base_once_per_split(tmp_path, monkeypatch):
     import benchmarks.fidelity
 
@@ -71,9 +90,6 @@ def test_each_run_is_measured_against_the_base_once_per_split(tmp_path, monkeypa
     baselines.fidelity(args, {"method": "dllm", "target": 0.5, "seed": 1, "adapter": "runs/a/checkpoint-last.pth"})
     assert measured == [("test", f"dllm:0.5-s1={os.path.join(ROOT, 'runs/a/checkpoint-last.pth')}",
                          str(tmp_path / "b_fidelity_test.json"), True)]
-
-
-attempts = load_script("benchmarks/dllm_attempts.py")
 
 
 def test_every_attempt_sets_only_variables_finetuning_sh_reads_and_the_teacher_runs_first():

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from conftest import load_script
+from benchmarks import bench_kept_attention
 
-bench_kept_attention = load_script("benchmarks/bench_kept_attention.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from conftest import load_script
+from benchmarks import bench_scaling
 
-bench_scaling = load_script("benchmarks/bench_scaling.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from conftest import load_script, max_diff, randomize, tiny_args
+from benchmarks import bench_skip
+from conftest import max_diff, randomize, tiny_args
 from dllm.core.model import Transformer
-
-bench_skip = load_script("benchmarks/bench_skip.py")
 
 
 @pytest.mark.parametrize("tied", [False, True])

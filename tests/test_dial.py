@@ -81,13 +81,12 @@ def test_more_budget_never_executes_fewer_blocks(runs, adapter):
 def test_a_batch_of_mixed_budgets_routes_each_row_as_alone(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64, max_batch_size=4)
     budgets = [0.45, 1.0, 0.7]
-    together, _, _ = generator.generate(PROMPTS, 10, temperature=0.0, budget=budgets)
-    stats = generator.last_stats
+    together, _, _, stats = generator.generate(PROMPTS, 10, temperature=0.0, budget=budgets)
     for row, (prompt, budget) in enumerate(zip(PROMPTS, budgets)):
-        alone, _, _ = generator.generate([prompt], 10, temperature=0.0, budget=budget)
-        length = generator.last_stats.lengths[0]
+        alone, _, _, alone_stats = generator.generate([prompt], 10, temperature=0.0, budget=budget)
+        length = alone_stats.lengths[0]
         assert alone[0] == together[row]
-        assert torch.equal(generator.last_stats.activation[0, :length], stats.activation[row, :length])
+        assert torch.equal(alone_stats.activation[0, :length], stats.activation[row, :length])
 
 
 def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():

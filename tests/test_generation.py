@@ -30,8 +30,7 @@ def test_incremental_logits_equal_teacher_forcing(tokenizer_path, prompts):
     generator = make_generator(tokenizer_path)
     model = generator.model
     prompt_tokens = encode(generator, prompts)
-    out, logprobs, _ = generator.generate(prompt_tokens, max_gen_len=12, temperature=0.0, logprobs=True)
-    stats = generator.last_stats
+    out, logprobs, _, stats = generator.generate(prompt_tokens, max_gen_len=12, temperature=0.0, logprobs=True)
     assert 0 < stats.activation[..., model.params.dynamic_start_layer:].mean() < 1, "routers must skip some tokens"
 
     # the same positions, stepped by hand, keeping every step's full logits
@@ -78,8 +77,7 @@ def test_cache_keeps_only_executed_pairs(tokenizer_path):
     for layer, kv in enumerate(cache.layers):
         assert kv.capacity == -(-int(executed[:, :, layer].sum(1).max()) // kv.chunk) * kv.chunk
     # and the cache generate() used holds exactly the executed pairs of every token it fed
-    generator.generate(encode(generator, PROMPTS), max_gen_len=6, temperature=0.0)
-    stats = generator.last_stats
+    stats = generator.generate(encode(generator, PROMPTS), max_gen_len=6, temperature=0.0).routing
     assert stats.cache_bytes_kept == int(stats.activation.sum()) * stats.pair_bytes
 
 
@@ -104,7 +102,7 @@ def test_dense_mode_is_the_plain_model(tokenizer_path):
     out_plain = plain.generate(prompts, 10, temperature=0.0, logprobs=True)
     assert out_routed[0] == out_plain[0]
     assert max(abs(x - y) for a, b in zip(out_routed[1], out_plain[1]) for x, y in zip(a, b)) <= 1e-5
-    assert routed.last_stats.activation.min() == 1
+    assert out_routed.routing.activation.min() == 1
 
 
 def test_sampling_is_seeded_and_top_p_bounded(tokenizer_path):
@@ -175,7 +173,7 @@ def test_build_runs_an_adapter_with_its_own_model_args(tmp_path, tokenizer_path)
 def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=2)
     prompts = encode(generator, PROMPTS)
-    expected, _, expected_act = generator.generate(prompts, 10, temperature=0.0)
+    expected, _, expected_act, _ = generator.generate(prompts, 10, temperature=0.0)
     out = tmp_path / "mp_tokens.json"
     script = (
         "import json, sys; sys.path.insert(0, {root!r}); from dllm.generation import Llama;"
@@ -221,7 +219,7 @@ def test_chat_completion_formats_dialogs(tokenizer_path):
     out = generator.chat_completion(dialogs, temperature=0.0, max_gen_len=4)
     assert [o["generation"]["role"] for o in out] == ["assistant", "assistant"]
     chat = ChatFormat(generator.tokenizer)
-    tokens, _, _ = generator.generate([chat.encode_dialog(d) for d in dialogs], 4, temperature=0.0, stop_ids=chat.stop_ids)
+    tokens = generator.generate([chat.encode_dialog(d) for d in dialogs], 4, temperature=0.0, stop_ids=chat.stop_ids).tokens
     assert [o["generation"]["content"] for o in out] == [generator.tokenizer.decode(t) for t in tokens]
     with pytest.raises(InputError, match="last message of a dialog must be from the user"):
         generator.chat_completion([[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]])

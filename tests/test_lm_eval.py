@@ -14,7 +14,7 @@ from dllm.core.routing import DenseRouting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")
-DEMO = f"base={ROOT}/assets/tiny-llama2,adapter={ROOT}/assets/tiny-dllm/checkpoint.pth"
+DEMO = f"llama_ckpt_dir={ROOT}/assets/tiny-llama2,adapter={ROOT}/assets/tiny-dllm/checkpoint.pth"
 
 
 class Request:
@@ -77,7 +77,7 @@ def test_generation_stops_at_the_stop_string(run):
     samples = results["samples"]["dllm_test_generate"]
     prompts = [lm.tokenizer.encode(s["arguments"][0][0], bos=True, eos=False) for s in samples]
     unstopped = [t for at in range(0, len(prompts), lm.batch_size)
-                 for t in lm.generator.generate(prompts[at : at + lm.batch_size], 16, temperature=0.0)[0]]
+                 for t in lm.generator.generate(prompts[at : at + lm.batch_size], 16, temperature=0.0).tokens]
     full = [lm._continuation_text(p, t) for p, t in zip(prompts, unstopped)]
     outputs = [s["resps"][0][0] for s in samples]
     assert outputs == [text.split(",")[0] for text in full]

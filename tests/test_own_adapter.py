@@ -73,8 +73,8 @@ def test_example_py_runs_the_adapter_as_its_params_json_says(trained, capsys):
     def shares(generator):
         templates = Templates(PROMPT, read_templates(PROMPT), ChatFormat(generator.tokenizer))
         prompts = [instruction_prompt(templates, i, t) for i, t in zip(ast.literal_eval(INSTRUCTS), ast.literal_eval(INPUTS))]
-        generator.text_completion(prompts, temperature=0.0, max_gen_len=6)
-        return [f"{100 * generator.last_stats.exec_share(row):.1f}" for row in range(len(prompts))]
+        _, stats = generator.text_completion(prompts, temperature=0.0, max_gen_len=6, return_routing=True)
+        return [f"{100 * stats.exec_share(row):.1f}" for row in range(len(prompts))]
 
     assert shares_printed(out) == shares(build_from_params_json(trained))
     # the setting matters: routed with the shipped adapters' 2 reserved tokens, the shares differ

@@ -116,7 +116,7 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2, smollm2_dir, transform
     adapter = write_all_executing_adapter(smollm2_dir, str(tmp_path / "adapter"))
     routed = Llama.build(smollm2_dir, adapter, max_seq_len=256, max_batch_size=4, model_parallel_size=1)
     assert routed.model.layers[-1].router is not None
-    tokens, _, actprobs = routed.generate(prompts, 32, temperature=0.0, stop_ids=())
+    tokens, _, actprobs, _ = routed.generate(prompts, 32, temperature=0.0, stop_ids=())
     assert tokens == expected
     assert all(share == 1.0 for row in actprobs for share in row)
     dense = Llama.build(smollm2_dir, adapter, max_seq_len=256, max_batch_size=4, model_parallel_size=1, dense=True)
@@ -242,6 +242,6 @@ def test_fine_tune_on_a_hugging_face_base_keeps_embeddings_tied(smollm2_4_layers
     assert all(torch.isfinite(torch.tensor(r["c_loss"])) for r in read_log(str(out)) if "c_loss" in r)
     generator = Llama.build(smollm2_4_layers, str(out / "checkpoint-0.pth"), max_seq_len=64, max_batch_size=2)
     assert generator.model.layers[-1].router is not None
-    tokens, _, _ = generator.generate([generator.tokenizer.encode("Once upon a time", bos=True, eos=False)], 4,
-                                      temperature=0.0, stop_ids=())
+    tokens = generator.generate([generator.tokenizer.encode("Once upon a time", bos=True, eos=False)], 4,
+                                temperature=0.0, stop_ids=()).tokens
     assert len(tokens[0]) == 4

@@ -404,7 +404,7 @@ def test_finetuned_adapter_loads_as_its_policy(tiny_run, name, options):
     assert json.loads((out / "params.json").read_text())["routing"] == name
     generator = Llama.build(base, str(out), max_seq_len=48, model_parallel_size=1)
     assert generator.model.routing.name == name
-    out_tokens, _, _ = generator.generate([[1, 5, 9, 12]], 4, temperature=0.0)
+    out_tokens = generator.generate([[1, 5, 9, 12]], 4, temperature=0.0).tokens
     assert len(out_tokens[0]) <= 4
 
 

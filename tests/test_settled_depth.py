@@ -2,11 +2,10 @@
 import pytest
 import torch
 
-from conftest import load_script, randomize, tiny_args
+from benchmarks import settled_depth
+from conftest import randomize, tiny_args
 from dllm.core import routing
 from dllm.core.model import Transformer
-
-settled_depth = load_script("benchmarks/settled_depth.py")
 
 
 def test_settled_depth_counts_response_positions_whose_top1_is_final_at_each_block_input():

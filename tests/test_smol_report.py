@@ -1,9 +1,7 @@
 """benchmarks/smol_report.py: the per-token adaptivity figures."""
 import pytest
 
-from conftest import load_script
-
-smol_report = load_script("benchmarks/smol_report.py")
+from benchmarks import smol_report
 
 
 def test_adaptivity_averages_over_tokens_not_over_sequences():

@@ -25,14 +25,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def generated(tokenizer_path):
     """A random routed model (1 always-on block of 4, 2 reserved positions) after a ragged greedy batch."""
     generator = make_generator(tokenizer_path)
-    out, _, actprobs = generator.generate(encode(generator, PROMPTS[:2]), max_gen_len=10, temperature=0.0)
-    return generator, out, actprobs
+    out, _, actprobs, stats = generator.generate(encode(generator, PROMPTS[:2]), max_gen_len=10, temperature=0.0)
+    return generator, out, actprobs, stats
 
 
 def test_cells_are_the_recorded_routing(generated):
-    generator, out, actprobs = generated
-    stats, args = generator.last_stats, generator.model.params
-    sequences = sequences_from_generation(generator)
+    generator, out, actprobs, stats = generated
+    args = generator.model.params
+    sequences = sequences_from_generation(generator, stats)
     assert len(sequences) == 2
     for row, seq in enumerate(sequences):
         n = stats.lengths[row]
@@ -56,15 +56,15 @@ def test_cells_are_the_recorded_routing(generated):
 def test_dense_model_runs_every_block_always_on(tokenizer_path):
     generator = make_generator(tokenizer_path)
     generator.model.use_routing(DenseRouting())
-    generator.generate(encode(generator, PROMPTS[:1]), max_gen_len=4, temperature=0.0)
-    seq, = sequences_from_generation(generator)
+    stats = generator.generate(encode(generator, PROMPTS[:1]), max_gen_len=4, temperature=0.0).routing
+    seq, = sequences_from_generation(generator, stats)
     assert {k for cells in seq.kinds for k in cells} == {ALWAYS_ON}
     assert seq.shares == [1.0] * len(seq.pieces) and seq.exec_ratio == seq.kv_ratio == seq.flops_ratio == 1.0
 
 
 def test_pieces_spell_the_decoded_text(generated):
-    generator, _, _ = generated
-    stats, tokenizer = generator.last_stats, generator.tokenizer
+    generator, _, _, stats = generated
+    tokenizer = generator.tokenizer
     tokens = stats.tokens[0][: stats.prompt_lengths[0]]  # <s> "The quick brown fox"
     pieces = token_pieces(tokenizer, tokens)
     assert len(pieces) == len(tokens)
@@ -74,7 +74,7 @@ def test_pieces_spell_the_decoded_text(generated):
 
 
 def test_page_needs_nothing_from_outside(generated):
-    page = render_html(sequences_from_generation(generated[0]))
+    page = render_html(sequences_from_generation(generated[0], generated[3]))
     assert not re.search(r"""\b(src|href)\s*=|url\(|@import|https?:""", page)
 
 
@@ -103,9 +103,8 @@ def background_alpha(css: str) -> float:
 def test_browser_shows_shading_and_block_row_on_click(generated, tmp_path):
     from selenium.webdriver.common.by import By
 
-    generator, _, _ = generated
-    stats = generator.last_stats
-    sequences = sequences_from_generation(generator)
+    generator, _, _, stats = generated
+    sequences = sequences_from_generation(generator, stats)
     page = tmp_path / "routing.html"
     write_html(sequences, str(page))
     driver, profile = chromium()

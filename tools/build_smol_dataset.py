@@ -159,9 +159,9 @@ def answer(generator: Llama, records: List[dict], batch_size: int, max_gen_len: 
     answers = {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc):
         batch = order[start : start + batch_size]
-        tokens, _, _ = generator.generate([prompts[i] for i in batch], max_gen_len, temperature=0.0,
-                                          actprobs=False, stop_ids=chat.stop_ids)
-        for i, out in zip(batch, tokens):
+        generation = generator.generate([prompts[i] for i in batch], max_gen_len, temperature=0.0,
+                                        actprobs=False, stop_ids=chat.stop_ids)
+        for i, out in zip(batch, generation.tokens):
             if len(out) < max_gen_len and out:  # ended at its end-of-turn token within the budget
                 answers[i] = generator.tokenizer.decode(out).strip()
     return [{**records[i], "output": answers[i]} for i in range(len(records)) if i in answers and answers[i]]

@@ -1,7 +1,7 @@
 """lm-evaluation-harness's own command line, with the `dllm` model registered.
 
     python -m tools.run_lm_eval --model dllm \
-        --model_args base=assets/tiny-llama2,adapter=assets/tiny-dllm/checkpoint.pth,execute_threshold=0.5 \
+        --model_args llama_ckpt_dir=assets/tiny-llama2,adapter=assets/tiny-dllm/checkpoint.pth,execute_threshold=0.5 \
         --tasks dllm_test_choice --include_path tests/lm_eval_tasks --batch_size 8 --output_path results/lm-eval
 
 The harness loads models only from its own list, so `lm_eval --model dllm` alone cannot find this

@@ -8,7 +8,7 @@ classifier up to the exit); the LM head for every token. The dense reference cou
 with every block executed, every key kept, and no routing.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -77,3 +77,44 @@ def kv_pairs(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) 
 def kv_ratio(executed: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> float:
     kept, dense = kv_pairs(executed, token_mask)
     return kept / dense
+
+
+@dataclass(eq=False)
+class RoutingStats:
+    """What one generate() call executed and kept, per prompt, up to the end of its output."""
+
+    activation: torch.Tensor  # [b, tokens fed, n_layers] on the CPU, 1 = executed (= K/V kept)
+    lengths: List[int]  # per row, the tokens up to the end of its output
+    pair_bytes: int  # one token's K and V at one block
+    cache_bytes_kept: int  # the whole batch's cache as it ended (every token fed, past eos too)
+    tokens: List[List[int]]  # per row, its prompt and output, `lengths[row]` tokens
+    prompt_lengths: List[int]
+
+    @property
+    def n_layers(self) -> int:
+        return self.activation.shape[2]
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """[b, tokens fed], 1 up to the end of each row's output."""
+        return (torch.arange(self.activation.shape[1])[None, :] < torch.tensor(self.lengths)[:, None]).float()
+
+    def exec_pairs(self, row: int) -> int:
+        return int(self.activation[row, : self.lengths[row]].sum())
+
+    def exec_share(self, row: int) -> float:
+        return self.exec_pairs(row) / max(1, self.lengths[row] * self.n_layers)
+
+    def kv_bytes(self, row: int) -> int:
+        return self.exec_pairs(row) * self.pair_bytes
+
+    def kv_bytes_dense(self, row: int) -> int:
+        return self.lengths[row] * self.n_layers * self.pair_bytes
+
+    def __eq__(self, other) -> bool:
+        """The same routing recorded: equal fields, the activation compared element by element."""
+        if not isinstance(other, RoutingStats):
+            return NotImplemented
+        return torch.equal(self.activation, other.activation) and all(
+            getattr(self, name) == getattr(other, name)
+            for name in ("lengths", "pair_bytes", "cache_bytes_kept", "tokens", "prompt_lengths"))

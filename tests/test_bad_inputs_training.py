@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import finetuning
-from conftest import free_port, one_torch_thread, subprocess_env
 from dllm.checkpoints import adapters, base_model
 from dllm.errors import InputError
 from dllm.core.model import ModelArgs
-from train_utils import ROOT, one_line_error, read_log, train_argv
+from helpers import ROOT, free_port, one_line_error, one_torch_thread, read_log, subprocess_env, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from conftest import ROOT, load_script
 from dllm.errors import InputError
+from helpers import ROOT, load_script
 
 baselines = load_script("benchmarks/baselines.py")
 

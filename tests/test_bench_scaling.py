@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import load_script
+from helpers import load_script
 
 bench_scaling = load_script("benchmarks/bench_scaling.py")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from conftest import load_script, max_diff, randomize, tiny_args
 from dllm.core.model import Transformer
+from helpers import load_script, max_diff, randomize, tiny_args
 
 bench_skip = load_script("benchmarks/bench_skip.py")
 

@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, randomize, tiny_args
 from dllm.core.objective import compute_loss
 from dllm.atomic_io import atomic_save, atomic_write
 from dllm.checkpoints.adapters import adapter_state_dict, load_adapter, read_adapter
@@ -19,6 +18,7 @@ from dllm.assets import shipped_adapter
 from dllm.errors import InputError
 from dllm.core.model import ModelArgs, Transformer
 from dllm.core.routing import DLLMRouting
+from helpers import ROOT, randomize, tiny_args
 
 ADAPTER_ARGS = dict(n_layers=2, lora_rank=4)
 

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import finetuning
-from conftest import ROOT, tiny_args
 from dllm import dial, evaluate
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.training.loop import train
 from dllm.training.validation import validate
+from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
 from tools import calibrate_dial
-from train_utils import make_base, make_dataset, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

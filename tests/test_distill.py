@@ -11,7 +11,7 @@ from dllm.checkpoints import adapters, base_model, model_params
 from dllm.generation import Llama
 from dllm.core.objective import distill_loss
 from dllm.training.loop import Trainer
-from train_utils import one_line_error, read_log, train_argv
+from helpers import one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

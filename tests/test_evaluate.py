@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
 from dllm.core import flops
 from dllm.data import load_records
 from dllm.errors import InputError
@@ -20,6 +19,7 @@ from dllm.generation import Llama
 from dllm.core.model import Transformer
 from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
+from helpers import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
 
 
 ALPACA = [

@@ -2,11 +2,11 @@
 full compute; a routed model's compute splits into prompt and response, prefill and decode."""
 import pytest
 
-from conftest import make_generator
 from dllm.data import Record
 from dllm.fidelity import Sums, generation, summary, teacher_forced
 from dllm.generation import Llama
 from dllm.core.routing import DenseRouting
+from helpers import make_generator
 
 RECORDS = [Record("The quick brown fox", " jumps over the lazy dog."),
            Record("She sold 48 clips in April and", " half as many in May."),

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PROMPTS, ROOT, encode, free_port, make_generator, write_demo_like
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.routing import DenseRouting
 from dllm.chat import ChatFormat
+from helpers import PROMPTS, ROOT, encode, free_port, make_generator, write_demo_like
 
 
 

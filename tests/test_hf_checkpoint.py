@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 
-from conftest import tiny_args
 from dllm.checkpoints import base_model, meta_layout, model_params
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer
+from helpers import tiny_args
 
 
 # Llama-3.1's shape in miniature: a 128k vocabulary, GQA 4:1, rope_theta 5e5 and "llama3" rope scaling

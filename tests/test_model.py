@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import max_diff, randomize, tiny_args
 from dllm.core.objective import compute_loss, scored_positions
 from dllm.core.model import Transformer, is_adapter_key
 from dllm.core.routing import DenseRouting, DLLMRouting, FixedRouting
+from helpers import max_diff, randomize, tiny_args
 
 
 # ----------------------------------------------------------------------------------------------

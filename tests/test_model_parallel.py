@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from conftest import ROOT, free_port, randomize, subprocess_env, tiny_args
 from dllm.checkpoints.meta_layout import BASE_PARAM_KEYS, save_meta_checkpoint
 from dllm.checkpoints.adapters import adapter_state_dict
 from dllm.atomic_io import atomic_save
 from dllm.core.model import Transformer
+from helpers import ROOT, free_port, randomize, subprocess_env, tiny_args
 from mp_worker import inference_probes, training_probe
 
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from conftest import load_script, subprocess_env
 from dllm.checkpoints import adapters, base_model
 from dllm.chat import ChatFormat
 from dllm.config import parser_for
@@ -22,11 +21,11 @@ from dllm.generation import Llama
 from dllm.instruct import InstructConfig
 from dllm.core.model import ModelArgs
 from dllm.tokenizer import Tokenizer
-from train_utils import ROOT, make_base, make_dataset, train_argv
+from helpers import ROOT, load_script, make_base, make_dataset, subprocess_env, train_argv
 
 EXAMPLE = load_script("example.py")
 EVALUATE = load_script("evaluate.py")
-RESERVE = 6  # train_utils' runs and the shipped adapters reserve 2 initial tokens
+RESERVE = 6  # helpers.train_argv's runs and the shipped adapters reserve 2 initial tokens
 PROMPT = os.path.join(ROOT, "datasets", "demo", "prompt.json")
 INSTRUCTS = "['Continue the passage.', 'Answer the question.']"
 INPUTS = "['the quick brown fox', 'which option is correct']"

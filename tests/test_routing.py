@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import finetuning
-from conftest import SMALL_EXECUTED, ROOT, max_diff, randomize, small_args, tiny_args
 from dllm.core.objective import compute_loss
 from dllm.core import flops
 from dllm.core import routing
@@ -25,7 +24,8 @@ from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.core.routing import Decision, DenseRouting, DLLMRouting, FixedRouting
 from dllm.training.loop import Trainer, train
 from dllm.training.validation import validate
-from train_utils import make_base, make_dataset, train_argv
+from helpers import (ROOT, SMALL_EXECUTED, make_base, make_dataset, max_diff, randomize, small_args, tiny_args,
+                     train_argv)
 
 POLICIES = ["dllm", "mod", "static", "early_exit", "dense"]
 START = 1  # tiny_args' dynamic_start_layer
@@ -106,7 +106,7 @@ def test_every_policy_is_chosen_by_name():
 # ---------------------------------------------------------------- FLOPs by hand
 
 
-# SMALL_EXECUTED (tests/conftest.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
+# SMALL_EXECUTED (tests/helpers.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
 # attention cost 15072 FLOPs, the LM head included (dim 8, router hdim 4, vocab 10)
 BLOCKS_AND_HEAD = 15712 - 640
 

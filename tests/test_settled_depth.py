@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from conftest import load_script, randomize, tiny_args
 from dllm.core import routing
 from dllm.core.model import Transformer
+from helpers import load_script, randomize, tiny_args
 
 settled_depth = load_script("benchmarks/settled_depth.py")
 

@@ -1,7 +1,7 @@
 """benchmarks/smol_report.py: the per-token adaptivity figures."""
 import pytest
 
-from conftest import load_script
+from helpers import load_script
 
 smol_report = load_script("benchmarks/smol_report.py")
 

@@ -9,10 +9,10 @@ import tempfile
 import pytest
 import torch
 
-from conftest import PROMPTS, ROOT, encode, make_generator
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
 from dllm.core.routing import DenseRouting
+from helpers import PROMPTS, ROOT, encode, make_generator
 
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

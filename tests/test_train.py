@@ -3,7 +3,7 @@ checkpoints under failure, data parallel and model parallel under torchrun, one-
 bad input, and what the run writes (log.jsonl, params.json, checkpoints).
 
 The base model (3 layers, dim 32), tokenizer (vocab 320) and dataset (32 train / 8 test records,
-max_seq_len 48) are built once per session; see tests/train_utils.py.
+max_seq_len 48) are built once per session; see tests/helpers.py.
 """
 import dataclasses
 import glob
@@ -21,7 +21,6 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import finetuning
-from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm.core import objective
 from dllm.training import schedule
 from dllm.checkpoints import adapters, base_model, model_params
@@ -32,7 +31,8 @@ from dllm.core.model import ModelArgs, Transformer
 from dllm.core.routing import rate_loss_weight
 from dllm.training.loop import Trainer, train
 from dllm.training.config import TrainConfig
-from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
+from helpers import (BATCH, N_TRAIN, ROOT, free_port, one_line_error, one_torch_thread, read_log, subprocess_env,
+                     tiny_args, train_argv)
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 8 with one process

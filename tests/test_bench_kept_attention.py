@@ -7,7 +7,7 @@ import pytest
 from helpers import load_script
 
 bench_kept_attention = load_script("benchmarks/bench_kept_attention.py")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_every_route_agrees_and_the_rule_runs_rows_one_by_one_only_where_rows_are_long(tmp_path):

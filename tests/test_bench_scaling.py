@@ -7,7 +7,7 @@ import pytest
 from helpers import load_script
 
 bench_scaling = load_script("benchmarks/bench_scaling.py")
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_cells_past_the_caps_are_skipped_with_why_and_the_rest_written(tmp_path):

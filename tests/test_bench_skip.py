@@ -8,6 +8,7 @@ from helpers import load_script, max_diff, randomize, tiny_args
 bench_skip = load_script("benchmarks/bench_skip.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_transformers_reference_computes_dllms_dense_logits(tied):
     """Tied embeddings (SmolLM2) too: the head is the embedding under both names."""

@@ -250,6 +250,7 @@ def test_adapter_missing_router_tensors(saved, tmp_path):
 # good inputs
 
 
+@pytest.mark.slow
 def test_official_adapter_layout_with_optimizer_state(saved, tmp_path):
     """{"epoch", "model", "optimizer", "scaler"} as the reference writes it loads with weights_only."""
     model, root = saved
@@ -274,6 +275,7 @@ def test_official_adapter_layout_with_optimizer_state(saved, tmp_path):
         assert torch.equal(fresh.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_round_trip_reproduces_logits_exactly(saved):
     model, root = saved
     params = json.loads((root / "base" / "params.json").read_text())

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dllm.checkpoints.meta_layout import BASE_PARAM_KEYS, save_meta_checkpoint
@@ -16,6 +17,8 @@ from dllm.atomic_io import atomic_save
 from dllm.core.model import Transformer
 from helpers import ROOT, free_port, randomize, subprocess_env, tiny_args
 from mp_worker import inference_probes, training_probe
+
+pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")
 

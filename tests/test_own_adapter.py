@@ -59,6 +59,7 @@ def shares_printed(stdout: str):
     return re.findall(r"blocks executed: ([\d.]+)%", stdout)
 
 
+@pytest.mark.slow
 def test_example_py_runs_the_adapter_as_its_params_json_says(trained, capsys):
     with open(os.path.join(trained["out"], "params.json")) as f:
         assert json.load(f)["dynamic_reserve_initials"] == RESERVE
@@ -80,6 +81,7 @@ def test_example_py_runs_the_adapter_as_its_params_json_says(trained, capsys):
     assert shares_printed(out) != shares(build_from_params_json(trained, reserve=2))
 
 
+@pytest.mark.slow
 def test_evaluate_py_runs_the_adapter_as_its_params_json_says_and_records_provenance(trained, capsys):
     out_dir = trained["root"] / "results"
     argv = ["--llama_ckpt_dir", trained["base"], "--dynamic_ckpt_dir", trained["out"], "--dataset_path",
@@ -109,6 +111,7 @@ def test_evaluate_py_runs_the_adapter_as_its_params_json_says_and_records_proven
     assert json.loads((out_dir / "results.json").read_text())["rows"] == results["rows"]
 
 
+@pytest.mark.slow
 def test_the_adapter_directory_resolves_to_its_last_checkpoint(trained):
     files = sorted(os.listdir(trained["out"]))
     assert "checkpoint-0.pth" in files and "checkpoint-last.pth" in files

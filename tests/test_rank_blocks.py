@@ -15,6 +15,8 @@ from dllm.tokenizer import Tokenizer
 from helpers import randomize, records, tiny_args
 from tools.rank_blocks import blocks_to_skip, rank_blocks
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def ranked(tokenizer_path):

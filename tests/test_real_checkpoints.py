@@ -18,6 +18,8 @@ from dllm.generation import Llama
 from dllm.core.model import Transformer
 from helpers import ROOT, free_port, make_dataset, read_log, subprocess_env, train_argv
 
+pytestmark = pytest.mark.slow
+
 
 PROMPTS = [
     "The capital of France is",

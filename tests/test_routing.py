@@ -395,6 +395,7 @@ def tiny_run(tmp_path_factory, tokenizer_path):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options", [
     ("mod", {}), ("static", {"static_skip_layers": [2]}), ("early_exit", {}), ("dense", {}),
 ])
@@ -407,6 +408,7 @@ def test_finetuned_adapter_loads_as_its_policy(tiny_run, name, options):
     assert len(out_tokens[0]) <= 4
 
 
+@pytest.mark.slow
 def test_static_fine_tune_leaves_the_pruned_blocks_adapter_as_it_started(tiny_run):
     _, out = tiny_run("static", static_skip_layers=[2])
     saved = read_adapter(str(out / "checkpoint-last.pth"))["model"]
@@ -415,6 +417,7 @@ def test_static_fine_tune_leaves_the_pruned_blocks_adapter_as_it_started(tiny_ru
         assert torch.count_nonzero(saved[f"layers.1.attention.lora_{part}.linear_B.weight"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["early_exit", "mod"])
 def test_calibrated_threshold_meets_the_target(tiny_run, name):
     """The inference threshold of early exit and MoD's predictor, fit after training, gives the

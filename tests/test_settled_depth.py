@@ -6,6 +6,8 @@ from dllm.core import routing
 from dllm.core.model import Transformer
 from helpers import load_script, randomize, tiny_args
 
+pytestmark = pytest.mark.slow
+
 settled_depth = load_script("benchmarks/settled_depth.py")
 
 

@@ -29,6 +29,7 @@ def generated(tokenizer_path):
     return generator, out, actprobs
 
 
+@pytest.mark.slow
 def test_cells_are_the_recorded_routing(generated):
     generator, out, actprobs = generated
     stats, args = generator.last_stats, generator.model.params
@@ -100,6 +101,7 @@ def background_alpha(css: str) -> float:
     return values[3] if len(values) == 4 else 1.0
 
 
+@pytest.mark.slow
 def test_browser_shows_shading_and_block_row_on_click(generated, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -72,6 +72,7 @@ def _eval_act_ratio(model, batch) -> float:
     return metrics["act_ratio"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start_layer", [0, 1])
 @pytest.mark.parametrize("bias, direction", [((0.1, 2.0), "down"), ((2.0, 0.1), "up")])
 def test_rate_loss_pulls_execution_ratio_to_target(bias, direction, start_layer):
@@ -166,6 +167,7 @@ def _step_record(record):
     return {k: v for k, v in record.items() if k != "tokens_per_s"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at, resumes_at", [
     ((0, 4), (0, 4)),  # mid-epoch 0
     ((1, 4), (1, 4)),  # mid-epoch 1, after an epoch-end save
@@ -212,6 +214,7 @@ def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, r
     assert sorted(os.listdir(out)) == sorted(os.listdir(run_a)), "an epoch's checkpoint was never written after resume"
 
 
+@pytest.mark.slow
 def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(run_a, out)
@@ -230,6 +233,7 @@ class Interrupt(Exception):
     """Stands for a kill between two saves."""
 
 
+@pytest.mark.slow
 def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
     """Killed at step 6 after the save at step 4: steps 5 and 6 are logged again on resume, once."""
     out = tmp_path / "run"
@@ -253,6 +257,7 @@ def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
     assert [_step_record(r) for r in log] == [_step_record(r) for r in read_log(str(run_a))]
 
 
+@pytest.mark.slow
 def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     capsys.readouterr()
@@ -304,6 +309,7 @@ def _partial_then(exc):
 
 @pytest.mark.parametrize("exc, raised", [(OSError(28, "No space left on device"), InputError),
                                          (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk-full", "ctrl-c"])
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc, raised):
     out = tmp_path / "out"
     shutil.copytree(run_a, out)
@@ -340,6 +346,7 @@ atomic_io.atomic_save({"epoch": 99, "step": 0, "model": {"layers.1.router.linear
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_checkpoint(run_a, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -379,6 +386,7 @@ def _torchrun(tiny, out, base, *extra, **options):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_torchrun_data_parallel_ranks_agree(tiny, tmp_path):
     ranks = _torchrun(tiny, tmp_path / "dp", tiny["base"], model_parallel_size=1, save_steps=2)
     r0, r1 = ranks
@@ -404,6 +412,7 @@ def test_torchrun_data_parallel_ranks_agree(tiny, tmp_path):
     assert all(math.isfinite(r[k]) for r in log for k in r if k != "epoch")
 
 
+@pytest.mark.slow
 def test_torchrun_model_parallel_2_matches_one_process(tiny, tmp_path):
     ranks = _torchrun(tiny, tmp_path / "mp", tiny["base_mp2"], model_parallel_size=2)
     r0, r1 = ranks
@@ -421,6 +430,7 @@ def test_torchrun_model_parallel_2_matches_one_process(tiny, tmp_path):
 
 # 6. bad input: one line, exit status 1
 
+@pytest.mark.slow
 def test_cli_unknown_dataset_exits_with_one_line(tiny, tmp_path):
     cmd = [sys.executable, "finetuning.py"] + argv(tiny, tmp_path / "out", dataset_name="nosuch")
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -443,6 +453,7 @@ def test_missing_dataset_file(tiny, tmp_path, capsys):
     assert line == f"error: file not found: {os.path.join(data, 'demo', 'test.json')}"
 
 
+@pytest.mark.slow
 def test_a_validation_split_is_validated_on_and_test_is_never_read(tiny, tmp_path, capsys):
     data = _dataset_copy(tiny, tmp_path)
     shutil.copy(os.path.join(data, "demo", "test.json"), os.path.join(data, "demo", "validation.json"))
@@ -453,6 +464,7 @@ def test_a_validation_split_is_validated_on_and_test_is_never_read(tiny, tmp_pat
     assert "final validation (validation.json): executed" in out and "no validation.json" not in out
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_the_run_says_it_validates_on_test(tiny, tmp_path, capsys):
     capsys.readouterr()
     train(finetuning.parse_args(argv(tiny, tmp_path / "out", epochs=1)))
@@ -491,6 +503,7 @@ def test_model_directory_without_shards(tiny, tmp_path, capsys):
     assert line == f"error: no consolidated.*.pth files in {model}"
 
 
+@pytest.mark.slow
 def test_resume_from_a_file_that_is_not_a_training_checkpoint(tiny, run_a, tmp_path, capsys):
     out = str(tmp_path / "out")
     adapter_only = tmp_path / "adapter.pth"
@@ -573,6 +586,7 @@ def test_a_huge_learning_rate_never_saves_nan_and_blames_the_learning_rate(tiny,
 
 # 7. what a run writes
 
+@pytest.mark.slow
 def test_log_params_and_checkpoints(tiny, run_a):
     log = read_log(str(run_a))
     steps = [r for r in log if "step" in r]

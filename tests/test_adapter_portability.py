@@ -11,6 +11,8 @@ import torch
 from dllm.checkpoints.conversion import convert
 from dllm.generation import Llama
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTER = os.path.join(ROOT, "assets", "smollm2-dllm", "checkpoint.pth")
 PROMPTS = ["<|im_start|>user\nWhat is the capital of Norway?<|im_end|>\n<|im_start|>assistant\n",

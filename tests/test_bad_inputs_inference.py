@@ -10,14 +10,13 @@ import shutil
 import pytest
 import torch
 
-from conftest import load_script, tiny_args
 from dllm import errors
 from dllm.checkpoints import adapters, base_model
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
 from dllm.core.model import Transformer
-from train_utils import BASE, ROOT, make_base, make_dataset
+from helpers import BASE, ROOT, load_script, make_base, make_dataset, tiny_args
 
 EXAMPLE = load_script("example.py")
 EVALUATE = load_script("evaluate.py")

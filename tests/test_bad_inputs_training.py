@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import finetuning
-from conftest import free_port, one_torch_thread, subprocess_env
 from dllm.checkpoints import adapters, base_model
 from dllm.errors import InputError
 from dllm.checkpoints import model_params
-from train_utils import ROOT, one_line_error, read_log, train_argv
+from helpers import ROOT, free_port, one_line_error, one_torch_thread, read_log, subprocess_env, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -289,6 +288,7 @@ def _last_line(proc) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_finetuning_sh_passes_the_workers_exit_status_and_line(tiny, used, nproc):
     out, before = used
@@ -301,6 +301,7 @@ def test_finetuning_sh_passes_the_workers_exit_status_and_line(tiny, used, nproc
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_a_diverging_run_ends_on_its_error_line_with_a_finite_checkpoint(tiny, tmp_path):
     out = tmp_path / "out"
     proc = _finetuning_sh(tiny, out, NPROC="1", LR="1e12", ROUTER_LR="1e12", WARMUP_EPOCHS="0", SAVE_STEPS="1")
@@ -312,6 +313,7 @@ def test_a_diverging_run_ends_on_its_error_line_with_a_finite_checkpoint(tiny, t
         assert all(torch.isfinite(t).all() for t in adapters.read_adapter(str(path))["model"].values())
 
 
+@pytest.mark.slow
 def test_finetuning_sh_refuses_a_used_directory_under_the_launcher(tiny, used):
     out, before = used
     proc = _finetuning_sh(tiny, out, NPROC="2")
@@ -320,6 +322,7 @@ def test_finetuning_sh_refuses_a_used_directory_under_the_launcher(tiny, used):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_ends_its_workers_and_frees_the_directory(tiny, tmp_path):
     out = tmp_path / "out"
     variables = dict(MODEL_PATH=tiny["base"], DATASET_PATH=tiny["data"], OUTPUT_PATH=str(out), MAX_SEQ_LEN="48",

@@ -7,8 +7,8 @@ import pytest
 
 from benchmarks import baselines
 from benchmarks import dllm_attempts as attempts
-from conftest import ROOT
 from dllm.errors import InputError
+from helpers import ROOT
 
 
 def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_spread_is_asked():

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import bench_kept_attention
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_every_route_agrees_and_the_rule_runs_rows_one_by_one_only_where_rows_are_long(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import bench_scaling
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def test_cells_past_the_caps_are_skipped_with_why_and_the_rest_written(tmp_path):

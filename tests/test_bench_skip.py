@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from benchmarks import bench_skip
-from conftest import max_diff, randomize, tiny_args
 from dllm.core.model import Transformer
+from helpers import max_diff, randomize, tiny_args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_transformers_reference_computes_dllms_dense_logits(tied):
     """Tied embeddings (SmolLM2) too: the head is the embedding under both names."""

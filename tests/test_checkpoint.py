@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT, randomize, tiny_args
 from dllm.core.objective import compute_loss
 from dllm.atomic_io import atomic_save, atomic_write
 from dllm.checkpoints.adapters import adapter_state_dict, load_adapter, read_adapter
@@ -19,6 +18,7 @@ from dllm.assets import shipped_adapter
 from dllm.errors import InputError
 from dllm.core.model import ModelArgs, Transformer
 from dllm.core.routing import DLLMRouting
+from helpers import ROOT, randomize, tiny_args
 
 ADAPTER_ARGS = dict(n_layers=2, lora_rank=4)
 
@@ -250,6 +250,7 @@ def test_adapter_missing_router_tensors(saved, tmp_path):
 # good inputs
 
 
+@pytest.mark.slow
 def test_official_adapter_layout_with_optimizer_state(saved, tmp_path):
     """{"epoch", "model", "optimizer", "scaler"} as the reference writes it loads with weights_only."""
     model, root = saved
@@ -274,6 +275,7 @@ def test_official_adapter_layout_with_optimizer_state(saved, tmp_path):
         assert torch.equal(fresh.state_dict()[name], tensor), name
 
 
+@pytest.mark.slow
 def test_round_trip_reproduces_logits_exactly(saved):
     model, root = saved
     params = json.loads((root / "base" / "params.json").read_text())

@@ -173,6 +173,7 @@ def test_template_with_unknown_field(tmp_path):
         load_records(str(tmp_path), "piqa", "train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_chat_dataset_prompts_are_the_models_chat_prompts(split, smollm2_tokenizer_dir):
     """datasets/smol ("format": "chat"): each prompt encodes to exactly what chat_completion sends."""

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ATTENTION_ROUTES, randomize, tiny_args
 from dllm.core import kv_cache
 from dllm.core.kv_cache import LayerKVCache
 from dllm.core.model import Transformer
+from helpers import ATTENTION_ROUTES, randomize, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 aten = torch.ops.aten

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import finetuning
-from conftest import ROOT, tiny_args
 from dllm import dial, evaluate
 from dllm.checkpoints import dial_file
 from dllm.errors import InputError
@@ -19,8 +18,8 @@ from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.training.loop import train
 from dllm.training.validation import validate
+from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
 from tools import calibrate_dial
-from train_utils import make_base, make_dataset, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,6 +50,7 @@ def held_out_share(generator, runs, budget: float, n_records: int = 48) -> float
     return validate(generator.model, loader, generator.device)["val_act_ratio"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
 def test_quantile_dial_meets_the_budget_on_its_records_and_held_out(runs, adapter):
     with open(dial_file.dial_path(runs[adapter])) as f:
@@ -62,6 +62,7 @@ def test_quantile_dial_meets_the_budget_on_its_records_and_held_out(runs, adapte
         assert held_out_share(generator, runs, budget) == pytest.approx(budget, abs=0.03)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
 def test_more_budget_never_executes_fewer_blocks(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64)
@@ -77,6 +78,7 @@ def test_more_budget_never_executes_fewer_blocks(runs, adapter):
     assert executed[-1].mean() > executed[0].mean()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
 def test_a_batch_of_mixed_budgets_routes_each_row_as_alone(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64, max_batch_size=4)
@@ -111,6 +113,7 @@ def test_an_adapter_without_the_option_keeps_its_keys_and_params():
     assert not [k for k in model.state_dict() if is_adapter_key(k) and ".budget." in k]
 
 
+@pytest.mark.slow
 def test_a_budget_the_adapter_cannot_meet_is_one_line(runs, tmp_path):
     with pytest.raises(InputError, match=r"calibrated for budgets 0.40 to 1.00"):
         Llama.build(runs["base"], runs["ordinary"], max_seq_len=48, budget=0.3)
@@ -129,6 +132,7 @@ def test_a_budget_the_adapter_cannot_meet_is_one_line(runs, tmp_path):
         Llama.build(runs["base"], str(undialled), max_seq_len=48, budget=0.5)
 
 
+@pytest.mark.slow
 def test_the_shipped_adapter_evaluates_as_before(tmp_path):
     """evaluate.py on the shipped demo adapter and the first 40 demo test records: the rows main's
     code wrote before the dial existed (tests/reference/tiny_dllm_demo40.json), exactly."""

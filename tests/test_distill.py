@@ -11,7 +11,7 @@ from dllm.checkpoints import adapters, base_model, model_params
 from dllm.generation import Llama
 from dllm.core.objective import distill_loss
 from dllm.training.loop import Trainer
-from train_utils import one_line_error, read_log, train_argv
+from helpers import one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +46,7 @@ def dense_run(tiny):
     return str(out)
 
 
+@pytest.mark.slow
 def test_adapter_teacher_predicts_as_its_adapter_loads_for_inference(tiny, dense_run):
     args = model_params.load_params(tiny["base"], lora_rank=4, routing="dllm", dynamic_start_layer=1, max_seq_len=48)
     frozen = teacher.build_teacher(dense_run, args, tiny["base"], torch.device("cpu"), torch.float32)
@@ -55,6 +56,7 @@ def test_adapter_teacher_predicts_as_its_adapter_loads_for_inference(tiny, dense
         torch.testing.assert_close(frozen(tokens)[0], generator.model(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_teacher_at_weight_zero_changes_nothing_and_at_weight_one_trains_toward_it(tiny, dense_run, tmp_path):
     runs = {}
     for name, options in (("labels", {}), ("weight0", dict(distill_teacher=dense_run, distill_weight=0.0)),

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
 from dllm.core import flops
 from dllm.data import load_records
 from dllm.errors import InputError
@@ -20,6 +19,7 @@ from dllm.generation import Llama
 from dllm.core.model import Transformer
 from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
+from helpers import ROOT, free_port, make_generator, randomize, tiny_args, write_demo_like
 
 
 ALPACA = [
@@ -136,6 +136,7 @@ def by_hand_ppl(generator, records):
     return math.exp(ce_sum / count), count, hits / count, num / den, kept / pairs
 
 
+@pytest.mark.slow
 def test_perplexity_equals_by_hand_loop(tmp_path, tokenizer_path):
     root = write_dataset(tmp_path, "alpaca", ALPACA)
     generator = long_generator(tokenizer_path)
@@ -215,6 +216,7 @@ def test_loglik_longer_than_max_seq_len_scores_options_or_fails(tmp_path, tokeni
 # ---------------------------------------------------------------- choice and math
 
 
+@pytest.mark.slow
 def test_choice_rows_and_loglik_by_hand(tmp_path, tokenizer_path):
     root = write_dataset(tmp_path, "piqa", PIQA)
     generator = long_generator(tokenizer_path)
@@ -279,6 +281,7 @@ def test_write_results(tmp_path):
     assert sorted(os.listdir(out)) == ["results.json", "results.md"]  # no temporary files left
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_are_identical(tmp_path, tokenizer_path):
     _, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
     root = write_dataset(tmp_path / "data", "alpaca", ALPACA[:3])
@@ -302,6 +305,7 @@ def run_evaluate(tmp_path, base, dataset_path, datasets, out, *extra, launcher=(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_path):
     _, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
     data = tmp_path / "data"
@@ -335,6 +339,7 @@ def test_evaluate_py_writes_results_and_reports_bad_input(tmp_path, tokenizer_pa
     fails("piqa", os.path.join(str(data), "piqa", "test.json"), "record 1")
 
 
+@pytest.mark.slow
 def test_data_parallel_evaluation_equals_one_process(tmp_path, tokenizer_path):
     """torchrun with 2 processes on a 1-shard checkpoint: model parallel 1, records split over 2
     data-parallel ranks, sums all-reduced; the table equals the one-process table."""

@@ -2,11 +2,11 @@
 full compute; a routed model's compute splits into prompt and response, prefill and decode."""
 import pytest
 
-from conftest import make_generator
 from dllm.data import Record
 from dllm.fidelity import Sums, generation, summary, teacher_forced
 from dllm.generation import Llama
 from dllm.core.routing import DenseRouting
+from helpers import make_generator
 
 RECORDS = [Record("The quick brown fox", " jumps over the lazy dog."),
            Record("She sold 48 clips in April and", " half as many in May."),
@@ -28,6 +28,7 @@ def measure(model: Llama, base: Llama) -> dict:
     return summary(sums, model.model.n_layers)
 
 
+@pytest.mark.slow
 def test_the_base_against_itself_keeps_everything_at_full_compute(models):
     _, base = models
     result = measure(base, base)
@@ -39,6 +40,7 @@ def test_the_base_against_itself_keeps_everything_at_full_compute(models):
         assert result[key] == pytest.approx(1.0, rel=1e-12), key
 
 
+@pytest.mark.slow
 def test_a_routed_model_loses_some_of_the_base_and_saves_compute(models):
     routed, base = models
     result = measure(routed, base)

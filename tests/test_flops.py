@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import SMALL_EXECUTED, randomize, small_args, tiny_args
 from dllm.core import flops
 from dllm.core.model import Transformer
 from dllm.core.routing import DLLMRouting, mlp_flops
+from helpers import SMALL_EXECUTED, randomize, small_args, tiny_args
 
 
 def test_token_flops_by_hand():

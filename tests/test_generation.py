@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PROMPTS, ROOT, encode, free_port, make_generator, write_demo_like
 from dllm.atomic_io import atomic_save
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.routing import DenseRouting
 from dllm.chat import ChatFormat
+from helpers import PROMPTS, ROOT, encode, free_port, make_generator, write_demo_like
 
 
 
@@ -23,6 +23,7 @@ def teacher_forced(model, tokens):
         return model(torch.tensor([tokens]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "ragged"])
 def test_incremental_logits_equal_teacher_forcing(tokenizer_path, prompts):
     """Meta's loop (prefill to the shortest prompt, then one position at a time for every row)
@@ -81,6 +82,7 @@ def test_cache_keeps_only_executed_pairs(tokenizer_path):
     assert stats.cache_bytes_kept == int(stats.activation.sum()) * stats.pair_bytes
 
 
+@pytest.mark.slow
 def test_reused_generator_equals_fresh_ones(tokenizer_path):
     reused = make_generator(tokenizer_path)
     first = encode(reused, PROMPTS)
@@ -91,6 +93,7 @@ def test_reused_generator_equals_fresh_ones(tokenizer_path):
     assert b == make_generator(tokenizer_path).generate(second, 10, temperature=0.0, logprobs=True)
 
 
+@pytest.mark.slow
 def test_dense_mode_is_the_plain_model(tokenizer_path):
     """DenseRouting on a model with routers equals a model that has no routers at all."""
     routed = make_generator(tokenizer_path)
@@ -105,6 +108,7 @@ def test_dense_mode_is_the_plain_model(tokenizer_path):
     assert out_routed.routing.activation.min() == 1
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_p_bounded(tokenizer_path):
     generator = make_generator(tokenizer_path)
     prompts = encode(generator, PROMPTS)
@@ -129,6 +133,7 @@ def build_from(tmp_path, base, **kwargs):
                        str(base / "tokenizer.model"), max_seq_len=96, max_batch_size=4, **kwargs)
 
 
+@pytest.mark.slow
 def test_build_loads_adapter_and_merges_lora(tmp_path, tokenizer_path):
     generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=1)
     built = build_from(tmp_path, base)
@@ -170,6 +175,7 @@ def test_build_runs_an_adapter_with_its_own_model_args(tmp_path, tokenizer_path)
         build(str(tmp_path / "adapter.pth"))
 
 
+@pytest.mark.slow
 def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     generator, base = write_demo_like(tmp_path, tokenizer_path, mp_size=2)
     prompts = encode(generator, PROMPTS)
@@ -193,6 +199,7 @@ def test_model_parallel_2_generates_the_same_tokens(tmp_path, tokenizer_path):
     assert max(abs(x - y) for a, b in zip(actprobs, expected_act) for x, y in zip(a, b)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_example_py_under_torchrun_2_on_one_shard_answers_once(tmp_path, tokenizer_path):
     """The model-parallel size defaults to the shard count (1), so two processes are data parallel:
     the answers are printed once, by rank 0, and a bad input is one line, also once."""
@@ -212,6 +219,7 @@ def test_example_py_under_torchrun_2_on_one_shard_answers_once(tmp_path, tokeniz
     assert bad.stderr.count("error: --inputs has 1 entries for 2 --instructs") == 1, bad.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_chat_completion_formats_dialogs(tokenizer_path):
     generator = make_generator(tokenizer_path)
     dialogs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "The quick brown fox"}],
@@ -225,6 +233,7 @@ def test_chat_completion_formats_dialogs(tokenizer_path):
         generator.chat_completion([[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]])
 
 
+@pytest.mark.slow
 def test_example_chat_prints_a_dialogue(tmp_path, tokenizer_path, capsys):
     from dllm.instruct import InstructConfig, answer
 

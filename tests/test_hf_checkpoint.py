@@ -4,13 +4,12 @@ import os
 
 import pytest
 import torch
-import transformers
 
-from conftest import tiny_args
 from dllm.checkpoints import base_model, meta_layout, model_params
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer
+from helpers import tiny_args
 
 
 # Llama-3.1's shape in miniature: a 128k vocabulary, GQA 4:1, rope_theta 5e5 and "llama3" rope scaling
@@ -24,6 +23,8 @@ LLAMA3_STYLE = dict(
 
 
 def save_random_llama(directory, **config_overrides):
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**{**LLAMA3_STYLE, **config_overrides})
     model = transformers.LlamaForCausalLM(config).eval()
@@ -48,6 +49,7 @@ def llama3_dir(tmp_path_factory):
     return directory, save_random_llama(directory)
 
 
+@pytest.mark.slow
 def test_llama3_style_logits_equal_transformers(llama3_dir):
     directory, reference = llama3_dir
     assert os.path.isfile(directory / "model.safetensors.index.json"), "the checkpoint should be sharded"
@@ -61,6 +63,7 @@ def test_llama3_style_logits_equal_transformers(llama3_dir):
     assert diff < 1e-4, f"max abs logit difference {diff}"
 
 
+@pytest.mark.slow
 def test_without_rope_scaling_the_logits_differ(llama3_dir, tmp_path):
     """The scaling is really applied: dropping it from the config changes the logits."""
     directory, reference = llama3_dir
@@ -75,6 +78,7 @@ def test_without_rope_scaling_the_logits_differ(llama3_dir, tmp_path):
     assert (our_logits(tmp_path, tokens) - expected).abs().max().item() > 1e-2
 
 
+@pytest.mark.slow
 def test_transformers_4_config_form_reads_the_same(llama3_dir, tmp_path):
     """Older config.json files carry a top-level rope_theta and `rope_scaling` with a "type" key."""
     directory, _ = llama3_dir
@@ -86,6 +90,7 @@ def test_transformers_4_config_form_reads_the_same(llama3_dir, tmp_path):
     assert model_params.load_params(str(tmp_path)) == model_params.load_params(str(directory))
 
 
+@pytest.mark.slow
 def test_legacy_pytorch_model_bin_loads(llama3_dir, tmp_path):
     directory, reference = llama3_dir
     (tmp_path / "config.json").write_bytes((directory / "config.json").read_bytes())
@@ -96,6 +101,7 @@ def test_legacy_pytorch_model_bin_loads(llama3_dir, tmp_path):
     assert (our_logits(tmp_path, tokens) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_missing_shard_is_one_line(llama3_dir, tmp_path):
     directory, _ = llama3_dir
     shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
@@ -135,6 +141,7 @@ def test_meta_params_keep_what_a_meta_params_json_cannot_derive():
     assert set(meta_layout.meta_params(tiny_args())) <= set(meta_layout.BASE_PARAM_KEYS)
 
 
+@pytest.mark.slow
 def test_tokenizer_larger_than_the_embedding_is_refused(smollm2_tokenizer_dir, tmp_path):
     model = Transformer(tiny_args(lora_rank=0))
     meta_layout.save_meta_checkpoint(model, str(tmp_path), dtype=torch.float32)

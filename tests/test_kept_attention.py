@@ -4,11 +4,11 @@ training path and as the batched call."""
 import pytest
 import torch
 
-from conftest import ATTENTION_ROUTES, max_diff, randomize, tiny_args
 from dllm.core import kv_cache
 from dllm.core.kv_cache import LayerKVCache
 from dllm.core.model import Attention, Transformer
 from dllm.core.routing import Decision, FixedRouting
+from helpers import ATTENTION_ROUTES, max_diff, randomize, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, PREFILL, CHUNK, STEPS = 4, 6, 3, 5

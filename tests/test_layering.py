@@ -81,6 +81,7 @@ def test_the_core_does_no_io(name, path):
     assert "print" not in calls and "open" not in calls
 
 
+@pytest.mark.slow
 def test_the_core_imports_with_torch_and_fairscale_alone():
     """In a fresh interpreter where every other third-party package fails to import."""
     blocked = ["sentencepiece", "tokenizers", "safetensors", "jinja2", "gguf", "tqdm", "matplotlib", "rouge_score",

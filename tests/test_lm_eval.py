@@ -4,13 +4,11 @@ scoring of the same texts, generation stops at the stop strings, the ratios land
 import os
 
 import pytest
-from lm_eval import simple_evaluate
-from lm_eval.api.registry import get_model
-from lm_eval.tasks import TaskManager
 
 from dllm.evaluate import Evaluator, Tally
-from dllm.lm_eval_model import DLLMHarnessModel
 from dllm.core.routing import DenseRouting
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "lm_eval_tasks")
@@ -24,13 +22,21 @@ class Request:
         self.args = args
 
 
-def harness_model(model_args: str) -> DLLMHarnessModel:
-    """The model as the harness's command line builds it (its `device` default included)."""
+def harness_model(model_args: str):
+    """The model as the harness's command line builds it (its `device` default included): a
+    DLLMHarnessModel. lm-eval is imported here, not at collection, so the fast tier needs none."""
+    from lm_eval.api.registry import get_model
+
+    import dllm.lm_eval_model  # noqa: F401 -- registers the model "dllm"
+
     return get_model("dllm").create_from_arg_string(model_args, {"batch_size": "4", "device": "cuda:0"})
 
 
 @pytest.fixture(scope="module")
 def run():
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
     lm = harness_model(DEMO)
     results = simple_evaluate(model=lm, tasks=["dllm_test_choice", "dllm_test_rolling", "dllm_test_generate"],
                               task_manager=TaskManager(include_path=TASKS, include_defaults=False), log_samples=True)
@@ -46,6 +52,8 @@ def evaluate_loglik(lm, contexts, continuations):
 
 
 def test_model_args_build_the_adapter_model(run):
+    from dllm.lm_eval_model import DLLMHarnessModel
+
     lm, _ = run
     assert isinstance(lm, DLLMHarnessModel) and lm.batch_size == 4
     assert type(lm.model.routing) is not DenseRouting
@@ -112,6 +120,9 @@ def test_dense_model_reports_dense_ratios():
 
 
 def test_auto_batch_size_is_refused():
+    from lm_eval.api.registry import get_model
+
+    import dllm.lm_eval_model  # noqa: F401 -- registers the model "dllm"
     from dllm.errors import InputError
 
     with pytest.raises(InputError, match="no 'auto'"):

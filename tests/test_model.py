@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import max_diff, randomize, tiny_args
 from dllm.core.objective import compute_loss, scored_positions
 from dllm.core.model import Transformer, is_adapter_key
 from dllm.core.routing import DenseRouting, DLLMRouting, FixedRouting
+from helpers import max_diff, randomize, tiny_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ def oracle_case(name):
     return _ORACLE[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["dense", "dllm-forced"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -132,6 +133,7 @@ def test_logits_match_transformers_llama(config, mode, routing):
     assert max_diff(logits, expected) <= 1e-4
 
 
+@pytest.mark.slow
 def test_oracle_is_sensitive_to_rotary_layout():
     """Control: without the rotary permutation the same comparison fails clearly."""
     model, tokens, expected = oracle_case("gqa")
@@ -237,6 +239,7 @@ def _random_masks(model, b, s, seed):
     return masks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["gqa", "mha"])
 def test_gather_path_equals_masked_path(config):
     model = randomize(make_model(seed=10, n_layers=5, **CONFIGS[config]), seed=11, lora_b_std=0.2)
@@ -386,6 +389,7 @@ def test_compute_loss_by_hand_with_fixed_routing():
     assert c_loss.item() == pytest.approx(ce / n, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["output", "tied"])
 def test_compute_loss_equals_the_formula_on_every_positions_logits(tied):
     """compute_loss projects to the vocabulary only where a response token is predicted: CE, the

@@ -8,14 +8,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import ROOT, free_port, randomize, subprocess_env, tiny_args
 from dllm.checkpoints.meta_layout import BASE_PARAM_KEYS, save_meta_checkpoint
 from dllm.checkpoints.adapters import adapter_state_dict
 from dllm.atomic_io import atomic_save
 from dllm.core.model import Transformer
+from helpers import ROOT, free_port, randomize, subprocess_env, tiny_args
 from mp_worker import inference_probes, training_probe
+
+pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(ROOT, "tests", "mp_worker.py")
 

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from conftest import load_script, subprocess_env
 from dllm.checkpoints import adapters, base_model
 from dllm.chat import ChatFormat
 from dllm.config import parser_for
@@ -22,11 +21,11 @@ from dllm.generation import Llama
 from dllm.instruct import InstructConfig
 from dllm.core.model import ModelArgs
 from dllm.tokenizer import Tokenizer
-from train_utils import ROOT, make_base, make_dataset, train_argv
+from helpers import ROOT, load_script, make_base, make_dataset, subprocess_env, train_argv
 
 EXAMPLE = load_script("example.py")
 EVALUATE = load_script("evaluate.py")
-RESERVE = 6  # train_utils' runs and the shipped adapters reserve 2 initial tokens
+RESERVE = 6  # helpers.train_argv's runs and the shipped adapters reserve 2 initial tokens
 PROMPT = os.path.join(ROOT, "datasets", "demo", "prompt.json")
 INSTRUCTS = "['Continue the passage.', 'Answer the question.']"
 INPUTS = "['the quick brown fox', 'which option is correct']"
@@ -60,6 +59,7 @@ def shares_printed(stdout: str):
     return re.findall(r"blocks executed: ([\d.]+)%", stdout)
 
 
+@pytest.mark.slow
 def test_example_py_runs_the_adapter_as_its_params_json_says(trained, capsys):
     with open(os.path.join(trained["out"], "params.json")) as f:
         assert json.load(f)["dynamic_reserve_initials"] == RESERVE
@@ -81,6 +81,7 @@ def test_example_py_runs_the_adapter_as_its_params_json_says(trained, capsys):
     assert shares_printed(out) != shares(build_from_params_json(trained, reserve=2))
 
 
+@pytest.mark.slow
 def test_evaluate_py_runs_the_adapter_as_its_params_json_says_and_records_provenance(trained, capsys):
     out_dir = trained["root"] / "results"
     argv = ["--llama_ckpt_dir", trained["base"], "--dynamic_ckpt_dir", trained["out"], "--dataset_path",
@@ -110,6 +111,7 @@ def test_evaluate_py_runs_the_adapter_as_its_params_json_says_and_records_proven
     assert json.loads((out_dir / "results.json").read_text())["rows"] == results["rows"]
 
 
+@pytest.mark.slow
 def test_the_adapter_directory_resolves_to_its_last_checkpoint(trained):
     files = sorted(os.listdir(trained["out"]))
     assert "checkpoint-0.pth" in files and "checkpoint-last.pth" in files

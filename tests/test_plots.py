@@ -59,6 +59,7 @@ def test_curves_draw_the_log(run_dir):
     assert xy(lr.lines[0]) == (x, [1e-3 / n for n in x])
 
 
+@pytest.mark.slow
 def test_write_curves_writes_a_png_beside_the_log(run_dir):
     path = write_curves(str(run_dir))
     assert path == str(run_dir / "curves.png")

@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from conftest import randomize, tiny_args
 from dllm.data import InstructionDataset, Record
 from dllm.core.model import Transformer
 from dllm.core.routing import DenseRouting
 from dllm.tokenizer import Tokenizer
+from helpers import randomize, records, tiny_args
 from tools.rank_blocks import blocks_to_skip, rank_blocks
-from train_utils import records
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, free_port, subprocess_env
 from dllm.checkpoints.adapters import adapter_state_dict
 from dllm.checkpoints.model_params import load_params
 from dllm.atomic_io import atomic_save
@@ -17,6 +16,9 @@ from dllm.checkpoints.conversion import convert
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import Transformer
+from helpers import ROOT, free_port, make_dataset, read_log, subprocess_env, train_argv
+
+pytestmark = pytest.mark.slow
 
 
 PROMPTS = [
@@ -229,7 +231,6 @@ def test_fine_tune_on_a_hugging_face_base_keeps_embeddings_tied(smollm2_4_layers
     it writes loads with Llama.build; the tied embedding is frozen and stays one tensor."""
     import finetuning
     from dllm.training.loop import Trainer
-    from train_utils import make_dataset, read_log, train_argv
 
     out = tmp_path / "run"
     trainer = Trainer(finetuning.parse_args(train_argv(smollm2_4_layers, make_dataset(str(tmp_path / "data")),

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import finetuning
-from conftest import SMALL_EXECUTED, ROOT, max_diff, randomize, small_args, tiny_args
 from dllm.core.objective import compute_loss
 from dllm.core import flops
 from dllm.core import routing
@@ -26,7 +25,8 @@ from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.core.routing import Decision, DenseRouting, DLLMRouting, FixedRouting
 from dllm.training.loop import Trainer, train
 from dllm.training.validation import validate
-from train_utils import make_base, make_dataset, train_argv
+from helpers import (ROOT, SMALL_EXECUTED, make_base, make_dataset, max_diff, randomize, small_args, tiny_args,
+                     train_argv)
 
 POLICIES = ["dllm", "mod", "static", "early_exit", "dense"]
 START = 1  # tiny_args' dynamic_start_layer
@@ -107,7 +107,7 @@ def test_every_policy_is_chosen_by_name():
 # ---------------------------------------------------------------- FLOPs by hand
 
 
-# SMALL_EXECUTED (tests/conftest.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
+# SMALL_EXECUTED (tests/helpers.py): 1 sequence of 4 tokens, 3 blocks, start layer 1; its blocks and
 # attention cost 15072 FLOPs, the LM head included (dim 8, router hdim 4, vocab 10)
 BLOCKS_AND_HEAD = 15712 - 640
 
@@ -396,6 +396,7 @@ def tiny_run(tmp_path_factory, tokenizer_path):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, options", [
     ("mod", {}), ("static", {"static_skip_layers": [2]}), ("early_exit", {}), ("dense", {}),
 ])
@@ -408,6 +409,7 @@ def test_finetuned_adapter_loads_as_its_policy(tiny_run, name, options):
     assert len(out_tokens[0]) <= 4
 
 
+@pytest.mark.slow
 def test_static_fine_tune_leaves_the_pruned_blocks_adapter_as_it_started(tiny_run):
     _, out = tiny_run("static", static_skip_layers=[2])
     saved = read_adapter(str(out / "checkpoint-last.pth"))["model"]
@@ -416,6 +418,7 @@ def test_static_fine_tune_leaves_the_pruned_blocks_adapter_as_it_started(tiny_ru
         assert torch.count_nonzero(saved[f"layers.1.attention.lora_{part}.linear_B.weight"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["early_exit", "mod"])
 def test_calibrated_threshold_meets_the_target(tiny_run, name):
     """The inference threshold of early exit and MoD's predictor, fit after training, gives the

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from benchmarks import settled_depth
-from conftest import randomize, tiny_args
 from dllm.core import routing
 from dllm.core.model import Transformer
+from helpers import randomize, tiny_args
+
+pytestmark = pytest.mark.slow
 
 
 def test_settled_depth_counts_response_positions_whose_top1_is_final_at_each_block_input():

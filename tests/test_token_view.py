@@ -9,10 +9,10 @@ import tempfile
 import pytest
 import torch
 
-from conftest import PROMPTS, ROOT, encode, make_generator
 from dllm.token_view import ALWAYS_ON, EXECUTED, KIND_NAMES, RESERVED, SKIPPED, SHADE_RGB, render_html, \
     sequences_from_generation, token_pieces, write_html
 from dllm.core.routing import DenseRouting
+from helpers import PROMPTS, ROOT, encode, make_generator
 
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -29,6 +29,7 @@ def generated(tokenizer_path):
     return generator, out, actprobs, stats
 
 
+@pytest.mark.slow
 def test_cells_are_the_recorded_routing(generated):
     generator, out, actprobs, stats = generated
     args = generator.model.params
@@ -100,6 +101,7 @@ def background_alpha(css: str) -> float:
     return values[3] if len(values) == 4 else 1.0
 
 
+@pytest.mark.slow
 def test_browser_shows_shading_and_block_row_on_click(generated, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -7,7 +7,6 @@ import shutil
 import gguf
 import pytest
 import sentencepiece as spm
-import transformers
 
 from dllm.chat import ChatFormat
 from dllm.errors import InputError
@@ -42,6 +41,8 @@ def texts():
 @pytest.fixture(scope="module")
 def reference(smollm2_gguf):
     """transformers' tokenizer for the GGUF, built from the same metadata by its own converter."""
+    import transformers
+
     directory, name = os.path.split(smollm2_gguf)
     return transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
@@ -57,10 +58,12 @@ def assert_same_ids(ours: Tokenizer, reference, texts):
     assert reference(texts, add_special_tokens=False)["input_ids"] == [ours.encode(t, bos=False, eos=False) for t in texts]
 
 
+@pytest.mark.slow
 def test_ids_equal_transformers_gguf_tokenizer(smollm2, reference, texts):
     assert_same_ids(smollm2, reference, texts)
 
 
+@pytest.mark.slow
 def test_pre_tokenizer_rules_are_transformers_table():
     """The split regex per `tokenizer.ggml.pre` is transformers' (its other entries have no test file here)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
@@ -68,10 +71,12 @@ def test_pre_tokenizer_rules_are_transformers_table():
     assert PRE_TOKENIZER_SPLITS == GGUF_PRE_TOKENIZER_SPLITS
 
 
+@pytest.mark.slow
 def test_decode_inverts_encode(smollm2, texts):
     assert [smollm2.decode(smollm2.encode(t, bos=False, eos=False)) for t in texts] == texts
 
 
+@pytest.mark.slow
 def test_special_ids_and_sizes_follow_the_gguf(smollm2, reference):
     assert smollm2.n_words == len(reference)
     named = (reference.bos_token, reference.eos_token, reference.pad_token)
@@ -90,12 +95,14 @@ DIALOGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialog", DIALOGS)
 def test_chat_template_ids_equal_transformers(smollm2, reference, dialog):
     expected = reference.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert ChatFormat(smollm2).encode_dialog(dialog) == expected
 
 
+@pytest.mark.slow
 def test_stop_ids_contain_end_of_turn_token(smollm2):
     assert smollm2.encode("<|im_end|>", bos=False, eos=False)[0] in ChatFormat(smollm2).stop_ids
 
@@ -123,9 +130,12 @@ MULTILINE_TEMPLATE = """{%- for message in messages %}
 {% endif %}"""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["string", "named list"])
 def test_chat_template_inside_tokenizer_config(smollm2_tokenizer_dir, tmp_path, layout):
     """The older layout: the template in tokenizer_config.json, alone or as the "default" of named templates."""
+    import transformers
+
     template = MULTILINE_TEMPLATE if layout == "string" else [
         {"name": "tool_use", "template": "unused"}, {"name": "default", "template": MULTILINE_TEMPLATE}]
     tokenizer = copy_tokenizer_json(smollm2_tokenizer_dir, tmp_path, {"chat_template": template})
@@ -136,6 +146,7 @@ def test_chat_template_inside_tokenizer_config(smollm2_tokenizer_dir, tmp_path, 
         assert ChatFormat(tokenizer).encode_dialog(dialog) == expected
 
 
+@pytest.mark.slow
 def test_end_of_turn_token_found_from_the_template_not_eos(smollm2_tokenizer_dir, smollm2, tmp_path):
     """eos here is <|endoftext|>; <|im_end|> still ends a turn because the template writes it after a reply."""
     template = open(os.path.join(smollm2_tokenizer_dir, "chat_template.jinja")).read()
@@ -146,6 +157,7 @@ def test_end_of_turn_token_found_from_the_template_not_eos(smollm2_tokenizer_dir
     assert ChatFormat(tokenizer).stop_ids == {end_of_text, end_of_turn}
 
 
+@pytest.mark.slow
 def test_ids_from_model_configs_when_tokenizer_config_has_none(smollm2_tokenizer_dir, tmp_path):
     """Without tokens in tokenizer_config.json: generation_config.json first, then config.json; every id of an
     eos_token_id list stops generation."""
@@ -157,6 +169,7 @@ def test_ids_from_model_configs_when_tokenizer_config_has_none(smollm2_tokenizer
     assert tokenizer.chat_template is None
 
 
+@pytest.mark.slow
 def test_bos_from_post_processor_when_config_is_silent(smollm2_tokenizer_dir, tmp_path):
     """A tokenizer.json whose post-processor writes bos (Llama-3's layout): encode(bos=True) puts it first."""
     data = json.load(open(os.path.join(smollm2_tokenizer_dir, "tokenizer.json")))
@@ -201,8 +214,11 @@ def llama_gguf(tokenizer_path, tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_llama_gguf_tokenizer_equals_transformers(llama_gguf, tmp_path, texts):
     """SentencePiece-style BPE with byte fallback, merges derived from the scores (in the same order), bos first."""
+    import transformers
+
     write_tokenizer_files(gguf.GGUFReader(llama_gguf), str(tmp_path))
     ours = Tokenizer(str(tmp_path))
     directory, name = os.path.split(llama_gguf)
@@ -214,6 +230,7 @@ def test_llama_gguf_tokenizer_equals_transformers(llama_gguf, tmp_path, texts):
     assert [ours.decode(i) for i in ids] == [reference.decode(i) for i in ids]
 
 
+@pytest.mark.slow
 def test_merges_from_scores_rank_like_transformers():
     """Ties in token score: longer left piece first, then transformers' order."""
     from transformers.tokenization_utils_base import generate_merges
@@ -273,6 +290,7 @@ def test_missing_or_unreadable_tokenizer(tmp_path):
     assert str(tmp_path / "tokenizer.json") in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialog", [
     "Hi", [], [{"role": "user"}], [{"role": "user", "content": ["Hi"]}], [("user", "Hi")],
 ])
@@ -282,6 +300,7 @@ def test_malformed_dialog(smollm2, tokenizer_path, dialog):
             ChatFormat(tokenizer).encode_dialog(dialog)
 
 
+@pytest.mark.slow
 def test_template_raising_is_an_input_error(smollm2_tokenizer_dir, tmp_path):
     template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
                 "{% endif %}{{ m['content'] }}{% endfor %}")

@@ -3,7 +3,7 @@ checkpoints under failure, data parallel and model parallel under torchrun, one-
 bad input, and what the run writes (log.jsonl, params.json, checkpoints).
 
 The base model (3 layers, dim 32), tokenizer (vocab 320) and dataset (32 train / 8 test records,
-max_seq_len 48) are built once per session; see tests/train_utils.py.
+max_seq_len 48) are built once per session; see tests/helpers.py.
 """
 import dataclasses
 import glob
@@ -22,7 +22,6 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import finetuning
-from conftest import free_port, one_torch_thread, subprocess_env, tiny_args
 from dllm.core import objective
 from dllm.training import schedule
 from dllm.checkpoints import adapters, base_model, model_params
@@ -33,7 +32,8 @@ from dllm.core.model import Transformer
 from dllm.core.routing import rate_loss_weight
 from dllm.training.loop import Trainer, train
 from dllm.training.config import TrainConfig
-from train_utils import BATCH, N_TRAIN, ROOT, one_line_error, read_log, train_argv
+from helpers import (BATCH, N_TRAIN, ROOT, free_port, one_line_error, one_torch_thread, read_log, subprocess_env,
+                     tiny_args, train_argv)
 
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 STEPS_PER_EPOCH = N_TRAIN // BATCH  # 8 with one process
@@ -73,6 +73,7 @@ def _eval_act_ratio(model, batch) -> float:
     return metrics["act_ratio"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start_layer", [0, 1])
 @pytest.mark.parametrize("bias, direction", [((0.1, 2.0), "down"), ((2.0, 0.1), "up")])
 def test_rate_loss_pulls_execution_ratio_to_target(bias, direction, start_layer):
@@ -167,6 +168,7 @@ def _step_record(record):
     return {k: v for k, v in record.items() if k != "tokens_per_s"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at, resumes_at", [
     ((0, 4), (0, 4)),  # mid-epoch 0
     ((1, 4), (1, 4)),  # mid-epoch 1, after an epoch-end save
@@ -213,6 +215,7 @@ def test_resume_continues_exactly(tiny, run_a, tmp_path, monkeypatch, stop_at, r
     assert sorted(os.listdir(out)) == sorted(os.listdir(run_a)), "an epoch's checkpoint was never written after resume"
 
 
+@pytest.mark.slow
 def test_resume_from_output_directory_takes_the_newest_checkpoint(tiny, run_a, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(run_a, out)
@@ -231,6 +234,7 @@ class Interrupt(Exception):
     """Stands for a kill between two saves."""
 
 
+@pytest.mark.slow
 def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
     """Killed at step 6 after the save at step 4: steps 5 and 6 are logged again on resume, once."""
     out = tmp_path / "run"
@@ -254,6 +258,7 @@ def test_resumed_log_has_each_step_once(tiny, run_a, tmp_path, monkeypatch):
     assert [_step_record(r) for r in log] == [_step_record(r) for r in read_log(str(run_a))]
 
 
+@pytest.mark.slow
 def test_closing_summary_says_where_the_adapter_is_and_how_to_use_it(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     capsys.readouterr()
@@ -311,6 +316,7 @@ def _partial_then(exc):
 
 @pytest.mark.parametrize("exc, raised", [(OSError(28, "No space left on device"), InputError),
                                          (KeyboardInterrupt(), KeyboardInterrupt)], ids=["disk-full", "ctrl-c"])
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tiny, run_a, tmp_path, monkeypatch, exc, raised):
     out = tmp_path / "out"
     shutil.copytree(run_a, out)
@@ -347,6 +353,7 @@ atomic_io.atomic_save({"epoch": 99, "step": 0, "model": {"layers.1.router.linear
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_checkpoint(run_a, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -386,6 +393,7 @@ def _torchrun(tiny, out, base, *extra, **options):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_torchrun_data_parallel_ranks_agree(tiny, tmp_path):
     ranks = _torchrun(tiny, tmp_path / "dp", tiny["base"], model_parallel_size=1, save_steps=2)
     r0, r1 = ranks
@@ -411,6 +419,7 @@ def test_torchrun_data_parallel_ranks_agree(tiny, tmp_path):
     assert all(math.isfinite(r[k]) for r in log for k in r if k != "epoch")
 
 
+@pytest.mark.slow
 def test_torchrun_model_parallel_2_matches_one_process(tiny, tmp_path):
     ranks = _torchrun(tiny, tmp_path / "mp", tiny["base_mp2"], model_parallel_size=2)
     r0, r1 = ranks
@@ -428,6 +437,7 @@ def test_torchrun_model_parallel_2_matches_one_process(tiny, tmp_path):
 
 # 6. bad input: one line, exit status 1
 
+@pytest.mark.slow
 def test_cli_unknown_dataset_exits_with_one_line(tiny, tmp_path):
     cmd = [sys.executable, "finetuning.py"] + argv(tiny, tmp_path / "out", dataset_name="nosuch")
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -450,6 +460,7 @@ def test_missing_dataset_file(tiny, tmp_path, capsys):
     assert line == f"error: file not found: {os.path.join(data, 'demo', 'test.json')}"
 
 
+@pytest.mark.slow
 def test_a_validation_split_is_validated_on_and_test_is_never_read(tiny, tmp_path, capsys):
     data = _dataset_copy(tiny, tmp_path)
     shutil.copy(os.path.join(data, "demo", "test.json"), os.path.join(data, "demo", "validation.json"))
@@ -460,6 +471,7 @@ def test_a_validation_split_is_validated_on_and_test_is_never_read(tiny, tmp_pat
     assert "final validation (validation.json): executed" in out and "no validation.json" not in out
 
 
+@pytest.mark.slow
 def test_without_a_validation_split_the_run_says_it_validates_on_test(tiny, tmp_path, capsys):
     capsys.readouterr()
     train(finetuning.parse_args(argv(tiny, tmp_path / "out", epochs=1)))
@@ -498,6 +510,7 @@ def test_model_directory_without_shards(tiny, tmp_path, capsys):
     assert line == f"error: no consolidated.*.pth files in {model}"
 
 
+@pytest.mark.slow
 def test_resume_from_a_file_that_is_not_a_training_checkpoint(tiny, run_a, tmp_path, capsys):
     out = str(tmp_path / "out")
     adapter_only = tmp_path / "adapter.pth"
@@ -580,6 +593,7 @@ def test_a_huge_learning_rate_never_saves_nan_and_blames_the_learning_rate(tiny,
 
 # 7. what a run writes
 
+@pytest.mark.slow
 def test_log_params_and_checkpoints(tiny, run_a):
     log = read_log(str(run_a))
     steps = [r for r in log if "step" in r]

@@ -32,6 +32,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import presets
 from benchmarks import command as run_command
 from benchmarks.baselines import baseline_label
 from dllm.checkpoints import adapters
@@ -52,7 +53,8 @@ BASELINE_ROWS = ("dllm", "static_ppl", "dense")  # the baselines table's methods
 
 @dataclass
 class DialBenchConfig(Settings):
-    llama_ckpt_dir: str = setting(assets.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
+    llama_ckpt_dir: str = setting(os.path.join(presets.ROOT, "assets", "tiny-llama2"),
+                                  "base model directory (Meta or Hugging Face layout)")
     dataset_path: str = setting(os.path.join(ROOT, "datasets"), "directory with one NAME/{train,test,prompt}.json per "
                                 "dataset")
     dataset_name: str = setting("demo", "the dataset whose test split is measured")
@@ -192,7 +194,8 @@ def measure_rows(config: DialBenchConfig) -> List[dict]:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (calibrated dial)")
     if config.dial_adapter and "router_input" in methods:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (router input only)", router_input_only=True)
-    ordinary = config.ordinary_adapter or assets.default_adapter(config.llama_ckpt_dir)
+    ordinary = config.ordinary_adapter or assets.default_adapter(config.llama_ckpt_dir,
+                                                                          presets.CHECKOUT_DEFAULTS["shipped_adapters"])
     if ordinary and "quantile" in methods:
         rows += bench.dial_rows(ordinary, "quantile dial (ordinary D-LLM)")
     for item in config.separate if "separate" in methods else []:

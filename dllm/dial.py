@@ -3,7 +3,7 @@
 Calibration (tools/calibrate_dial.py), for each budget B of a grid: the routers' execute margins
 (execute logit - skip logit; a budget-conditioned adapter's routers given B) are recorded per block
 on calibration records; block l's threshold is the quantile of its margins at one level shared by
-all blocks, and that level is found by bisection (train.calibrate_threshold, the bisection MoD and
+all blocks, and that level is found by bisection (training.validation.calibrate_threshold, the bisection MoD and
 early exit fit their threshold with) so the executed share on the records equals B. The grid of
 per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
 and read into the policy (routing.MarginDial) when a budget is asked.

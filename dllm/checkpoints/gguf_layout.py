@@ -2,7 +2,7 @@
 
 llama.cpp's converter permutes the wq/wk rows of a Hugging Face checkpoint back into Meta's
 interleaved-pair RoPE order, so GGUF tensors map onto this model's names with a rename only
-(hf_checkpoint.py permutes again when writing the Hugging Face layout).
+(hf_layout.py permutes again when writing the Hugging Face layout).
 """
 import os
 from typing import Dict, Tuple

@@ -4,7 +4,7 @@ Meta's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ...; Hugging Face's ro
 halves of each head. The same model therefore stores the rows of wq and wk in a different order,
 and a checkpoint is converted by permuting those rows (exact, no arithmetic). Everything else is a
 rename. Weights are read with the `safetensors` library (one file or an index of shards), or from
-legacy `pytorch_model*.bin` files with `torch.load(weights_only=True)` (checkpoint.read_hf_weights).
+legacy `pytorch_model*.bin` files with `torch.load(weights_only=True)` (base_model.read_hf_weights).
 """
 import glob
 import json

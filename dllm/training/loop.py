@@ -175,11 +175,18 @@ class Trainer:
         ckpt["file"] = file
         return ckpt
 
+    def trained_args(self) -> dict:
+        """The model args an adapter of this run is saved with: the policy's own threshold, which
+        calibration may have fit, recorded as execute_threshold."""
+        threshold = self.model.routing.threshold
+        if threshold is None:
+            return self.model_args.to_dict()
+        return dataclasses.replace(self.model_args, execute_threshold=threshold).to_dict()
+
     def write_params(self):
         if self.main:
-            atomic_write_text(
-                json.dumps(self.model_args.to_dict(), indent=2) + "\n", os.path.join(self.config.output_dir, "params.json")
-            )
+            atomic_write_text(json.dumps(self.trained_args(), indent=2) + "\n",
+                              os.path.join(self.config.output_dir, "params.json"))
 
     def log(self, message: str):
         if self.main:
@@ -212,7 +219,7 @@ class Trainer:
             adapters.write_adapter(
                 os.path.join(self.config.output_dir, name), adapter, self.fingerprint, epoch=epoch, step=step,
                 optimizer=states[0]["optimizer"], rank_states=states, args=dataclasses.asdict(self.config),
-                model_args=self.model_args.to_dict())
+                model_args=self.trained_args())
 
     def resume(self):
         ckpt = self.resumed
@@ -248,10 +255,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.train_epoch(epoch, first, steps_per_epoch)
             if self.model.routing.calibrates_threshold:
-                self.model_args.execute_threshold = calibrate_threshold(
-                    self.model, self.calibration_loader, self.model_args.dynamic_active_target, self.device)
+                threshold = calibrate_threshold(self.model, self.calibration_loader,
+                                                self.model_args.dynamic_active_target, self.device)
                 self.write_params()
-                self.log(f"epoch {epoch + 1}/{args.epochs}: execute_threshold {self.model_args.execute_threshold:.4f}")
+                self.log(f"epoch {epoch + 1}/{args.epochs}: execute_threshold {threshold:.4f}")
             metrics = validate(self.model, self.val_loader, self.device)
             self.write_log({"epoch": epoch, **metrics})
             self.log(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -1,8 +1,9 @@
 """Answer instructions with a D-LLM model: text, share of blocks executed, KV cache kept vs dense.
 
-    python example.py --instructs "['Tell me about alpacas.']"
-    python example.py --dynamic_ckpt_dir output/tiny-dllm --prompt_path datasets/demo/prompt.json \
-        --instructs "['Continue the passage.']" --inputs "['In the beginning God created the heaven and the earth.']"
+    python example.py
+    python example.py --dynamic_ckpt_dir output/tiny-dllm --instructs "['Continue the passage.']" \
+        --inputs "['In the beginning God created the heaven and the earth.']"
+    python example.py --preset smollm2
 
 With no flags it runs the demo preset (presets/demo.json): the shipped demo model
 (assets/tiny-llama2) with the shipped demo adapter (assets/tiny-dllm), on an instruction and input

@@ -51,7 +51,7 @@ SAVE_STEPS=${SAVE_STEPS:-}                # NAME-last.pth also every this many s
 BLR=${BLR:-}
 LR=${LR:-}                                # absolute lr, overrides BLR
 MIN_LR=${MIN_LR:-}
-ROUTER_LR=${ROUTER_LR:-}                  # the routers' own lr
+ROUTER_LR=${ROUTER_LR:-}                  # the routers' own lr; none: the LoRA lr (the reference)
 ROUTER_BIAS=${ROUTER_BIAS:-}              # initial [skip, execute] logit bias of the routers, e.g. "0.1 2.0"
 WEIGHT_DECAY=${WEIGHT_DECAY:-}
 DISTILL_TEACHER=${DISTILL_TEACHER:-}      # also learn the teacher's predictions: base, or a run's adapter (e.g. ROUTING=dense)

@@ -38,6 +38,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import presets
 from benchmarks import command as run_command
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
@@ -316,7 +317,7 @@ def main(args):
 
 
 def parse_recipe(text: str) -> Dict[str, str]:
-    """--recipe "EPOCHS=1 ROUTER_BIAS='1.0 1.0' ROUTER_LR=": finetuning.sh variables by name."""
+    """--recipe "EPOCHS=1 ROUTER_BIAS='1.0 1.0' ROUTER_LR=none": finetuning.sh variables by name."""
     recipe = {}
     for item in shlex.split(text):
         name, equals, value = item.partition("=")
@@ -329,7 +330,7 @@ def parse_recipe(text: str) -> Dict[str, str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"), help="base model (MODEL_PATH)")
+    p.add_argument("--llama_ckpt_dir", default=os.path.relpath(presets.DEMO_BASE), help="base model (MODEL_PATH)")
     p.add_argument("--recipe", type=parse_recipe, default="", help="finetuning.sh variables for every fine-tune, "
                    "e.g. \"EPOCHS=1 LR=1e-3\" (the others keep finetuning.sh's defaults; the environment is not read)")
     p.add_argument("--dataset_path", default="datasets")

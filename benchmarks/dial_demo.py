@@ -53,8 +53,7 @@ BASELINE_ROWS = ("dllm", "static_ppl", "dense")  # the baselines table's methods
 
 @dataclass
 class DialBenchConfig(Settings):
-    llama_ckpt_dir: str = setting(os.path.join(presets.ROOT, "assets", "tiny-llama2"),
-                                  "base model directory (Meta or Hugging Face layout)")
+    llama_ckpt_dir: str = setting(presets.DEMO_BASE, "base model directory (Meta or Hugging Face layout)")
     dataset_path: str = setting(os.path.join(ROOT, "datasets"), "directory with one NAME/{train,test,prompt}.json per "
                                 "dataset")
     dataset_name: str = setting("demo", "the dataset whose test split is measured")

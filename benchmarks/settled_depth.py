@@ -15,6 +15,7 @@ from typing import List, Tuple
 
 import torch
 
+import presets
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.data import load_records
@@ -64,7 +65,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"))
+    p.add_argument("--llama_ckpt_dir", default=os.path.relpath(presets.DEMO_BASE))
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo")
     p.add_argument("--records", type=int, default=32, help="test records measured")

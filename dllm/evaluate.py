@@ -311,7 +311,7 @@ def evaluate(config: EvalConfig):
         "base_model": os.path.abspath(config.llama_ckpt_dir),
         "adapter": os.path.abspath(adapters.adapter_file(adapter)) if adapter else None,
         "routing": routing.label if adapter else "none (base model)",
-        "execute_threshold": generator.model.params.execute_threshold if adapter else None,
+        "execute_threshold": routing.threshold if adapter else None,
         "budget": config.budget,
         "n_shot": config.n_shot,
         "datasets": config.datasets,

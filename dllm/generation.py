@@ -31,8 +31,9 @@ class Generation(NamedTuple):
 class ModelSettings(Settings):
     """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
 
-    preset: str = setting("", "a named recipe: presets/NAME.json's settings for this entry point replace the "
-                          "defaults (demo, smollm2, llama2-7b-alpaca; the demo when no --llama_ckpt_dir is given)")
+    preset: str = setting("", "a named recipe, one of the presets the entry point offers: its settings replace the "
+                          "defaults (--help with it shows them; the entry point may use one when no "
+                          "--llama_ckpt_dir is given)")
     llama_ckpt_dir: str = setting("", "base model directory: Meta layout (params.json, consolidated.NN.pth, "
                                   "tokenizer.model) or Hugging Face (config.json, *.safetensors, tokenizer.json)",
                                   required=True)

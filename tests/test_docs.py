@@ -1,9 +1,15 @@
 """The results pages and the README's results block are written from benchmarks/results by
 `python -m tools.write_docs`; these tests fail when a results file changed without re-running it,
 or when a generated page was edited by hand."""
+import dataclasses
+import importlib
 import re
+import shlex
 from pathlib import Path
 
+import pytest
+
+from dllm.config import Settings, parser_for
 from tools import write_docs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +42,31 @@ def test_a_changed_result_makes_the_page_stale():
     env = write_docs.environment()
     env.globals["results"] = results
     assert env.get_template("dial.md").render() != write_docs.environment().get_template("dial.md").render()
+
+
+def _documented_commands():
+    """Every `python -m benchmarks.NAME ...` / `python -m tools.NAME ...` the README and the pages show."""
+    pattern = re.compile(r"python -m ((?:benchmarks|tools)\.\w+)((?: (?:'[^']*'|\"[^\"]*\"|\[[^\]`]*\]|[^\s`'\"]+))*)")
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    found = {(m.group(1), m.group(2).strip()) for text in texts for m in pattern.finditer(text.replace("\\\n", " "))}
+    # fire's tools and the harness's command line have no parser of their own to ask
+    own_parser = {path.stem for folder in ("benchmarks", "tools") for path in (ROOT / folder).glob("*.py")
+                  if re.search(r"^def parse_args|Config\.parse\(", path.read_text(), re.M)}
+    return sorted((module, args) for module, args in found if args and module.split(".")[1] in own_parser)
+
+
+@pytest.mark.slow  # imports every benchmark, some of which need the benchmark extras
+@pytest.mark.parametrize("module, args", _documented_commands())
+def test_every_documented_benchmark_command_parses_today(module, args):
+    """A command the docs show (as-run commands are shown in today's spelling) is accepted by its script."""
+    script = importlib.import_module(module)
+    argv = shlex.split(args)
+    if hasattr(script, "parse_args"):
+        script.parse_args(argv)
+        return
+    configs = [c for c in vars(script).values() if isinstance(c, type) and issubclass(c, Settings) and c is not Settings]
+    own = [c for c in configs if c.__module__ == script.__name__] or configs
+    leaves = [c for c in own if not any(other is not c and issubclass(other, c) for other in own)]
+    assert len(leaves) == 1, f"{module}: settings classes {leaves}"
+    required = {f.name: "x" for f in dataclasses.fields(leaves[0]) if f.metadata.get("required")}
+    parser_for(leaves[0], defaults=required).parse_args(argv)  # the flags exist and their values convert

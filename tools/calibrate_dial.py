@@ -8,17 +8,14 @@ executed share on the first --n_records training records equal the budget (dllm/
 beside the checkpoint as NAME.dial.json, which example.py, evaluate.py, Llama.build and the lm-eval
 model read when a budget is asked.
 """
-import os
-
 import presets
 from dllm.dial import DialConfig, calibrate_dial
 from dllm.errors import run_cli
 
 
 def main(argv=None):
-    demo_base = os.path.join(presets.ROOT, "assets", "tiny-llama2")
     calibrate_dial(DialConfig.parse(argv, description=__doc__,
-                                    defaults={**presets.CHECKOUT_DEFAULTS, "llama_ckpt_dir": demo_base}))
+                                    defaults={**presets.CHECKOUT_DEFAULTS, "llama_ckpt_dir": presets.DEMO_BASE}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Dict, List
 import torch
 from torch.utils.data import DataLoader
 
+import presets
 from dllm.core.objective import compute_loss
 from dllm import distributed
 from dllm.checkpoints import base_model, model_params
@@ -107,7 +108,7 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--llama_ckpt_dir", default=os.path.join("assets", "tiny-llama2"),
+    p.add_argument("--llama_ckpt_dir", default=os.path.relpath(presets.DEMO_BASE),
                    help="base checkpoint directory, Meta or Hugging Face layout")
     p.add_argument("--tokenizer_path", default=None, help="default: the one in --llama_ckpt_dir")
     p.add_argument("--dataset_path", default="datasets")

@@ -15,6 +15,8 @@ and the globals curve, interp, commands, zip, log.
 import argparse
 import json
 import math
+import shlex
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -112,27 +114,48 @@ def cell(row, key: str, spec: str) -> str:
         return "-"
 
 
+# what an as-run command's flags and scripts are called today
+RENAMED_FLAGS = {"--model_path": "--llama_ckpt_dir", "--model_dir": "--llama_ckpt_dir", "--llama_model_path": "--llama_ckpt_dir"}
+SCRIPT = re.compile(r"\bpython (benchmarks|tools)/(\w+)\.py\b")
+UNQUOTED_LIST = re.compile(r"(\s)(\[[^\]]*[ ',][^\]]*\])(?=\s|$)")  # a list value recorded without its quotes
+LEADING_VARIABLES = re.compile(r"^((?:[A-Z_]+=(?:'[^']*'|\"[^\"]*\"|\S*) )+)(python -m benchmarks\.baselines\b)")
+
+
+def current_command(as_run: str) -> str:
+    """An as-run command (as its results file records it) in today's spelling, so that it runs:
+    scripts as modules, renamed flags, and baselines' recipe variables as --recipe (an empty
+    ROUTER_LR, the reference's router lr then, is `none` now)."""
+    command = SCRIPT.sub(r"python -m \1.\2", as_run)
+    command = UNQUOTED_LIST.sub(lambda m: m.group(1) + (f'"{m.group(2)}"' if "'" in m.group(2) else f"'{m.group(2)}'"),
+                                command)
+    for old, new in RENAMED_FLAGS.items():
+        command = re.sub(rf"{old}(?=[ =])", new, command)
+    found = LEADING_VARIABLES.match(command)
+    if found:
+        recipe = " ".join("ROUTER_LR=none" if v == "ROUTER_LR=" else v for v in shlex.split(found.group(1)))
+        command = f"{found.group(2)} --recipe {shlex.quote(recipe)}" + command[found.end():]
+    return command
+
+
 def commands(results: dict, stem: str) -> list:
-    """The commands that wrote a results file: from its meta, else from the first line of its .md."""
+    """The commands that wrote a results file (from its meta, else from the first line of its .md),
+    in today's spelling."""
     data = results[stem]
     meta = data.get("meta", {}) if isinstance(data, dict) else {}
-    if "commands" in meta:
-        return list(meta["commands"])
-    if "command" in meta:
-        return [meta["command"]]
+    found = meta.get("commands") or ([meta["command"]] if "command" in meta else None)
     md = ROOT / "benchmarks" / "results" / f"{stem}.md"
-    if md.exists():
-        found = [line.strip().strip("`") for line in md.read_text().splitlines() if line.startswith("`")]
-        if found:
-            return found[:1]
-    raise ValueError(f"benchmarks/results/{stem}.json: no command in its meta nor in {md.name}")
+    if not found and md.exists():
+        found = [line.strip().strip("`") for line in md.read_text().splitlines() if line.startswith("`")][:1]
+    if not found:
+        raise ValueError(f"benchmarks/results/{stem}.json: no command in its meta nor in {md.name}")
+    return [current_command(command) for command in found]
 
 
 def environment(root: Path = ROOT) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root / "docs" / "templates")),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values)
+    env.filters.update(current=current_command, fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip, log=math.log,
                        commands=lambda stem: commands(results, stem))

@@ -12,7 +12,7 @@ from dllm.core.model import Transformer
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions, averaged over the positions given:
-    [n, vocab] each, the positions that predict a response token (`Transformer.scored_positions`)."""
+    [n, vocab] each, the positions that predict a response token (`scored_positions`)."""
     student = F.log_softmax(student_logits.float(), -1)
     teacher = F.log_softmax(teacher_logits.float(), -1)
     kl = (teacher.exp() * (teacher - student)).sum(-1)

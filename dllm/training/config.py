@@ -20,8 +20,8 @@ RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active
 @dataclass
 class TrainConfig(Settings):
     # paths (official names)
-    preset: str = setting("", "a named recipe: presets/NAME.json's finetuning settings replace the defaults (demo, "
-                          "smollm2, llama2-7b-alpaca; --help with it shows them); flags still override them")
+    preset: str = setting("", "a named recipe, one of the presets the entry point offers: its settings replace the "
+                          "defaults (--help with it shows them); flags still override them")
     llama_ckpt_dir: str = setting("", "base checkpoint directory, Meta or Hugging Face layout", required=True,
                                   aliases=["--llama_model_path"])
     llama_param_path: Optional[str] = setting(None, "params.json or config.json (default: the one in --llama_ckpt_dir)")

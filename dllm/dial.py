@@ -10,21 +10,21 @@ and read into the policy (routing.MarginDial) when a budget is asked.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch.utils.data import Subset
 
 from dllm.checkpoints import adapters
-from dllm import assets
 from dllm.chat import ChatFormat
-from dllm.config import Settings, setting
+from dllm.config import setting
 from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
-from dllm.generation import Llama
+from dllm.generation import Llama, ModelPaths
 from dllm.core.model import Transformer
 from dllm.checkpoints.dial_file import dial_path, write_dial
 from dllm.core.routing import MarginDial
+from dllm.training.config import TrainConfig
 from dllm.training.data_loading import Indexed, trim_padding, val_loader
 from dllm.training.validation import calibrate_threshold, validate
 
@@ -108,23 +108,16 @@ def calibrate(model: Transformer, loader, device, budgets: List[float]):
 
 
 @dataclass
-class DialConfig(Settings):
+class DialConfig(ModelPaths):
     """tools/calibrate_dial.py's settings."""
 
-    llama_ckpt_dir: str = setting("", "base model directory (Meta or Hugging Face layout)", required=True)
-    dynamic_ckpt_dir: Optional[str] = setting(None, "the D-LLM adapter: a checkpoint file or a fine-tuning output "
-                                              "directory (default: the adapter shipped for this base under "
-                                              "--shipped_adapters)")
-    shipped_adapters: Optional[str] = setting(None, "a directory of adapters, one folder each: the one trained on "
-                                              "this base is calibrated when no --dynamic_ckpt_dir is given")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
-                                            "--llama_ckpt_dir)")
     dataset_path: str = setting("datasets", "directory with one NAME/{train,test,prompt}.json per dataset")
-    dataset_name: str = setting("demo", "the dataset whose training records the dial is calibrated on (never its "
-                                "test split)")
+    dataset_name: str = setting("", "the dataset whose training records the dial is calibrated on (never its test "
+                                "split)", required=True)
     n_records: int = setting(64, "the first training records, in file order, the dial is calibrated on", low=1)
     batch_size: int = setting(16, "records per forward pass", low=1)
-    max_seq_len: int = setting(128, "tokens per record (longer ones are cut as in fine-tuning)", low=2)
+    max_seq_len: int = setting(TrainConfig.max_seq_len, "tokens per record (longer ones are cut as in fine-tuning: "
+                               "give the adapter's)", low=2)
     budgets: List[float] = setting([], "the grid of budgets (shares of all blocks executed), e.g. \"[0.4, 0.7, 1.0]\" "
                                    "(default: steps of 0.05 over what the adapter can meet)", low=0.0, high=1.0)
     overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
@@ -133,9 +126,7 @@ class DialConfig(Settings):
 def calibrate_dial(config: DialConfig) -> str:
     """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
     beside the checkpoint; returns its path."""
-    adapter = config.dynamic_ckpt_dir
-    if adapter is None and config.shipped_adapters:
-        adapter = assets.default_adapter(config.llama_ckpt_dir, config.shipped_adapters)
+    adapter = config.adapter()
     if adapter is None:
         raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
     path = dial_path(adapter)

@@ -28,8 +28,8 @@ class Generation(NamedTuple):
 
 
 @dataclass
-class ModelSettings(Settings):
-    """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
+class ModelPaths(Settings):
+    """Which base model, tokenizer and adapter: the flags every entry point that loads a model shares."""
 
     preset: str = setting("", "a named recipe, one of the presets the entry point offers: its settings replace the "
                           "defaults (--help with it shows them; the entry point may use one when no "
@@ -43,11 +43,23 @@ class ModelSettings(Settings):
     shipped_adapters: Optional[str] = setting(None, "a directory of adapters, one folder each (params.json, "
                                               "checkpoint.pth): the one trained on this base runs when no "
                                               "--dynamic_ckpt_dir is given")
+    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
+                                            "--llama_ckpt_dir)")
+
+    def adapter(self) -> Optional[str]:
+        """--dynamic_ckpt_dir, else the adapter shipped for this base, if any."""
+        if self.dynamic_ckpt_dir or not self.shipped_adapters:
+            return self.dynamic_ckpt_dir
+        return assets.default_adapter(self.llama_ckpt_dir, self.shipped_adapters)
+
+
+@dataclass
+class ModelSettings(ModelPaths):
+    """The flags example.py and evaluate.py share: which model, which adapter, how it runs."""
+
     model_args_path: Optional[str] = setting(None, "params.json for an adapter that carries none (neither in its "
                                              "checkpoint nor next to it); must agree with the adapter's own otherwise "
                                              "(default: the adapter's own)")
-    tokenizer_path: Optional[str] = setting(None, "tokenizer.model or tokenizer.json (default: the one in "
-                                            "--llama_ckpt_dir)")
     dense: bool = setting(False, "run the base model alone, every block executed (ignores any adapter)")
     execute_threshold: Optional[float] = setting(None, "p(execute) at or above which a routed block runs (default: "
                                                  "the adapter's own, 0.5 for D-LLM)", low=0.0, high=1.0)
@@ -61,12 +73,8 @@ class ModelSettings(Settings):
     seed: int = setting(1, "random seed (sampling, dropout)")
 
     def adapter(self) -> Optional[str]:
-        """The adapter to run: --dynamic_ckpt_dir, else the one shipped for this base; None with --dense."""
-        if self.dense:
-            return None
-        if self.dynamic_ckpt_dir or not self.shipped_adapters:
-            return self.dynamic_ckpt_dir
-        return assets.default_adapter(self.llama_ckpt_dir, self.shipped_adapters)
+        """The adapter to run: as ModelPaths says, but none with --dense."""
+        return None if self.dense else super().adapter()
 
     def build(self, adapter: Optional[str], max_batch_size: int) -> "Llama":
         return Llama.build(self.llama_ckpt_dir, adapter, self.model_args_path, self.tokenizer_path, self.max_seq_len,

@@ -40,7 +40,7 @@ def runs(tmp_path_factory, tokenizer_path):
                                            dynamic_budget_range=[0.4, 1.0])))
     for adapter in (ordinary, conditioned):
         calibrate_dial.main(["--llama_ckpt_dir", base, "--dynamic_ckpt_dir", str(adapter), "--dataset_path", data,
-                             "--n_records", "48", "--max_seq_len", "48", "--budgets", str(BUDGETS)])
+                             "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48", "--budgets", str(BUDGETS)])
     return {"base": base, "data": data, "ordinary": str(ordinary), "conditioned": str(conditioned)}
 
 

@@ -14,8 +14,8 @@ from dllm.errors import run_cli
 
 
 def main(argv=None):
-    calibrate_dial(DialConfig.parse(argv, description=__doc__,
-                                    defaults={**presets.CHECKOUT_DEFAULTS, "llama_ckpt_dir": presets.DEMO_BASE}))
+    calibrate_dial(DialConfig.parse(argv, description=__doc__, defaults=presets.CHECKOUT_DEFAULTS,
+                                    presets=presets.for_entry_point("calibrate_dial", default="demo")))
 
 
 if __name__ == "__main__":

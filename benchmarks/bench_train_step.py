@@ -35,7 +35,7 @@ from dllm.atomic_io import atomic_write_text
 from dllm.config import Settings, setting
 from dllm.errors import run_cli
 from dllm.core.flops import token_flops
-from dllm.core.model import ModelArgs
+from dllm.core.model import AdapterArgs, ModelArgs
 from dllm.core.routing import mlp_flops
 from dllm.timing import synchronize, timed
 from dllm.training.loop import param_groups
@@ -52,6 +52,8 @@ class TrainStepConfig(Settings):
     lora_rank: int = setting(8, "LoRA rank on q/k/v", low=1)
     lora_dropout: float = setting(0.05, "LoRA input dropout", low=0, high=1)
     lambda_active: float = setting(5.0, "weight of D-LLM's rate loss", low=0)
+    dynamic_router_hdim: int = setting(AdapterArgs.dynamic_router_hdim, "hidden width of D-LLM's routers (the "
+                                       "paper's default; the SmolLM2 preset uses 128)", low=1)
     warmup: int = setting(2, "untimed steps per configuration before timing", low=0)
     repeats: int = setting(4, "interleaved timed steps; the best is kept", low=1)
     dtype: str = setting("auto", "base weights dtype (auto: bf16 on CUDA, fp32 on the CPU, as finetuning.py)",
@@ -82,6 +84,7 @@ class DllmStep:
     def __init__(self, config: TrainStepConfig, routing: str, device):
         args = model_params.load_params(config.llama_ckpt_dir, lora_rank=config.lora_rank,
                                       lora_dropout=config.lora_dropout, routing=routing,
+                                      dynamic_router_hdim=config.dynamic_router_hdim,
                                       max_seq_len=config.seq_len, max_batch_size=config.batch_size)
         torch.manual_seed(config.seed)
         self.model = base_model.build_model(args, config.llama_ckpt_dir, None, device, base_dtype(config, device))

@@ -212,11 +212,11 @@ class Settings:
 
 def given_flags(cls, argv: Sequence[str]) -> set:
     """The settings a command line names (by flag or alias, with or without =value)."""
-    names = {}
+    names, hints = {}, typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         for flag in ("--" + f.name, *f.metadata.get("aliases", ())):
             names[flag] = f.name
-            if typing.get_type_hints(cls)[f.name] is bool:
+            if hints[f.name] is bool:
                 names["--no-" + flag[2:]] = f.name
     return {names[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in names}
 

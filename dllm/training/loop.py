@@ -26,7 +26,7 @@ from dllm.chat import ChatFormat
 from dllm.checkpoints import adapters, base_model, layouts, model_params
 from dllm.core.model import Transformer, is_adapter_key
 from dllm.core.objective import Objective, scored_positions
-from dllm.data import InstructionDataset, load_records, validation_split
+from dllm.data import InstructionDataset, load_records, read_json, validation_split
 from dllm.errors import InputError
 from dllm.plots import write_curves_or_warn
 from dllm.tokenizer import Tokenizer
@@ -63,8 +63,7 @@ def example_flags(dataset_path: str, name: str, split: str) -> str:
     """example.py's flags for the first record of a split, in its dataset's own prompt: what the
     closing summary suggests generating with ("" for datasets that are not instruction records)."""
     prompt = os.path.join(dataset_path, name, "prompt.json")
-    with open(os.path.join(dataset_path, name, f"{split}.json"), encoding="utf-8") as f:
-        first = json.load(f)[0]
+    first = read_json(os.path.join(dataset_path, name, f"{split}.json"))[0]
     if not (os.path.isfile(prompt) and isinstance(first.get("instruction"), str)):
         return ""
     flags = f"--prompt_path {prompt} --instructs {shlex.quote(repr([first['instruction']]))}"
@@ -95,7 +94,6 @@ class Trainer:
                      f"recipe by these numbers")
         records = {split: load_records(args.dataset_path, args.dataset_name, split, chat)
                    for split in ("train", self.val_split)}
-        self.example_prompt = example_flags(args.dataset_path, args.dataset_name, self.val_split)
         # DistributedSampler(drop_last) and DataLoader(drop_last): the training loader's length
         if len(records["train"]) // distributed.dp_size() // args.batch_size < args.accum_iter:
             raise InputError(f"{args.dataset_name}: {len(records['train'])} training records give fewer batches than --accum_iter")
@@ -209,8 +207,8 @@ class Trainer:
         if not diagnosis.all_ranks(finite, self.device):
             raise InputError(
                 f"the adapter or its optimizer state became non-finite by epoch {epoch} step {step} although every "
-                f"loss was finite: the training diverged, lower the learning rate (lr {self.lr:.3g}: --blr/--lr, "
-                f"--blr/--lr); {self.output.newest_checkpoint()}")
+                f"loss was finite: the training diverged, lower the learning rate (lr {self.lr:.3g}: --blr/--lr); "
+                f"{self.output.newest_checkpoint()}")
         states = [state]
         if dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
@@ -276,11 +274,11 @@ class Trainer:
         use = f"--llama_ckpt_dir {args.llama_ckpt_dir} --dynamic_ckpt_dir {out}"
         if args.tokenizer_path:
             use += f" --tokenizer_path {args.tokenizer_path}"
-        generate, evaluate = use, use + f" --datasets {args.dataset_name}"
         if args.preset:  # the preset's prompt, instruction and datasets fit the model it trains
             generate = evaluate = f"--preset {args.preset} {use}"
-        elif self.example_prompt:
-            generate += " " + self.example_prompt
+        else:
+            generate = " ".join(filter(None, [use, example_flags(args.dataset_path, args.dataset_name, self.val_split)]))
+            evaluate = f"{use} --datasets {args.dataset_name}"
         return "\n".join([
             f"done in {format_duration(time.time() - self.started)}: adapter in {out}/ "
             f"({args.model_save_name}-last.pth, params.json, log.jsonl, curves.png)",

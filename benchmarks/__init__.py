@@ -4,6 +4,8 @@ top-level `benchmarks`)."""
 import shlex
 import sys
 
+import dllm  # noqa: F401  before any benchmark imports torch: it keeps freed host memory (dllm/host_memory.py)
+
 
 def command() -> str:
     """How this run was started, for a results file: `python -m benchmarks.NAME ARGS`."""

@@ -3,8 +3,15 @@
 `from dllm import Llama` (Meta's generation API), `ModelArgs`, `Transformer` and `Tokenizer` are
 resolved on first use, so that importing the algorithm alone (dllm.core) needs torch and fairscale
 only.
+
+Importing dllm first tunes the C library's malloc to keep freed memory (dllm/host_memory.py): it
+must happen before torch is imported, which is why the entry points import dllm before torch.
 """
 import importlib
+
+from dllm import host_memory
+
+KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
 
 _EXPORTS = {"Llama": "dllm.generation", "ModelArgs": "dllm.core.model", "Transformer": "dllm.core.model",
             "Tokenizer": "dllm.tokenizer"}

@@ -11,14 +11,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "dllm")
 INFRA = {"dllm.errors", "dllm.atomic_io", "dllm.config", "dllm.distributed", "dllm.launch", "dllm.tokenizer",
-         "dllm.chat", "dllm.data"}
+         "dllm.chat", "dllm.data", "dllm.host_memory"}
 # what each layer may import from dllm (a prefix allows the subpackage)
 ALLOWED = {
     "dllm.core": ("dllm.core", "dllm.errors"),
     "dllm.checkpoints": ("dllm.core", "dllm.checkpoints", "dllm.errors", "dllm.atomic_io", "dllm.distributed"),
     "dllm.training": ("dllm.core", "dllm.checkpoints", "dllm.training", *INFRA, "dllm.plots", "dllm.token_view"),
     **{name: tuple(INFRA) for name in INFRA},
-    "dllm": ("dllm.core.model", "dllm.generation", "dllm.tokenizer"),  # its lazy exports, by name
+    # its lazy exports, by name, and the malloc setting that must precede torch
+    "dllm": ("dllm.core.model", "dllm.generation", "dllm.tokenizer", "dllm.host_memory"),
     "dllm.plots": (*INFRA, "dllm.core", "dllm.token_view"),
     "dllm.token_view": (*INFRA, "dllm.core"),
 }

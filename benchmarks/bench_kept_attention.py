@@ -49,7 +49,7 @@ class KeptAttentionConfig(Settings):
 def measure(attention: Attention, batch: int, context: int, share: float, config: KeptAttentionConfig, device) -> dict:
     kv = LayerKVCache(batch, attention.n_local_kv_heads, attention.head_dim, torch.float32, device, max_len=2 * context + 8)
     running = max(1, round(share * batch))
-    kv._reserve(context + 8)
+    kv.reserve(context + 8)
     kv.k.normal_(), kv.v.normal_()
     kv.lengths = [context + r % 5 for r in range(batch)]
     execute = [[r * running // batch != (r + 1) * running // batch] for r in range(batch)]

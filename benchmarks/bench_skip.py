@@ -154,16 +154,18 @@ class DllmRunner:
 
     def fill(self, tokens, device, room: int = 0):
         """Prefill untimed, FILL_CHUNK tokens at a time (the same cache, the same routing, less
-        memory than one forward's logits); returns (activation, cache)."""
+        memory than one forward's logits), then make `room` for the tokens to follow, as
+        transformers' static cache has it; returns (activation, cache)."""
         self.model.use_routing(self.routing)
         cache = self.model.new_cache(tokens.shape[0])
         starts = range(0, tokens.shape[1], FILL_CHUNK)
         activation = [self.model(tokens[:, a : a + FILL_CHUNK], a, cache)[1] for a in starts]
+        cache.reserve_room(room)
         return torch.cat(activation, 1), cache
 
     def decode(self, prompt, steps, device):
         """Prefill `prompt` (untimed), then time the steps; the activation covers both."""
-        prompt_activation, cache = self.fill(prompt, device)
+        prompt_activation, cache = self.fill(prompt, device, room=steps.shape[1])
         seconds, activation = self.steps(cache, steps, prompt.shape[1], device)
         return seconds, torch.cat([prompt_activation, activation], 1), cache
 

@@ -136,3 +136,17 @@ def test_decode_reallocates_the_cache_only_when_its_longest_row_doubles():
             capacities.append(kv.capacity)
     assert sorted(set(capacities)) == [64, 128, 140]  # doubling from the chunk, capped at max_seq_len
     assert reallocations == 3
+
+
+def test_room_made_after_a_prefill_lets_the_following_steps_copy_no_cache():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(routing="dense", n_layers=2, max_seq_len=140)).eval()
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        model(torch.randint(0, 320, (2, 64)), 0, cache)  # fills the first chunk exactly
+        cache.reserve_room(10)
+        buffers = [kv.k.data_ptr() for kv in cache.layers]
+        for t in range(64, 74):
+            model(torch.randint(0, 320, (2, 1)), t, cache)
+    assert [kv.k.data_ptr() for kv in cache.layers] == buffers
+    assert all(kv.capacity >= 74 for kv in cache.layers)

@@ -82,7 +82,8 @@ class LayerKVCache:
         start, self.seen = self.seen, self.seen + n
         return start
 
-    def _reserve(self, needed: int):
+    def reserve(self, needed: int):
+        """Capacity for at least `needed` kept tokens per row."""
         if needed <= self.capacity:
             return
         capacity = max(self.chunk, self.capacity)
@@ -104,7 +105,7 @@ class LayerKVCache:
         """k, v [batch, s, kv_heads, head_dim] from rows of equal length -> every row's keys and
         values [batch, kv_heads, length, head_dim], views of the cache."""
         start, s = self.lengths[0], k.shape[1]
-        self._reserve(start + s)
+        self.reserve(start + s)
         self.k[:, :, start : start + s] = k.transpose(1, 2)
         self.v[:, :, start : start + s] = v.transpose(1, 2)
         self.lengths = [start + s] * len(self.lengths)
@@ -147,7 +148,7 @@ class LayerKVCache:
         """k, v [n, kv_heads, head_dim] of the packed tokens -> every row's keys and values
         [batch, kv_heads, longest, head_dim], views of the cache."""
         longest = max(self.lengths)
-        self._reserve(longest)
+        self.reserve(longest)
         self.k[packing.token_rows, :, packing.slots] = k.to(self.k.dtype)
         self.v[packing.token_rows, :, packing.slots] = v.to(self.v.dtype)
         return self.k[:, :, :longest], self.v[:, :, :longest]
@@ -182,6 +183,12 @@ class KVCache:
 
     def pair_bytes(self) -> int:
         return self.layers[0].pair_bytes()
+
+    def reserve_room(self, n: int):
+        """Room at every block for `n` more tokens on its longest row, so the next n tokens copy no
+        cache, whatever runs (a dense block's capacity would otherwise double while decoding)."""
+        for layer in self.layers:
+            layer.reserve(max(layer.lengths) + n)
 
     def bytes_kept(self) -> int:
         return sum(layer.bytes_kept() for layer in self.layers)

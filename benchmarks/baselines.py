@@ -13,7 +13,7 @@ and decode timed against the dense base model in this process (best of --repeats
 text), and the per-token adaptivity: blocks executed per token, its mean and its std across the
 tokens of one sequence (averaged over sequences).
 
-Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl and static_taylor
+Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl, static_taylor and static_kl
 (tools/rank_blocks.py ranks the blocks once; round((1 - target) * n_layers) least important
 pruned), early_exit (threshold fit to the target after training). The target is the share of all
 (token, block) pairs executed, for every method. A run whose row.json exists is not repeated
@@ -55,7 +55,7 @@ from tools.rank_blocks import blocks_to_skip
 # the methods the baselines compare (benchmarks/baselines.py): a policy and, for static pruning, the
 # block ranking it prunes by (tools/rank_blocks.py)
 BASELINE_METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None),
-                    "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"),
+                    "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"), "static_kl": ("static", "kl"),
                     "early_exit": ("early_exit", None)}
 
 

@@ -62,10 +62,26 @@ def test_taylor_criterion_is_gradient_times_weight(ranked):
         assert ranking["taylor"][str(block)] == pytest.approx(expected, rel=1e-4)
 
 
+def test_kl_criterion_is_the_base_against_the_model_with_the_block_deleted(ranked):
+    ranking, reference, batches = ranked
+    for block in (1, 2, 3):
+        pruned = copy.deepcopy(reference).eval()
+        del pruned.layers[block]
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for examples, _, _, label_masks in batches:
+                base = F.log_softmax(reference.eval()(examples)[0][:, :-1], -1)
+                model = F.log_softmax(pruned(examples)[0][:, :-1], -1)
+                kl = (base.exp() * (base - model)).sum(-1)
+                total += (kl * label_masks[:, 1:]).sum().item()
+                count += int(label_masks[:, 1:].sum())
+        assert ranking["kl"][str(block)] == pytest.approx(total / count, rel=1e-4)
+
+
 def test_order_and_blocks_to_skip(ranked):
     ranking, _, _ = ranked
-    assert "0" not in ranking["ppl"] and "0" not in ranking["taylor"]  # below the start layer
-    for criterion in ("ppl", "taylor"):
+    assert all("0" not in ranking[criterion] for criterion in ("ppl", "taylor", "kl"))  # below the start layer
+    for criterion in ("ppl", "taylor", "kl"):
         order = ranking["order"][criterion]
         scores = [ranking[criterion][str(b)] for b in order]
         assert sorted(order) == [1, 2, 3] and scores == sorted(scores)

@@ -1,10 +1,12 @@
-"""Rank a base model's blocks for static pruning, Shortened-LLaMA's two criteria (Kim et al. 2024).
+"""Rank a base model's blocks for static pruning: Shortened-LLaMA's two criteria (Kim et al. 2024), and KL.
 
     python -m tools.rank_blocks --llama_ckpt_dir assets/tiny-llama2 --dataset_name demo --out runs/ranking.json
 
 On the first --n_records training records: the perplexity of the responses with each block removed
 (every token skips it, as `--routing static` runs it), and each block's Taylor importance, the sum
-over its weight matrices of |dL/dW * W| (the first-order loss change of zeroing them). Only blocks
+over its weight matrices of |dL/dW * W| (the first-order loss change of zeroing them); and KL(base ||
+base without the block) per response token, what a pruned model loses of the base's distributions
+(what issue 20 measures quality by; perplexity rewards a block whose removal sharpens). Only blocks
 from --start_layer on are candidates: the blocks every policy here always runs stay. The JSON lists,
 per criterion, the candidates from least to most important; `blocks_to_skip` takes the first k,
 k = round((1 - target) * n_layers), so the executed share matches a routing target.
@@ -21,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import presets
-from dllm.core.objective import compute_loss
+from dllm.core.objective import compute_loss, distill_loss, scored_positions
 from dllm import distributed
 from dllm.checkpoints import base_model, model_params
 from dllm.chat import ChatFormat
@@ -33,7 +35,7 @@ from dllm.core.routing import DenseRouting, StaticRouting
 from dllm.tokenizer import Tokenizer
 from dllm.training.data_loading import trim_padding
 
-CRITERIA = ("ppl", "taylor")
+CRITERIA = ("ppl", "taylor", "kl")
 
 
 def response_ce(model: Transformer, batches) -> torch.Tensor:
@@ -50,6 +52,20 @@ def response_ce(model: Transformer, batches) -> torch.Tensor:
 def perplexity_without(model: Transformer, batches, block: int) -> float:
     model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
     return math.exp(response_ce(model.eval(), batches).item())
+
+
+@torch.no_grad()
+def kl_without(model: Transformer, batches, base_logits, block: int) -> float:
+    """KL(base || model without `block`) per response token; base_logits: the dense model's at each
+    batch's scored positions."""
+    model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
+    model.eval()
+    total, count = 0.0, 0
+    for batch, base in zip(batches, base_logits):
+        positions = scored_positions(batch[3])
+        total += distill_loss(model.logits_at(batch[0], positions), base).item() * len(positions)
+        count += len(positions)
+    return total / max(count, 1)
 
 
 def taylor_scores(model: Transformer, batches) -> Dict[int, float]:
@@ -71,13 +87,16 @@ def rank_blocks(model: Transformer, batches, start_layer: int) -> dict:
     with torch.no_grad():
         model.use_routing(DenseRouting())
         base_ppl = math.exp(response_ce(model.eval(), batches).item())
+        base_logits = [model.logits_at(batch[0], scored_positions(batch[3])) for batch in batches]
     ppl = {block: perplexity_without(model, batches, block) for block in candidates}
+    kl = {block: kl_without(model, batches, base_logits, block) for block in candidates}
     taylor = {block: score for block, score in taylor_scores(model, batches).items() if block in candidates}
     return {
         "base_ppl": base_ppl,
         "ppl": {str(b): v for b, v in ppl.items()},
         "taylor": {str(b): v for b, v in taylor.items()},
-        "order": {"ppl": sorted(ppl, key=ppl.get), "taylor": sorted(taylor, key=taylor.get)},
+        "kl": {str(b): v for b, v in kl.items()},
+        "order": {"ppl": sorted(ppl, key=ppl.get), "taylor": sorted(taylor, key=taylor.get), "kl": sorted(kl, key=kl.get)},
         "n_layers": model.n_layers,
     }
 

@@ -21,6 +21,7 @@ from typing import Dict, List
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import presets
 from dllm.core.objective import compute_loss, distill_loss, scored_positions
@@ -88,8 +89,8 @@ def rank_blocks(model: Transformer, batches, start_layer: int) -> dict:
         model.use_routing(DenseRouting())
         base_ppl = math.exp(response_ce(model.eval(), batches).item())
         base_logits = [model.logits_at(batch[0], scored_positions(batch[3])) for batch in batches]
-    ppl = {block: perplexity_without(model, batches, block) for block in candidates}
-    kl = {block: kl_without(model, batches, base_logits, block) for block in candidates}
+    ppl = {block: perplexity_without(model, batches, block) for block in tqdm(candidates, desc="ppl without each block")}
+    kl = {block: kl_without(model, batches, base_logits, block) for block in tqdm(candidates, desc="KL without each block")}
     taylor = {block: score for block, score in taylor_scores(model, batches).items() if block in candidates}
     return {
         "base_ppl": base_ppl,

@@ -57,6 +57,8 @@ from tools.rank_blocks import blocks_to_skip
 BASELINE_METHODS = {"dense": ("dense", None), "dllm": ("dllm", None), "mod": ("mod", None),
                     "static_ppl": ("static", "ppl"), "static_taylor": ("static", "taylor"), "static_kl": ("static", "kl"),
                     "early_exit": ("early_exit", None)}
+# what a sweep runs unless --methods says otherwise: the paper's comparison (static_kl is ours, on request)
+DEFAULT_METHODS = ("dense", "dllm", "mod", "static_ppl", "static_taylor", "early_exit")
 
 
 def baseline_label(method: str) -> str:
@@ -335,7 +337,7 @@ def parse_args(argv=None):
                    "e.g. \"EPOCHS=1 LR=1e-3\" (the others keep finetuning.sh's defaults; the environment is not read)")
     p.add_argument("--dataset_path", default="datasets")
     p.add_argument("--dataset_name", default="demo", help="fine-tuned on its train split, evaluated on its test split")
-    p.add_argument("--methods", default=",".join(BASELINE_METHODS), help=f"comma-separated, of {', '.join(BASELINE_METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(BASELINE_METHODS)}")
     p.add_argument("--targets", default="0.4,0.5,0.7", help="shares of all blocks executed, one run each")
     p.add_argument("--seeds", default="0", help="seeds of every run")
     p.add_argument("--spread_target", type=float, default=0.5, help="the target where --spread_methods run more seeds")

@@ -49,18 +49,22 @@ def response_ce(model: Transformer, batches) -> torch.Tensor:
     return total / max(count, 1)
 
 
+def skip_only(model: Transformer, block: int) -> Transformer:
+    """The model in eval mode with every token skipping `block` and running the rest."""
+    model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
+    return model.eval()
+
+
 @torch.no_grad()
 def perplexity_without(model: Transformer, batches, block: int) -> float:
-    model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
-    return math.exp(response_ce(model.eval(), batches).item())
+    return math.exp(response_ce(skip_only(model, block), batches).item())
 
 
 @torch.no_grad()
 def kl_without(model: Transformer, batches, base_logits, block: int) -> float:
     """KL(base || model without `block`) per response token; base_logits: the dense model's at each
     batch's scored positions."""
-    model.use_routing(StaticRouting(dataclasses.replace(model.params, static_skip_layers=(block,))))
-    model.eval()
+    model = skip_only(model, block)
     total, count = 0.0, 0
     for batch, base in zip(batches, base_logits):
         positions = scored_positions(batch[3])

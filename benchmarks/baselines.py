@@ -17,7 +17,8 @@ Methods: dense (LoRA only), dllm, mod (capacity from the target), static_ppl, st
 (tools/rank_blocks.py ranks the blocks once; round((1 - target) * n_layers) least important
 pruned), early_exit (threshold fit to the target after training). The target is the share of all
 (token, block) pairs executed, for every method. A run whose row.json exists is not repeated
-(--retime times its speed-ups again).
+(--retime times its speed-ups again); one stopped mid-fine-tune continues from its last checkpoint
+(put SAVE_STEPS in --recipe so that there is one).
 Writes --out (a JSON list of rows) and the same path with .md (the tables). With
 `--fidelity_splits validation,test` every run is also measured against the base by
 benchmarks/fidelity.py (KL, answer agreement, compute in generation) on each split, as
@@ -146,6 +147,10 @@ def fine_tune(args, method, target, seed, out_dir) -> dict:
     if criterion:
         extra["static_skip_layers"] = blocks_to_skip(ranking(args), criterion, target)
         env["STATIC_SKIP_LAYERS"] = " ".join(map(str, extra["static_skip_layers"]))
+    if os.path.isfile(os.path.join(out_dir, "checkpoint-last.pth")):
+        env["RESUME"] = out_dir  # a sweep stopped mid-run continues it (a finished run has nothing left to do)
+    elif os.path.isdir(out_dir):
+        env["OVERWRITE"] = "1"  # stopped before its first checkpoint: nothing to keep
     run(["bash", "finetuning.sh"], env)
     return extra
 
@@ -251,6 +256,12 @@ def measure(args, dense, sequences, text, method, target, seed) -> dict:
     return row
 
 
+def static_reference(args) -> str:
+    """The static pruning the fidelity tables set every run against: the sweep's first static method."""
+    static = [method for method, _, _ in plan(args) if method.startswith("static")]
+    return static[0] if static else "static_ppl"
+
+
 def fidelity(args, row):
     """The run measured against the base on each --fidelity_splits split (once: a label its file holds is kept)."""
     from benchmarks.fidelity import FidelityConfig, main as measure_fidelity
@@ -263,10 +274,11 @@ def fidelity(args, row):
                 if label in json.load(f)["runs"]:
                     continue
         config = FidelityConfig(llama_ckpt_dir=args.llama_ckpt_dir, runs=f"{label}={os.path.join(ROOT, row['adapter'])}",
-                                dataset_path=args.dataset_path, dataset_name=args.dataset_name, split=split, out=out,
-                                append=True)
+                                dataset_path=args.dataset_path, dataset_name=args.dataset_name, split=split,
+                                records=args.fidelity_records, reference=static_reference(args), out=out, append=True)
         measure_fidelity(config, f"python -m benchmarks.fidelity --llama_ckpt_dir {args.llama_ckpt_dir} --dataset_name "
-                                 f"{args.dataset_name} --split {split} --runs {config.runs} --out {out} --append")
+                                 f"{args.dataset_name} --split {split} --records {args.fidelity_records} "
+                                 f"--reference {config.reference} --runs {config.runs} --out {out} --append")
 
 
 def top1_cell(row) -> str:
@@ -299,7 +311,7 @@ def markdown(rows, args) -> str:
 FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
                         "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
                         "ACCUM_ITER", "NPROC", "TOKENIZER_PATH", "ROUTER_BIAS", "DISTILL_TEACHER",
-                        "DISTILL_WEIGHT", "RATE_LOSS_UNIT", "EXTRA_ARGS"}
+                        "DISTILL_WEIGHT", "RATE_LOSS_UNIT", "SAVE_STEPS", "EXTRA_ARGS"}
 
 
 def main(args):
@@ -356,6 +368,7 @@ def parse_args(argv=None):
     p.add_argument("--adaptivity_records", type=int, default=32, help="test records the per-token counts come from")
     p.add_argument("--fidelity_splits", default="", help="also measure every run against the base on these splits "
                    "(validation,test): benchmarks/fidelity.py into OUT_fidelity_SPLIT.json")
+    p.add_argument("--fidelity_records", type=int, default=0, help="the first N records of each of those splits (0: all)")
     return p.parse_args(argv)
 
 

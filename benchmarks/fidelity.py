@@ -4,9 +4,10 @@ split, in one run.
     python -m benchmarks.fidelity --llama_ckpt_dir models/smollm2 --split validation \
         --runs "shipped=assets/smollm2-dllm/checkpoint.pth" --out benchmarks/results/fidelity_smollm2_shipped_validation.json
 
-`--runs` is `label=adapter` separated by `;`; a label `METHOD:NAME` (e.g. `static_ppl:13`,
-`dllm:t0.85`) puts the run on METHOD's line in the picture (tools/plot_fidelity.py), and every run is
-set against the `static_ppl` runs' curve at equal FLOPs. `--append` adds the runs to an
+`--runs` is `label=adapter` separated by `;`, `label=adapter@B` to run the adapter at budget B (its
+dial: docs/dial.md); a label `METHOD:NAME` (e.g. `static_ppl:13`, `dllm:t0.85`) puts the run on
+METHOD's line in the picture (tools/plot_fidelity.py), and every run is set against the --reference
+method's curve at equal FLOPs. `--append` adds the runs to an
 existing --out (measured on the same split), so a curve grows as its fine-tunes finish. Per run: KL(base || model) per response token, top-1
 agreement with the base and CE (teacher forced on every record of the split); greedy answers of both
 models on every prompt compared (exact, first ten words, ROUGE-L); execution share and FLOPs ratio over
@@ -44,7 +45,7 @@ COLUMNS = [("KL", "kl", "{:.3f}"), ("top-1", "top1_agreement", "{:.3f}"), ("CE",
 @dataclass
 class FidelityConfig(Settings):
     llama_ckpt_dir: str = setting("models/smollm2", "base model directory (the dense reference)")
-    runs: str = setting("", "label=adapter separated by ';'", required=True)
+    runs: str = setting("", "label=adapter or label=adapter@budget, separated by ';'", required=True)
     dataset_path: str = setting("datasets", "directory of the datasets")
     dataset_name: str = setting("smol", "dataset measured", choices=sorted(TASKS))
     split: str = setting("validation", "split measured: validation for choices, test for the final tables",
@@ -55,64 +56,68 @@ class FidelityConfig(Settings):
     max_seq_len: int = setting(512, "longest prompt plus answer", low=1)
     out: str = setting("", "JSON written at the end (the Markdown table beside it)", required=True)
     append: bool = setting(False, "add the runs to the rows --out already holds (same base, dataset and split)")
+    reference: str = setting("static_ppl", "the method (label prefix) whose curve every run is set against")
 
 
 def parse_runs(runs: str):
+    """[(label, adapter, budget or None)]."""
     out = []
     for item in runs.split(";"):
         label, sep, adapter = item.partition("=")
-        if not sep or not label.strip() or not adapter.strip():
-            raise InputError(f"--runs {item!r}: expected label=adapter")
-        out.append((label.strip(), adapter.strip()))
+        adapter, at, budget = adapter.partition("@")
+        try:
+            if not sep or not label.strip() or not adapter.strip():
+                raise ValueError
+            out.append((label.strip(), adapter.strip(), float(budget) if at else None))
+        except ValueError:
+            raise InputError(f"--runs {item!r}: expected label=adapter or label=adapter@budget") from None
     return out
 
 
-def measure(config: FidelityConfig, base: Llama, adapter: str, records) -> dict:
+def measure(config: FidelityConfig, base: Llama, adapter: str, records, budget: Optional[float] = None) -> dict:
     generator = Llama.build(config.llama_ckpt_dir, adapter, max_seq_len=config.max_seq_len,
-                            max_batch_size=config.batch_size, model_parallel_size=1)
+                            max_batch_size=config.batch_size, model_parallel_size=1, budget=budget)
     chat = ChatFormat(generator.tokenizer)
     sums, answers = Sums(), []
     teacher_forced(generator.model, base.model, generator.tokenizer, records, sums, config.batch_size)
     generation(generator, base, records, sums, config.max_gen_len, chat.stop_ids, answers)
-    return {"adapter": os.path.abspath(adapter), "routing": generator.model.params.routing,
+    return {"adapter": os.path.abspath(adapter), "budget": budget, "routing": generator.model.params.routing,
             **summary(sums, generator.model.n_layers), "sums": asdict(sums), "answers": answers}
-
-
-# the curve every run is set against: static pruning by the perplexity ranking (labels "static_ppl:...")
-REFERENCE_METHOD = "static_ppl"
 
 
 def method_of(label: str) -> str:
     return label.split(":")[0]
 
 
-def static_at(rows: dict, x_key: str, y_key: str, x: float) -> Optional[float]:
-    """Static pruning's y at FLOPs x, linear between its two neighbouring depths (None outside its curve)."""
-    points = sorted((row[x_key], row[y_key]) for label, row in rows.items() if method_of(label) == REFERENCE_METHOD)
+def static_at(rows: dict, x_key: str, y_key: str, x: float, reference: str) -> Optional[float]:
+    """The reference method's y at FLOPs x, linear between its two neighbouring depths (None outside its curve)."""
+    points = sorted((row[x_key], row[y_key]) for label, row in rows.items() if method_of(label) == reference)
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
 
 
-def against_static(rows: dict, label: str, x_key: str) -> str:
-    if method_of(label) == REFERENCE_METHOD:
+def against_static(rows: dict, label: str, x_key: str, reference: str) -> str:
+    if method_of(label) == reference:
         return ""
     row = rows[label]
-    static = static_at(rows, x_key, "kl", row[x_key])
+    static = static_at(rows, x_key, "kl", row[x_key], reference)
     return "outside its curve" if static is None else f"{row['kl'] - static:+.3f}"
 
 
 def markdown(meta: dict, rows: dict) -> str:
+    reference = meta.get("reference", "static_ppl")
     lines = [f"### What each adapter keeps of {meta['base_model']}, {meta['dataset']} {meta['split']} split", ""]
     lines += [f"`{command}`" for command in meta["commands"]]
-    lines += ["", "KL − static: the run's KL minus static pruning's (perplexity ranking) at the same FLOPs ratio (interpolated between "
+    lines += ["", f"KL − static: the run's KL minus {reference}'s at the same FLOPs ratio (interpolated between "
               "its depths), over all teacher-forced tokens and over generation.", "",
               "| run | " + " | ".join(name for name, _, _ in COLUMNS) + " | KL − static, all-token FLOPs "
               "| KL − static, generation FLOPs |", "|---" * (len(COLUMNS) + 3) + "|"]
     for label, row in rows.items():
         lines.append(f"| {label} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) +
-                     f" | {against_static(rows, label, 'flops_all')} | {against_static(rows, label, 'flops_generation')} |")
+                     f" | {against_static(rows, label, 'flops_all', reference)} "
+                     f"| {against_static(rows, label, 'flops_generation', reference)} |")
     for label, row in rows.items():
         lines += ["", f"#### {label}: the first three answers beside the base's", ""]
         for answer in row["answers"][:3]:
@@ -145,7 +150,7 @@ def main(config: FidelityConfig, command: str):
     runs = parse_runs(config.runs)
     if not config.out.endswith(".json"):
         raise InputError(f"--out {config.out}: expected a .json path")
-    meta, rows = earlier(config, [label for label, _ in runs])
+    meta, rows = earlier(config, [label for label, _, _ in runs])
     base = Llama.build(config.llama_ckpt_dir, dense=True, max_seq_len=config.max_seq_len,
                        max_batch_size=config.batch_size, model_parallel_size=1)
     records = load_records(config.dataset_path, config.dataset_name, config.split, ChatFormat(base.tokenizer))
@@ -153,12 +158,12 @@ def main(config: FidelityConfig, command: str):
     if meta is not None and meta["records"] != len(records):
         raise InputError(f"--out {config.out}: its runs were measured on {meta['records']} records, this one on "
                          f"{len(records)}")
-    for label, adapter in runs:
-        rows[label] = measure(config, base, adapter, records)
+    for label, adapter, budget in runs:
+        rows[label] = measure(config, base, adapter, records, budget)
         print(label, json.dumps({k: v for k, v in rows[label].items() if k not in ("sums", "answers")}))
     meta = {"commands": (meta["commands"] if meta else []) + [command], "base_model": config.llama_ckpt_dir,
             "dataset": config.dataset_name, "split": config.split, "records": len(records),
-            "max_gen_len": config.max_gen_len, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "max_gen_len": config.max_gen_len, "reference": config.reference, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "code_version": code_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     table = markdown(meta, rows)

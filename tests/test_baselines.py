@@ -78,17 +78,34 @@ def test_a_fine_tune_sees_the_recipe_flags_and_not_the_callers_shell(tmp_path, m
     assert "--recipe: 'MODEL_PATH=/elsewhere': expected NAME=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("left", ["nothing", "a directory", "a checkpoint"])
+def test_a_sweep_stopped_mid_fine_tune_continues_it(tmp_path, monkeypatch, left):
+    """A run with a checkpoint resumes from it; one stopped before its first checkpoint starts over."""
+    out_dir = tmp_path / "run"
+    if left != "nothing":
+        out_dir.mkdir()
+        (out_dir / "log.jsonl").write_text("")
+    if left == "a checkpoint":
+        (out_dir / "checkpoint-last.pth").write_bytes(b"")
+    started = []
+    monkeypatch.setattr(baselines, "run", lambda command, env: started.append(env))
+    baselines.fine_tune(baselines.parse_args([]), "dllm", 0.5, 0, str(out_dir))
+    (env,), = [started]
+    assert (env.get("RESUME"), env.get("OVERWRITE")) == {"nothing": (None, None), "a directory": (None, "1"),
+                                                         "a checkpoint": (str(out_dir), None)}[left]
+
+
 def test_each_run_is_measured_against_the_base_once_per_split(tmp_path, monkeypatch):
     import benchmarks.fidelity
 
     out = tmp_path / "b.json"
-    args = baselines.parse_args(["--out", str(out), "--fidelity_splits", "validation,test"])
+    args = baselines.parse_args(["--out", str(out), "--fidelity_splits", "validation,test", "--fidelity_records", "40"])
     (tmp_path / "b_fidelity_validation.json").write_text(json.dumps({"runs": {"dllm:0.5-s1": {}}}))
     measured = []
     monkeypatch.setattr(benchmarks.fidelity, "main", lambda config, command: measured.append(
-        (config.split, config.runs, config.out, config.append)))
+        (config.split, config.records, config.runs, config.out, config.append)))
     baselines.fidelity(args, {"method": "dllm", "target": 0.5, "seed": 1, "adapter": "runs/a/checkpoint-last.pth"})
-    assert measured == [("test", f"dllm:0.5-s1={os.path.join(ROOT, 'runs/a/checkpoint-last.pth')}",
+    assert measured == [("test", 40, f"dllm:0.5-s1={os.path.join(ROOT, 'runs/a/checkpoint-last.pth')}",
                          str(tmp_path / "b_fidelity_test.json"), True)]
 
 

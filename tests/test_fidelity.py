@@ -61,12 +61,26 @@ def test_runs_are_set_against_static_pruning_at_equal_flops():
 
     rows = {"static_ppl:14": _row("static", 0.6, 0.62, 0.5), "static_ppl:10": _row("static", 0.8, 0.81, 0.2),
             "dllm:a": _row("dllm", 0.7, 0.75, 0.3), "dllm:b": _row("dllm", 0.9, 0.9, 0.1)}
-    assert static_at(rows, "flops_all", "kl", 0.7) == pytest.approx(0.35)
-    assert against_static(rows, "dllm:a", "flops_all") == "-0.050"
+    assert static_at(rows, "flops_all", "kl", 0.7, "static_ppl") == pytest.approx(0.35)
+    assert against_static(rows, "dllm:a", "flops_all", "static_ppl") == "-0.050"
     # in generation the same run sits further along static's curve
-    assert against_static(rows, "dllm:a", "flops_generation") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
-    assert against_static(rows, "dllm:b", "flops_all") == "outside its curve"
-    assert against_static(rows, "static_ppl:14", "flops_all") == ""
+    assert against_static(rows, "dllm:a", "flops_generation", "static_ppl") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
+    assert against_static(rows, "dllm:b", "flops_all", "static_ppl") == "outside its curve"
+    assert against_static(rows, "static_ppl:14", "flops_all", "static_ppl") == ""
+    # another reference method: its own runs, not static_ppl's
+    rows["static_kl:1"], rows["static_kl:6"] = _row("static", 0.6, 0.62, 0.4), _row("static", 0.8, 0.81, 0.1)
+    assert against_static(rows, "dllm:a", "flops_all", "static_kl") == "+0.050"
+
+
+def test_a_run_may_name_its_budget_and_a_malformed_one_is_one_line():
+    from benchmarks.fidelity import parse_runs
+    from dllm.errors import InputError
+
+    assert parse_runs("dial:0.6=runs/a.pth@0.6; dllm:t=runs/b.pth") == [("dial:0.6", "runs/a.pth", 0.6),
+                                                                         ("dllm:t", "runs/b.pth", None)]
+    for bad in ("x=runs/a.pth@high", "x=@0.5", "=runs/a.pth", "runs/a.pth"):
+        with pytest.raises(InputError, match="expected label=adapter or label=adapter@budget"):
+            parse_runs(bad)
 
 
 def test_fidelity_picture_has_a_line_per_method():

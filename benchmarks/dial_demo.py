@@ -118,9 +118,9 @@ class Bench:
             best = {}
             for _ in range(self.config.repeats):
                 for name, g in (("dense", self.dense), ("run", generator)):
-                    seconds, generation = timed(lambda: g.generate([prompt], self.config.max_gen_len, temperature=0.0,
-                                                                   actprobs=False), g.device)
-                    best[name] = min(best.get(name, math.inf), seconds)
+                    took, generation = timed(lambda: g.generate([prompt], self.config.max_gen_len, temperature=0.0,
+                                                                actprobs=False), g.device)
+                    best[name] = min(best.get(name, math.inf), took)
                     best[name + "_tokens"] = len(generation.tokens[0])
             seconds, generated = seconds + best["run"], generated + best["run_tokens"]
             dense_seconds, dense_generated = dense_seconds + best["dense"], dense_generated + best["dense_tokens"]

@@ -16,6 +16,7 @@ from dllm.checkpoints import dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
+from dllm.core.routing import Router
 from dllm.training.loop import train
 from dllm.training.validation import validate
 from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
@@ -63,6 +64,18 @@ def test_quantile_dial_meets_the_budget_on_its_records_and_held_out(runs, adapte
 
 
 @pytest.mark.slow
+def test_a_conditioned_dial_moves_every_block_alike_and_an_ordinary_one_each_its_own(runs):
+    """The budget-conditioned routers' spread of a budget over the blocks is kept: one threshold for
+    all of them per budget; an ordinary adapter's per-block quantiles differ."""
+    rows = {}
+    for adapter in ("ordinary", "conditioned"):
+        with open(dial_file.dial_path(runs[adapter])) as f:
+            rows[adapter] = json.load(f)["thresholds"]
+    assert all(len(set(row)) == 1 for row in rows["conditioned"])
+    assert any(len(set(row)) > 1 for row in rows["ordinary"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
 def test_more_budget_never_executes_fewer_blocks(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64)
@@ -101,8 +114,21 @@ def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():
     weight = torch.ones(6, 12)
     expected = (activation.mean(-1) - budget[:, None]).abs().mean()
     assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
-    assert {k for k in model.state_dict() if ".router.budget." in k} == {
-        f"layers.{i}.router.budget.{p}" for i in range(1, 4) for p in ("weight", "bias")}
+    assert {k for k in model.state_dict() if ".router.budget" in k} == {
+        f"layers.{i}.router.{p}" for i in range(1, 4) for p in ("budget.weight", "budget.bias", "budget_gain")}
+
+
+def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():
+    """At initialisation the budget's log-odds shifts the execute logit, so a fresh budget-conditioned
+    router already executes more where it is given more budget, for every token."""
+    torch.manual_seed(0)
+    router = Router(16, 8, 1e-5, (0.1, 2.0), budget_input=True)
+    x = torch.randn(1, 5, 16).expand(3, 5, 16)
+    logits = router(x, torch.tensor([0.4, 0.7, 1.0]))
+    margin = logits[..., 1] - logits[..., 0]
+    assert (margin[1] > margin[0]).all() and (margin[2] > margin[1]).all()
+    assert torch.allclose(margin[1] - margin[0], (torch.logit(torch.tensor(0.7)) - torch.logit(torch.tensor(0.4))).expand(5))
+    assert torch.isfinite(margin).all()
 
 
 def test_an_adapter_without_the_option_keeps_its_keys_and_params():
@@ -148,3 +174,26 @@ def test_the_shipped_adapter_evaluates_as_before(tmp_path):
     with open(os.path.join(ROOT, "tests", "reference", "tiny_dllm_demo40.json")) as f:
         expected = json.load(f)["rows"]
     assert evaluate.read_results(str(tmp_path / "out")) == expected
+
+
+def test_the_dial_benchmark_sums_each_prompts_best_time(monkeypatch):
+    """Generation speed is total tokens over the total of each prompt's best time, for the run and
+    for the dense base alike (a run twice as fast on every prompt is 2x dense)."""
+    from types import SimpleNamespace
+
+    from benchmarks import dial_demo
+
+    class Fake:
+        def __init__(self, seconds, tokens):
+            self.seconds, self.tokens, self.device = seconds, tokens, "cpu"
+
+        def generate(self, prompts, max_gen_len, **kwargs):
+            return SimpleNamespace(tokens=[[0] * self.tokens])
+
+    clock = iter([2.0, 1.0, 3.0, 0.5, 4.0, 2.0, 5.0, 1.0])  # dense, run, dense, run per repeat, two prompts
+    monkeypatch.setattr(dial_demo, "timed", lambda call, device: (next(clock), call()))
+    bench = object.__new__(dial_demo.Bench)
+    bench.config, bench.prompts, bench.dense = SimpleNamespace(repeats=2, max_gen_len=8), [[1], [2]], Fake(0, 10)
+    tok_s, x_dense = bench.generation_speedup(Fake(0, 10))
+    # best run times 0.5 and 1.0, best dense 2.0 and 4.0
+    assert tok_s == pytest.approx(20 / 1.5) and x_dense == pytest.approx((20 / 1.5) / (20 / 6.0))

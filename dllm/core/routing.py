@@ -34,8 +34,13 @@ class Router(nn.Module):
 
     Kept in fp32 whatever the base model's dtype, because its decisions are thresholds on small
     logit differences. With `budget_input` the budget-conditioned D-LLM's router: a learned
-    embedding of the row's budget (Linear(1, hdim), zero at the start) is added to the hidden layer.
+    embedding of the row's budget (Linear(1, hdim), zero at the start) is added to the hidden layer,
+    and the budget's log-odds times a learned gain (1 at the start) to the execute logit. The shift
+    makes the routers follow the budget from the first step, so training sees every budget it draws;
+    the embedding alone, under the RMSNorm, barely moved the routing in an epoch (docs/dial.md).
     """
+
+    BUDGET_CLAMP = 0.01  # budgets 0 and 1 have infinite log-odds
 
     def __init__(self, dim: int, hdim: int, eps: float, bias_init: Tuple[float, float], budget_input: bool = False):
         super().__init__()
@@ -49,13 +54,17 @@ class Router(nn.Module):
             self.budget = nn.Linear(1, hdim, dtype=torch.float32)
             nn.init.zeros_(self.budget.weight)
             nn.init.zeros_(self.budget.bias)
+            self.budget_gain = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, s, dim], budget [b] (routers with a budget input) -> logits [b, s, 2]."""
         hidden = self.linear_1(x.float())
-        if self.budget is not None:
-            hidden = hidden + self.budget(budget.float()[:, None, None])
-        return self.linear_2(F.silu(self.norm(hidden)))
+        if self.budget is None:
+            return self.linear_2(F.silu(self.norm(hidden)))
+        budget = budget.float()
+        logits = self.linear_2(F.silu(self.norm(hidden + self.budget(budget[:, None, None]))))
+        shift = self.budget_gain * torch.logit(budget.clamp(self.BUDGET_CLAMP, 1 - self.BUDGET_CLAMP))
+        return logits + torch.stack([torch.zeros_like(shift), shift], -1)[:, None, :]
 
 
 def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> Optional[Router]:

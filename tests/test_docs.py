@@ -70,3 +70,11 @@ def test_every_documented_benchmark_command_parses_today(module, args):
     assert len(leaves) == 1, f"{module}: settings classes {leaves}"
     required = {f.name: "x" for f in dataclasses.fields(leaves[0]) if f.metadata.get("required")}
     parser_for(leaves[0], defaults=required).parse_args(argv)  # the flags exist and their values convert
+
+
+def test_a_quote_inside_a_recorded_word_reads_as_double_quotes_and_parses_the_same():
+    recorded = shlex.join(["python", "-m", "benchmarks.baselines", "--recipe", "EPOCHS=1 ROUTER_BIAS='0 4'",
+                           "--separate", '["0.55=runs/a"]'])
+    shown = write_docs.current_command(recorded)
+    assert "--recipe \"EPOCHS=1 ROUTER_BIAS='0 4'\"" in shown
+    assert shlex.split(shown) == shlex.split(recorded)

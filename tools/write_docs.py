@@ -121,11 +121,23 @@ UNQUOTED_LIST = re.compile(r"(\s)(\[[^\]]*[ ',][^\]]*\])(?=\s|$)")  # a list val
 LEADING_VARIABLES = re.compile(r"^((?:[A-Z_]+=(?:'[^']*'|\"[^\"]*\"|\S*) )+)(python -m benchmarks\.baselines\b)")
 
 
+ESCAPED_QUOTE = "'\"'\"'"
+
+
+def quoted(text: str) -> str:
+    """One shell word, in double quotes where single ones would need escaping (ROUTER_BIAS='0 4')."""
+    if "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return shlex.quote(text)
+
+
 def current_command(as_run: str) -> str:
     """An as-run command (as its results file records it) in today's spelling, so that it runs:
     scripts as modules, renamed flags, and baselines' recipe variables as --recipe (an empty
     ROUTER_LR, the reference's router lr then, is `none` now)."""
     command = SCRIPT.sub(r"python -m \1.\2", as_run)
+    if ESCAPED_QUOTE in command:  # shlex.join's spelling of a quote inside a quoted word: readable instead
+        command = " ".join(quoted(word) for word in shlex.split(command))
     command = UNQUOTED_LIST.sub(lambda m: m.group(1) + (f'"{m.group(2)}"' if "'" in m.group(2) else f"'{m.group(2)}'"),
                                 command)
     for old, new in RENAMED_FLAGS.items():
@@ -133,7 +145,7 @@ def current_command(as_run: str) -> str:
     found = LEADING_VARIABLES.match(command)
     if found:
         recipe = " ".join("ROUTER_LR=none" if v == "ROUTER_LR=" else v for v in shlex.split(found.group(1)))
-        command = f"{found.group(2)} --recipe {shlex.quote(recipe)}" + command[found.end():]
+        command = f"{found.group(2)} --recipe {quoted(recipe)}" + command[found.end():]
     return command
 
 

@@ -50,7 +50,9 @@ def test_a_preset_replaces_defaults_and_flags_replace_the_preset():
     assert config.batch_size == recipe["batch_size"] and config.lambda_active == recipe["lambda_active"]
     assert config.llama_ckpt_dir == os.path.relpath(os.path.join(ROOT, recipe["llama_ckpt_dir"]))
     reference = TrainConfig(llama_ckpt_dir="m")
-    assert config.blr == reference.blr and config.dynamic_router_bias == reference.dynamic_router_bias
+    assert "lora_rank" not in recipe and "blr" not in recipe
+    assert config.blr == reference.blr and config.lora_rank == reference.lora_rank
+    assert config.dynamic_router_bias == recipe["dynamic_router_bias"]
 
 
 def test_help_shows_the_defaults_a_preset_puts_in_force(capsys):

@@ -6,7 +6,7 @@ on calibration records; block l's threshold is the quantile of its margins at on
 all blocks, and that level is found by bisection (training.validation.calibrate_threshold, the bisection MoD and
 early exit fit their threshold with) so the executed share on the records equals B. A
 budget-conditioned adapter's routers already spread B over the blocks as training taught them, and
-a per-block quantile would undo that (on the demo it cost 0.12 CE at budget 0.55), so its blocks
+a per-block quantile would undo that (docs/dial.md), so its blocks
 share one threshold: the quantile of all blocks' margins pooled, which only corrects the share. The grid of
 per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
 and read into the policy (routing.MarginDial) when a budget is asked.
@@ -100,8 +100,9 @@ def calibrate(model: Transformer, loader, device, budgets: List[float]):
 
         def set_level(level: float, budget=budget, margins=margins, every_margin=every_margin):
             thresholds = torch.zeros(1, model.n_layers)
+            shared = None if every_margin is None else torch.quantile(every_margin, level)
             for layer_id, values in margins.items():
-                thresholds[0, layer_id] = torch.quantile(values if every_margin is None else every_margin, level)
+                thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
             routing.dial = MarginDial(torch.tensor([budget]), thresholds)
 
         calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level)

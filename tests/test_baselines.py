@@ -90,7 +90,7 @@ def test_a_sweep_stopped_mid_fine_tune_continues_it(tmp_path, monkeypatch, left)
     started = []
     monkeypatch.setattr(baselines, "run", lambda command, env: started.append(env))
     baselines.fine_tune(baselines.parse_args([]), "dllm", 0.5, 0, str(out_dir))
-    (env,), = [started]
+    (env,) = started
     assert (env.get("RESUME"), env.get("OVERWRITE")) == {"nothing": (None, None), "a directory": (None, "1"),
                                                          "a checkpoint": (str(out_dir), None)}[left]
 

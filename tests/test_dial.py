@@ -184,8 +184,8 @@ def test_the_dial_benchmark_sums_each_prompts_best_time(monkeypatch):
     from benchmarks import dial_demo
 
     class Fake:
-        def __init__(self, seconds, tokens):
-            self.seconds, self.tokens, self.device = seconds, tokens, "cpu"
+        def __init__(self, tokens):
+            self.tokens, self.device = tokens, "cpu"
 
         def generate(self, prompts, max_gen_len, **kwargs):
             return SimpleNamespace(tokens=[[0] * self.tokens])
@@ -193,7 +193,7 @@ def test_the_dial_benchmark_sums_each_prompts_best_time(monkeypatch):
     clock = iter([2.0, 1.0, 3.0, 0.5, 4.0, 2.0, 5.0, 1.0])  # dense, run, dense, run per repeat, two prompts
     monkeypatch.setattr(dial_demo, "timed", lambda call, device: (next(clock), call()))
     bench = object.__new__(dial_demo.Bench)
-    bench.config, bench.prompts, bench.dense = SimpleNamespace(repeats=2, max_gen_len=8), [[1], [2]], Fake(0, 10)
-    tok_s, x_dense = bench.generation_speedup(Fake(0, 10))
+    bench.config, bench.prompts, bench.dense = SimpleNamespace(repeats=2, max_gen_len=8), [[1], [2]], Fake(10)
+    tok_s, x_dense = bench.generation_speedup(Fake(10))
     # best run times 0.5 and 1.0, best dense 2.0 and 4.0
     assert tok_s == pytest.approx(20 / 1.5) and x_dense == pytest.approx((20 / 1.5) / (20 / 6.0))

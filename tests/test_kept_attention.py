@@ -83,13 +83,13 @@ def test_each_executing_row_reads_only_its_kept_keys_and_a_skipping_row_is_not_c
     monkeypatch.setitem(kv_cache.CALL_COST_BYTES, "cpu", 0)
     model, tokens = model_and_tokens()
     calls = []
-    attend = Attention.attend
+    attend_heads = Attention.attend_heads
 
-    def recording(self, q, keys, values, mask=None, causal=False):
-        calls.append((q.shape[0], q.shape[1], keys.shape[2], keys.data_ptr()))
-        return attend(self, q, keys, values, mask, causal)
+    def recording(self, q, keys, values, mask, causal):
+        calls.append((q.shape[0], q.shape[2], keys.shape[2], keys.data_ptr()))  # rows, queries, keys, where
+        return attend_heads(self, q, keys, values, mask, causal)
 
-    monkeypatch.setattr(Attention, "attend", recording)
+    monkeypatch.setattr(Attention, "attend_heads", recording)
     with torch.no_grad():
         cache = model.eval().new_cache(B)
         model(tokens[:, : S - 1], 0, cache)

@@ -154,8 +154,12 @@ class LayerKVCache:
         return self.k[:, :, :longest], self.v[:, :, :longest]
 
     def row(self, r: int):
-        """Row r's kept keys and values [1, kv_heads, length, head_dim], views of the cache."""
-        return self.k[r : r + 1, :, : self.lengths[r]], self.v[r : r + 1, :, : self.lengths[r]]
+        """Row r's kept keys and values [1, kv_heads, length, head_dim], views of the cache (one
+        strided view each, not two slices: a decode step asks for every executing row and block)."""
+        shape = (1, self.k.shape[1], self.lengths[r], self.k.shape[3])
+        offset = r * self.k.stride(0)
+        return (self.k.as_strided(shape, self.k.stride(), self.k.storage_offset() + offset),
+                self.v.as_strided(shape, self.v.stride(), self.v.storage_offset() + offset))
 
     def pair_bytes(self) -> int:
         """One token's K and V."""

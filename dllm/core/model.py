@@ -189,11 +189,13 @@ class Attention(nn.Module):
     def attend(self, q, keys, values, mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
         """q [b, m, h, d], keys/values [b, kvh, n, d] (the cache's layout), mask [b, m, n] bool
         (True = attend) or None -> [b, m, h * d]."""
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=None if mask is None else mask.unsqueeze(1),
-            is_causal=causal, enable_gqa=self.n_local_heads != self.n_local_kv_heads,
-        )
+        out = self.attend_heads(q.transpose(1, 2), keys, values, None if mask is None else mask.unsqueeze(1), causal)
         return out.transpose(1, 2).flatten(2)
+
+    def attend_heads(self, q, keys, values, mask: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+        """attend in the cache's layout: q [b, h, m, d] -> [b, h, m, d]; mask broadcasts to [b, h, m, n]."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
     def forward_masked(self, x, freqs_cis, key_keep: Optional[torch.Tensor]) -> torch.Tensor:
         """Every token computed; keys of tokens that skip this block are masked out (eviction).
@@ -228,7 +230,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, freqs_cis)
         keys, values = kv.append_packed(packing, k, v)
         if packing.rows is not None:
-            return self.wo(torch.cat(list(self.attend_rows(q, packing.rows, kv))))
+            return self.wo(self.attend_rows(q, packing.rows, kv))
         if packing.even:
             q_pad = q.view(keys.shape[0], packing.width, *q.shape[1:])
         else:
@@ -237,17 +239,21 @@ class Attention(nn.Module):
         out = self.attend(q_pad, keys, values, packing.key_mask, causal=packing.causal)
         return self.wo(out.flatten(0, 1) if packing.even else out[packing.token_rows, packing.rank])
 
-    def attend_rows(self, q, rows, kv: LayerKVCache):
-        """q [n, heads, head_dim] packed row-major -> each executing row's [count, heads * head_dim],
-        its queries over exactly its kept keys: causal among its new ones, no mask for one."""
-        start = 0
+    def attend_rows(self, q, rows, kv: LayerKVCache) -> torch.Tensor:
+        """q [n, heads, head_dim] packed row-major -> [n, heads * head_dim]: each executing row's
+        queries over exactly its kept keys, causal among its new ones, no mask for one. A decode
+        step runs this loop for every routed block, so each row costs one query slice, two cache
+        views and the attention call, and the outputs are laid out once at the end."""
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]: a row's queries are one slice
+        outs, start = [], 0
         for r, old, count in rows:
             keys, values = kv.row(r)
             mask = None
             if count > 1 and old > 0:
-                mask = torch.ones(count, old + count, dtype=torch.bool, device=q.device).tril(old)[None]
-            yield self.attend(q[None, start : start + count], keys, values, mask, causal=count > 1 and old == 0)[0]
+                mask = torch.ones(count, old + count, dtype=torch.bool, device=q.device).tril(old)
+            outs.append(self.attend_heads(q.narrow(2, start, count), keys, values, mask, causal=count > 1 and old == 0))
             start += count
+        return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
 
 
 def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

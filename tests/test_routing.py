@@ -293,6 +293,33 @@ def test_dllm_sequence_rate_loss_holds_the_sequence_mean_and_lets_tokens_differ(
     assert per_sequence.item() == pytest.approx((abs(0.5 - 0.5) + abs(1.0 - 0.5)) / 2)
 
 
+def test_dllm_response_rate_loss_holds_response_tokens_and_leaves_the_prompt_free():
+    activation = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])  # [b 1, s 4, layers 2]
+    weight = torch.ones(1, 4)
+    response = torch.tensor([[0.0, 0.0, 1.0, 1.0]])  # the last two tokens, each at share 0.5
+    args = dataclasses.replace(small_args(dynamic_active_target=0.5), rate_loss_unit="response")
+    routing = DLLMRouting(args)
+    assert routing.aux_loss(None, {"response_tokens": response}, activation, None, weight).item() == 0.0
+    prompt_moved = activation.clone()
+    prompt_moved[0, :2] = 0.25
+    assert routing.aux_loss(None, {"response_tokens": response}, prompt_moved, None, weight).item() == 0.0
+    response_moved = activation.clone()
+    response_moved[0, 3] = 1.0
+    assert routing.aux_loss(None, {"response_tokens": response}, response_moved, None, weight).item() == pytest.approx(0.25)
+
+
+def test_compute_loss_hands_the_response_tokens_to_the_rate_loss():
+    model = policy_model("dllm", rate_loss_unit="response").eval()
+    toks = tokens()
+    masks = torch.ones_like(toks, dtype=torch.bool)
+    response = torch.zeros_like(toks, dtype=torch.bool)
+    response[:, -3:] = True
+    with torch.no_grad():
+        _, a_loss, _ = compute_loss(model, toks, toks, masks, response)
+        _, act = model(toks)
+    assert a_loss.item() == pytest.approx((act[:, -3:].mean(-1) - 0.5).abs().mean().item(), rel=1e-6)
+
+
 # ---------------------------------------------------------------- a policy added from outside
 
 

@@ -184,7 +184,9 @@ class DLLMRouting(DenseRouting):
     sinks). The aux loss is the rate loss |share of blocks executed - target| per token, weighted
     by the sine-annealed lambda_t; with `rate_loss_unit` "sequence" it is |mean share over the
     sequence's tokens - target| per sequence instead, which leaves the tokens of one sequence free
-    to differ (ours: the reference pulls every token to the target).
+    to differ, and with "response" it is the per-token loss over response tokens only, the ones the
+    CE scores and a user's decode pays for: prompt tokens route freely (both ours: the reference
+    pulls every token to the target).
 
     Budgets (ours): with `dynamic_budget_range` (low, high) the routers take the row's budget as an
     input, and training draws a target per sequence uniformly from the range, the rate loss holding
@@ -195,7 +197,7 @@ class DLLMRouting(DenseRouting):
 
     name = "dllm"
     label = "D-LLM"
-    RATE_LOSS_UNITS = ("token", "sequence")
+    RATE_LOSS_UNITS = ("token", "sequence", "response")
 
     def __init__(self, args):
         super().__init__(args)
@@ -277,6 +279,8 @@ class DLLMRouting(DenseRouting):
         target = self.args.dynamic_active_target
         if "budget" in state:
             target = state["budget"].to(ratio.dtype)
+        if self.args.rate_loss_unit == "response":
+            token_weight = token_weight * state["response_tokens"]
         if self.args.rate_loss_unit == "sequence":
             counts = token_weight.sum(-1)
             gap = ((ratio * token_weight).sum(-1) / counts.clamp(min=1) - target).abs()

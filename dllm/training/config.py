@@ -56,7 +56,8 @@ class TrainConfig(Settings):
     router_lr: Optional[float] = setting(None, "absolute lr for routers (default: the same as lr)", low=0.0, low_open=True)
     dynamic_router_bias: List[float] = setting(list(AdapterArgs.dynamic_router_bias), "initial [skip, execute] logit bias of the routers, e.g. \"[0.1, 2.0]\"")
     rate_loss_unit: str = setting(AdapterArgs.rate_loss_unit, "D-LLM's rate loss holds each token's executed share at the target (token, the "
-                                  "reference) or each sequence's mean share (sequence: tokens free to differ)",
+                                  "reference), each sequence's mean share (sequence: tokens free to differ), or each response token's "
+                                  "(response: the tokens the CE scores; prompt tokens route freely)",
                                   choices=list(DLLMRouting.RATE_LOSS_UNITS))
     dynamic_budget_range: List[float] = setting(list(AdapterArgs.dynamic_budget_range), "a budget-conditioned D-LLM: [low, high], the range of shares its "
                                                 "routers take as input (the budget chosen at inference, --budget); "

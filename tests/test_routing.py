@@ -297,8 +297,7 @@ def test_dllm_response_rate_loss_holds_response_tokens_and_leaves_the_prompt_fre
     activation = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]])  # [b 1, s 4, layers 2]
     weight = torch.ones(1, 4)
     response = torch.tensor([[0.0, 0.0, 1.0, 1.0]])  # the last two tokens, each at share 0.5
-    args = dataclasses.replace(small_args(dynamic_active_target=0.5), rate_loss_unit="response")
-    routing = DLLMRouting(args)
+    routing = DLLMRouting(small_args(dynamic_active_target=0.5, rate_loss_unit="response"))
     assert routing.aux_loss(None, {"response_tokens": response}, activation, None, weight).item() == 0.0
     prompt_moved = activation.clone()
     prompt_moved[0, :2] = 0.25

@@ -82,6 +82,17 @@ def std(rows, key=None) -> float:
     return statistics.stdev(values(rows, key))
 
 
+def fidelity_rows(runs: dict) -> list:
+    """A benchmarks/fidelity.py file's runs as rows: each with its label, its method (the label's
+    prefix, as the fidelity tables group them) and its share over all teacher-forced tokens."""
+    rows = []
+    for label, run in runs.items():
+        prompt, response = run["sums"]["prompt_tokens"], run["sums"]["response_tokens"]
+        share_all = (run["share_prompt"] * prompt + run["share_response"] * response) / (prompt + response)
+        rows.append(dict(run, label=label, method=label.split(":")[0], share_all=share_all))
+    return rows
+
+
 def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -> list:
     """(x, y) points, rows with the same `by` (seeds of one target) averaged, sorted by x."""
     groups = {}
@@ -167,7 +178,8 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root / "docs" / "templates")),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(current=current_command, fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values)
+    env.filters.update(current=current_command, fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values,
+                       fidelity_rows=fidelity_rows)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip, log=math.log,
                        commands=lambda stem: commands(results, stem))

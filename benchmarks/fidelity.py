@@ -30,6 +30,7 @@ from dllm.config import Settings, setting
 from dllm.data import TASKS, load_records
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import code_version
+from dllm.curves import curve_points, interpolate, method_of
 from dllm.fidelity import Sums, generation, summary, teacher_forced
 from dllm.generation import Llama
 
@@ -85,24 +86,11 @@ def measure(config: FidelityConfig, base: Llama, adapter: str, records, budget: 
             **summary(sums, generator.model.n_layers), "sums": asdict(sums), "answers": answers}
 
 
-def method_of(label: str) -> str:
-    return label.split(":")[0]
-
-
-def static_at(rows: dict, x_key: str, y_key: str, x: float, reference: str) -> Optional[float]:
-    """The reference method's y at FLOPs x, linear between its two neighbouring depths (None outside its curve)."""
-    points = sorted((row[x_key], row[y_key]) for label, row in rows.items() if method_of(label) == reference)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
-
-
 def against_static(rows: dict, label: str, x_key: str, reference: str) -> str:
     if method_of(label) == reference:
         return ""
     row = rows[label]
-    static = static_at(rows, x_key, "kl", row[x_key], reference)
+    static = interpolate(curve_points(rows, reference, x_key, "kl"), row[x_key])
     return "outside its curve" if static is None else f"{row['kl'] - static:+.3f}"
 
 

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dllm.atomic_io import atomic_write_bytes
+from dllm.curves import curve_points, method_of
 from dllm.errors import InputError
 from dllm.token_view import KIND_COLORS, KIND_NAMES, SequenceRouting
 
@@ -156,17 +157,17 @@ FIDELITY_PANELS = (("kl", "KL(base || model) per response token (lower is better
 
 def fidelity_figure(runs: Dict[str, dict], x_key: str = "flops_generation") -> Figure:
     """benchmarks/fidelity.py's runs against their FLOPs ratio in generation: one line per method
-    (the label before ':'), through its runs in FLOPs order."""
+    (the label before ':'), through its points in FLOPs order; a point run with several seeds is
+    their mean, its bar their range."""
     if not runs:
         raise InputError("no runs to draw")
-    methods = defaultdict(list)
-    for label, row in runs.items():
-        methods[label.split(":")[0]].append(row)
+    methods = list(dict.fromkeys(method_of(label) for label in runs))
     fig = Figure(figsize=(4.4 * len(FIDELITY_PANELS), 3.6))
     for ax, (key, title) in zip(fig.subplots(1, len(FIDELITY_PANELS), squeeze=False).ravel(), FIDELITY_PANELS):
-        for method, rows in methods.items():
-            points = sorted((row[x_key], row[key]) for row in rows)
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        for method in methods:
+            points = curve_points(runs, method, x_key, key)
+            ax.errorbar([p.x for p in points], [p.y for p in points], fmt="o-", capsize=3, label=method,
+                        yerr=[[p.y - p.low for p in points], [p.high - p.y for p in points]])
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("FLOPs ratio in generation (vs dense)")
         ax.grid(alpha=0.3)

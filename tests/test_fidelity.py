@@ -57,11 +57,12 @@ def _row(routing: str, flops_all: float, flops_generation: float, kl: float) -> 
 
 
 def test_runs_are_set_against_static_pruning_at_equal_flops():
-    from benchmarks.fidelity import against_static, static_at
+    from benchmarks.fidelity import against_static
+    from dllm.curves import curve_points, interpolate
 
     rows = {"static_ppl:14": _row("static", 0.6, 0.62, 0.5), "static_ppl:10": _row("static", 0.8, 0.81, 0.2),
             "dllm:a": _row("dllm", 0.7, 0.75, 0.3), "dllm:b": _row("dllm", 0.9, 0.9, 0.1)}
-    assert static_at(rows, "flops_all", "kl", 0.7, "static_ppl") == pytest.approx(0.35)
+    assert interpolate(curve_points(rows, "static_ppl", "flops_all", "kl"), 0.7) == pytest.approx(0.35)
     assert against_static(rows, "dllm:a", "flops_all", "static_ppl") == "-0.050"
     # in generation the same run sits further along static's curve
     assert against_static(rows, "dllm:a", "flops_generation", "static_ppl") == f"{0.3 - (0.5 - 0.3 * 13 / 19):+.3f}"
@@ -70,6 +71,21 @@ def test_runs_are_set_against_static_pruning_at_equal_flops():
     # another reference method: its own runs, not static_ppl's
     rows["static_kl:1"], rows["static_kl:6"] = _row("static", 0.6, 0.62, 0.4), _row("static", 0.8, 0.81, 0.1)
     assert against_static(rows, "dllm:a", "flops_all", "static_kl") == "+0.050"
+
+
+def test_seeds_of_one_point_are_averaged_on_its_curve():
+    from dllm.curves import curve_points, interpolate, point_of
+
+    assert point_of("static_kl:0.93-s1") == point_of("static_kl:0.93-s0") == "static_kl:0.93"
+    assert point_of("dllm:t0.85") == "dllm:t0.85"
+    rows = {"static_kl:0.93-s0": _row("static", 0.9, 0.9, 0.2), "static_kl:0.93-s1": _row("static", 0.92, 0.92, 0.4),
+            "static_kl:0.8-s0": _row("static", 0.7, 0.7, 0.8), "dllm:0.85-s0": _row("dllm", 0.8, 0.8, 0.1)}
+    points = curve_points(rows, "static_kl", "flops_all", "kl")
+    assert [(p.x, p.y, p.low, p.high, p.seeds) for p in points] == [
+        (0.7, 0.8, 0.8, 0.8, 1), (pytest.approx(0.91), pytest.approx(0.3), 0.2, 0.4, 2)]
+    # between the single seed at 0.7 and the two seeds' mean at 0.91, not the zig-zag through each seed
+    assert interpolate(points, 0.8) == pytest.approx(0.8 + (0.3 - 0.8) * 0.1 / 0.21)
+    assert interpolate(points, 0.95) is None
 
 
 def test_a_run_may_name_its_budget_and_a_malformed_one_is_one_line():
@@ -83,14 +99,14 @@ def test_a_run_may_name_its_budget_and_a_malformed_one_is_one_line():
             parse_runs(bad)
 
 
-def test_fidelity_picture_has_a_line_per_method():
+def test_fidelity_picture_has_a_line_per_method_through_the_mean_of_its_seeds():
     from dllm.plots import fidelity_figure
 
     rows = {"static_ppl:14": _row("static", 0.6, 0.62, 0.5), "static_ppl:10": _row("static", 0.8, 0.81, 0.2),
-            "dllm:a": _row("dllm", 0.7, 0.75, 0.3)}
+            "dllm:a-s0": _row("dllm", 0.7, 0.75, 0.3), "dllm:a-s1": _row("dllm", 0.7, 0.75, 0.5)}
     kl_panel = fidelity_figure(rows).axes[0]
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in kl_panel.get_lines()}
-    assert lines == {"static_ppl": ([0.62, 0.81], [0.5, 0.2]), "dllm": ([0.75], [0.3])}
+    lines = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())) for c in kl_panel.containers}
+    assert lines == {"static_ppl": ([0.62, 0.81], [0.5, 0.2]), "dllm": ([0.75], [pytest.approx(0.4)])}
 
 
 def test_append_refuses_a_run_measured_another_way(tmp_path):

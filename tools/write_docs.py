@@ -23,6 +23,8 @@ from pathlib import Path
 
 import jinja2
 
+from dllm.curves import interpolate, method_of, point_of
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "docs" / "templates"
 README_TEMPLATE = "README-results.md"
@@ -83,13 +85,14 @@ def std(rows, key=None) -> float:
 
 
 def fidelity_rows(runs: dict) -> list:
-    """A benchmarks/fidelity.py file's runs as rows: each with its label, its method (the label's
-    prefix, as the fidelity tables group them) and its share over all teacher-forced tokens."""
+    """A benchmarks/fidelity.py file's runs as rows: each with its label, its method and its point on
+    the method's curve (the label without its seed, as dllm/curves.py groups them) and its share over
+    all teacher-forced tokens."""
     rows = []
     for label, run in runs.items():
         prompt, response = run["sums"]["prompt_tokens"], run["sums"]["response_tokens"]
         share_all = (run["share_prompt"] * prompt + run["share_response"] * response) / (prompt + response)
-        rows.append(dict(run, label=label, method=label.split(":")[0], share_all=share_all))
+        rows.append(dict(run, label=label, method=method_of(label), point=point_of(label), share_all=share_all))
     return rows
 
 
@@ -99,14 +102,6 @@ def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -
     for r in rows:
         groups.setdefault(field(r, by), []).append(r)
     return sorted((mean(g, x), mean(g, y)) for g in groups.values())
-
-
-def interp(points: list, x: float):
-    """y at x on a piecewise linear curve; None outside it."""
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
 
 
 def table(rows, columns) -> str:
@@ -181,7 +176,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
     env.filters.update(current=current_command, fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values,
                        fidelity_rows=fidelity_rows)
     results = load_results(root)
-    env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interp, zip=zip, log=math.log,
+    env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
                        commands=lambda stem: commands(results, stem))
     return env
 

@@ -16,9 +16,13 @@ pairs where at least one row executes. The bytes ideal counts what a decode step
 least, weights and K/V alike: dense reads every block's weights and every row's K/V; D-LLM the
 weights of the blocks some row executes (plus the routers), and at each block only the rows that
 execute it read their own kept pairs. At long contexts K/V outweigh the weights, and that is where
-eviction can pay. `dllm-agree@s` measures what batched decode could gain if
-routers agreed across the batch: the first row decides for every row (a different model, only a
-measurement of the bound; its quality is not measured).
+eviction can pay. The bytes ideal prices a weight byte and a K/V byte alike; on a CPU, batched
+matmuls read weights more slowly than attention reads K/V, so the rate ideal prices each at dense's
+own cost on this machine: dense decodes once more after a --rate_prompt_len prompt (the same weights,
+few pairs), the two timings give a pair's time and a weight byte's (with all else a step does), and
+the ideal is dense's time over what D-LLM's reads cost at those prices. `dllm-agree@s` measures
+what batched decode could gain if routers agreed across the batch: the first row decides for every
+row (a different model, only a measurement of the bound; its quality is not measured).
 
     python -m benchmarks.bench_skip --out benchmarks/results/bench_skip_cpu.json   # the committed CPU table
     python -m benchmarks.bench_skip --dim 4096 --n_layers 32 --n_heads 32 --dtype bfloat16 --repeats 3 \\
@@ -32,7 +36,7 @@ import json
 import os
 import platform
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -72,6 +76,8 @@ class BenchBase(Settings):
     clock: str = setting("wall", "what a time is: wall time, or the process's CPU time (a CPU shared with "
                          "other jobs)", choices=tuple(CLOCKS))
     dtype: str = setting("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    rate_prompt_len: int = setting(16, "dense also decodes after a prompt this short, which prices a K/V pair "
+                                   "and a weight byte on this machine (the rate ideal); 0: no rate ideal", low=0)
     seed: int = setting(0, "random seed")
     llama_ckpt_dir: Optional[str] = setting(None, "a real base (Meta or HF layout) instead of random weights")
     out: Optional[str] = setting(None, "write the table's JSON here (default: print only)")
@@ -264,8 +270,9 @@ def weight_read(activation: torch.Tensor, sizes: dict, start_layer: int, routed:
     return float(any_row[:, start_layer:].mean()), float(per_step.mean() / dense)
 
 
-def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_bytes: int, routed: bool) -> float:
-    """Bytes the decode steps after `n_prompt` must read at the least; activation [b, tokens, n_layers].
+def decode_reads(activation: torch.Tensor, sizes: dict, n_prompt: int, routed: bool) -> Tuple[float, int]:
+    """(weight bytes, K/V pairs) the decode steps after `n_prompt` must read at the least; activation
+    [b, tokens, n_layers].
 
     Each step reads the weights of every block some row executes, the LM head and the routers, and
     at each block, for every row that executes it, that row's kept K/V pairs (its new one included).
@@ -275,7 +282,25 @@ def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_byte
     any_row = executed[:, n_prompt:].any(0).double()  # [steps, n_layers]
     per_step = sizes["head"] + (sum(sizes["routers"]) if routed else 0)
     weights = (any_row * torch.tensor(sizes["blocks"], dtype=torch.float64)).sum() + any_row.shape[0] * per_step
-    return float(weights) + float(pairs) * pair_bytes
+    return float(weights), int(pairs)
+
+
+def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_bytes: int, routed: bool) -> float:
+    weights, pairs = decode_reads(activation, sizes, n_prompt, routed)
+    return weights + pairs * pair_bytes
+
+
+def rate_ideal(dense_long: float, dense_short: float, reads_long, reads_short, reads) -> Optional[float]:
+    """The speed-up over dense that `reads` (weight bytes, K/V pairs) allow when each costs what it costs
+    dense on this machine: dense's decode after a long and a short prompt reads the same weights and
+    different pairs, which prices a pair and (with everything else a step does) a weight byte. None
+    when the two timings cannot tell them apart."""
+    (weights, pairs_long), (_, pairs_short) = reads_long, reads_short
+    per_pair = (dense_long - dense_short) / (pairs_long - pairs_short)
+    per_weight_byte = (dense_long - per_pair * pairs_long) / weights
+    if per_pair <= 0 or per_weight_byte <= 0:
+        return None
+    return dense_long / (per_weight_byte * reads[0] + per_pair * reads[1])
 
 
 def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, routing) -> float:
@@ -341,6 +366,9 @@ def main(config: BenchConfig):
                     keep_best(best[name], f"decode{b}", seconds)
                     record[name][f"decode{b}"] = (activation, CacheBytes.of(cache))
                     del cache
+                    if name == "dense" and 0 < config.rate_prompt_len < config.decode_prompt_len:
+                        keep_best(best[name], f"decode{b}_short", runner.decode(dprompt[:, : config.rate_prompt_len],
+                                                                               steps, device)[0])
 
     rows = summarise(config, model, runners, best, record)
     meta = describe(config, model, device)
@@ -396,6 +424,16 @@ def summarise(config, model, runners, best, record) -> List[dict]:
                                                      cache.pair, routed) / dense_bytes
             row[f"{key}_bytes_ideal_x"] = 1 / row[f"{key}_bytes_ratio"]
             row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
+            if f"{key}_short" in dense:
+                ones = torch.ones_like(activation)
+                ideal = rate_ideal(dense[key], dense[f"{key}_short"],
+                                   decode_reads(ones, sizes, config.decode_prompt_len, False),
+                                   decode_reads(ones[:, config.decode_prompt_len - config.rate_prompt_len :], sizes,
+                                                config.rate_prompt_len, False),
+                                   decode_reads(activation, sizes, config.decode_prompt_len, routed))
+                if ideal is not None:
+                    row[f"{key}_rate_ideal_x"] = ideal
+                    row[f"{key}_of_rate_ideal"] = row[f"{key}_x_dense"] / ideal
         rows.append(row)
     return rows
 
@@ -434,7 +472,7 @@ def print_table(rows, meta, decode_batches):
     head = ["config", "exec (routed)", "FLOPs ratio", "KV bytes ratio", "prefill tok/s", "x dense", "x HF", "% ideal"]
     for b in decode_batches:
         head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal",
-                 "bytes ideal x", "% bytes ideal"]
+                 "bytes ideal x", "% bytes ideal", "rate ideal x", "% rate ideal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
 
@@ -449,7 +487,8 @@ def print_table(rows, meta, decode_batches):
             cells += [cell(r, f"decode{b}_tok_s", "{:.1f}"), cell(r, f"decode{b}_x_dense", "{:.2f}"),
                       cell(r, f"decode{b}_x_transformers", "{:.2f}"), cell(r, f"decode{b}_weight_share", "{:.3f}"),
                       cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}"),
-                      cell(r, f"decode{b}_bytes_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_bytes_ideal", "{:.0%}")]
+                      cell(r, f"decode{b}_bytes_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_bytes_ideal", "{:.0%}"),
+                      cell(r, f"decode{b}_rate_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_rate_ideal", "{:.0%}")]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -290,17 +290,20 @@ def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_byte
     return weights + pairs * pair_bytes
 
 
-def rate_ideal(dense_long: float, dense_short: float, reads_long, reads_short, reads) -> Optional[float]:
-    """The speed-up over dense that `reads` (weight bytes, K/V pairs) allow when each costs what it costs
-    dense on this machine: dense's decode after a long and a short prompt reads the same weights and
-    different pairs, which prices a pair and (with everything else a step does) a weight byte. None
-    when the two timings cannot tell them apart."""
+def read_prices(dense_long: float, dense_short: float, reads_long, reads_short) -> Optional[Tuple[float, float]]:
+    """(seconds per weight byte, seconds per K/V pair) of dense's decode on this machine. After a long
+    and a short prompt it reads the same weights (bytes, pairs in `reads_*`) and different pairs, which
+    prices a pair and, with everything else a step does, a weight byte. None when the two timings
+    cannot tell them apart."""
     (weights, pairs_long), (_, pairs_short) = reads_long, reads_short
     per_pair = (dense_long - dense_short) / (pairs_long - pairs_short)
     per_weight_byte = (dense_long - per_pair * pairs_long) / weights
-    if per_pair <= 0 or per_weight_byte <= 0:
-        return None
-    return dense_long / (per_weight_byte * reads[0] + per_pair * reads[1])
+    return (per_weight_byte, per_pair) if per_pair > 0 and per_weight_byte > 0 else None
+
+
+def rate_ideal(dense_long: float, prices: Tuple[float, float], reads) -> float:
+    """The speed-up over dense that `reads` (weight bytes, K/V pairs) allow at dense's prices."""
+    return dense_long / (prices[0] * reads[0] + prices[1] * reads[1])
 
 
 def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, routing) -> float:
@@ -426,14 +429,16 @@ def summarise(config, model, runners, best, record) -> List[dict]:
             row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
             if f"{key}_short" in dense:
                 ones = torch.ones_like(activation)
-                ideal = rate_ideal(dense[key], dense[f"{key}_short"],
-                                   decode_reads(ones, sizes, config.decode_prompt_len, False),
-                                   decode_reads(ones[:, config.decode_prompt_len - config.rate_prompt_len :], sizes,
-                                                config.rate_prompt_len, False),
-                                   decode_reads(activation, sizes, config.decode_prompt_len, routed))
-                if ideal is not None:
-                    row[f"{key}_rate_ideal_x"] = ideal
-                    row[f"{key}_of_rate_ideal"] = row[f"{key}_x_dense"] / ideal
+                prices = read_prices(dense[key], dense[f"{key}_short"],
+                                     decode_reads(ones, sizes, config.decode_prompt_len, False),
+                                     decode_reads(ones[:, config.decode_prompt_len - config.rate_prompt_len :], sizes,
+                                                  config.rate_prompt_len, False))
+                if prices is not None:
+                    row[f"{key}_dense_weight_gb_s"] = 1e-9 / prices[0]
+                    row[f"{key}_dense_kv_gb_s"] = cache.pair * 1e-9 / prices[1]
+                    row[f"{key}_rate_ideal_x"] = rate_ideal(dense[key], prices,
+                                                            decode_reads(activation, sizes, config.decode_prompt_len, routed))
+                    row[f"{key}_of_rate_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_rate_ideal_x"]
         rows.append(row)
     return rows
 

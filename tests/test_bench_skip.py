@@ -38,9 +38,11 @@ def test_the_bytes_ideal_counts_the_weights_some_row_runs_and_each_running_rows_
 def test_the_rate_ideal_prices_a_pair_and_a_weight_byte_at_what_they_cost_dense():
     """Dense reads 100 weight bytes and 50 pairs in 3 s, the same weights and 10 pairs in 2 s: a pair
     costs 1/40 s and a weight byte 1.75/100 s; a run reading 100 bytes and 20 pairs then needs 2.25 s."""
-    assert bench_skip.rate_ideal(3.0, 2.0, (100, 50), (100, 10), (100, 20)) == pytest.approx(3.0 / 2.25)
-    # timings that cannot tell a pair from a weight byte give no ideal
-    assert bench_skip.rate_ideal(2.0, 2.0, (100, 50), (100, 10), (100, 20)) is None
+    prices = bench_skip.read_prices(3.0, 2.0, (100, 50), (100, 10))
+    assert prices == (pytest.approx(0.0175), pytest.approx(1 / 40))
+    assert bench_skip.rate_ideal(3.0, prices, (100, 20)) == pytest.approx(3.0 / 2.25)
+    # timings that cannot tell a pair from a weight byte give no prices
+    assert bench_skip.read_prices(2.0, 2.0, (100, 50), (100, 10)) is None
 
 
 def test_decode_reads_split_the_bytes_ideal_into_weights_and_pairs():

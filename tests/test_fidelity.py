@@ -1,5 +1,7 @@
 """What an adapter keeps of its base (dllm/fidelity.py): the base against itself keeps everything at
 full compute; a routed model's compute splits into prompt and response, prefill and decode."""
+import json
+
 import pytest
 
 from dllm.data import Record
@@ -125,3 +127,15 @@ def test_append_refuses_a_run_measured_another_way(tmp_path):
     assert list(earlier(config, ["dllm:b"])[1]) == ["dllm:a"]
     with pytest.raises(InputError, match="exists; pass --append"):
         earlier(FidelityConfig(llama_ckpt_dir="m", runs="x=y", out=str(out)), ["dllm:b"])
+
+
+def test_plot_fidelity_draws_a_file_as_another_method_and_refuses_a_label_two_files_share(tmp_path):
+    from dllm.errors import InputError
+    from tools.plot_fidelity import load_runs
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": {"dllm:0.85-s0": _row("dllm", 0.9, 0.9, 0.2)}}))
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    assert sorted(load_runs([a, f"{b}=dllm_response"])) == ["dllm:0.85-s0", "dllm_response:0.85-s0"]
+    with pytest.raises(InputError, match=r"b.json: run 'dllm:0.85-s0' is in an earlier file too"):
+        load_runs([a, b])

@@ -232,8 +232,24 @@ def adaptivity(generator: Llama, sequences: List[List[int]], args):
     return statistics.fmean(means), statistics.fmean(stds)
 
 
+def run_dir(args, method, target, seed) -> str:
+    return os.path.join(args.work_dir, f"{method}-{target:g}-s{seed}")
+
+
+def finished_rows(args, runs) -> list:
+    """The rows of the planned runs that are done (their row.json), in plan order: the results file
+    keeps a finished run even while an earlier one is still running, or when the sweep is stopped."""
+    rows = []
+    for run in runs:
+        path = os.path.join(run_dir(args, *run), "row.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+    return rows
+
+
 def measure(args, dense, sequences, text, method, target, seed) -> dict:
-    out_dir = os.path.join(args.work_dir, f"{method}-{target:g}-s{seed}")
+    out_dir = run_dir(args, method, target, seed)
     row_path, eval_dir = os.path.join(out_dir, "row.json"), os.path.join(out_dir, "eval")
     if os.path.isfile(row_path):
         with open(row_path) as f:
@@ -321,10 +337,10 @@ def main(args):
     dense = build(args)
     sequences = test_sequences(dense, args)
     text = real_text(sequences, args, dense.device)
-    rows = []
-    for method, target, seed in plan(args):
-        rows.append(measure(args, dense, sequences, text, method, target, seed))
-        fidelity(args, rows[-1])
+    runs = plan(args)
+    for method, target, seed in runs:
+        fidelity(args, measure(args, dense, sequences, text, method, target, seed))
+        rows = finished_rows(args, runs)
         atomic_write_text(json.dumps(rows, indent=2) + "\n", args.out)
         atomic_write_text(markdown(rows, args), os.path.splitext(args.out)[0] + ".md")
     print(markdown(rows, args))

@@ -129,3 +129,16 @@ def test_attempts_are_set_against_static_pruning_interpolated_at_their_flops():
     assert curve == [(0.4, 5.0), (0.5, 4.1)]
     assert attempts.interpolate(curve, 0.45) == pytest.approx(4.55)
     assert attempts.interpolate(curve, 0.6) is None
+
+
+def test_the_results_file_keeps_every_finished_run_of_the_plan_whatever_is_still_running(tmp_path):
+    """A sweep restarted with more seeds rewrites its file after each run: the runs planned after the
+    one in progress are in it already when they are done, so stopping the sweep loses none."""
+    args = baselines.parse_args(["--work_dir", str(tmp_path), "--methods", "static_kl", "--targets", "0.9,0.5",
+                                 "--spread_methods", "static_kl", "--spread_target", "0.9", "--spread_seeds", "0,1"])
+    runs = baselines.plan(args)
+    assert runs == [("static_kl", 0.9, 0), ("static_kl", 0.9, 1), ("static_kl", 0.5, 0)]
+    for method, target, seed in (runs[0], runs[2]):
+        os.makedirs(baselines.run_dir(args, method, target, seed))
+        (tmp_path / f"{method}-{target:g}-s{seed}" / "row.json").write_text(json.dumps({"target": target, "seed": seed}))
+    assert baselines.finished_rows(args, runs) == [{"target": 0.9, "seed": 0}, {"target": 0.5, "seed": 0}]

@@ -20,7 +20,8 @@ ALLOWED = {
     **{name: tuple(INFRA) for name in INFRA},
     # its lazy exports, by name, and the malloc setting that must precede torch
     "dllm": ("dllm.core.model", "dllm.generation", "dllm.tokenizer", "dllm.host_memory"),
-    "dllm.plots": (*INFRA, "dllm.core", "dllm.token_view"),
+    "dllm.plots": (*INFRA, "dllm.core", "dllm.token_view", "dllm.curves"),
+    "dllm.curves": (),  # plain arithmetic on results, below the pictures and the benchmarks
     "dllm.token_view": (*INFRA, "dllm.core"),
 }
 # the algorithm does no I/O: no files, flags, processes or printing

@@ -337,7 +337,7 @@ def main(args):
     dense = build(args)
     sequences = test_sequences(dense, args)
     text = real_text(sequences, args, dense.device)
-    runs = plan(args)
+    runs, rows = plan(args), []
     for method, target, seed in runs:
         fidelity(args, measure(args, dense, sequences, text, method, target, seed))
         rows = finished_rows(args, runs)

@@ -27,10 +27,10 @@ import torch
 from dllm.atomic_io import atomic_write_text
 from dllm.chat import ChatFormat
 from dllm.config import Settings, setting
+from dllm.curves import curve_points, interpolate, method_of
 from dllm.data import TASKS, load_records
 from dllm.errors import InputError, run_cli
 from dllm.evaluate import code_version
-from dllm.curves import curve_points, interpolate, method_of
 from dllm.fidelity import Sums, generation, summary, teacher_forced
 from dllm.generation import Llama
 

@@ -9,8 +9,9 @@ from dllm.errors import InputError, speaks
 
 
 def shipped_adapter(base_dir: str, assets_dir: str) -> Optional[str]:
-    """The checkpoint.pth of the first adapter directory under `assets_dir` whose params.json
-    describes this base's architecture, so a shipped adapter comes with its base and no other."""
+    """The checkpoint.pth of the first adapter directory, in name order, under `assets_dir` whose
+    params.json describes this base's architecture, so a shipped adapter comes with its base and no
+    other; a base with more than one (assets/smollm2, assets/smollm2-dllm) runs the first by default."""
     base = load_params(base_dir)
     for directory in sorted(glob.glob(os.path.join(assets_dir, "*"))):
         params, ckpt = os.path.join(directory, "params.json"), os.path.join(directory, "checkpoint.pth")

@@ -41,3 +41,12 @@ def interpolate(points: Sequence[Tuple[float, ...]], x: float) -> Optional[float
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
+
+
+def shipping_pick(candidates: Dict[str, dict], min_first_words: float = 0.5) -> Optional[str]:
+    """The shipping rule: of the runs whose greedy answers match the base's first ten words on at
+    least `min_first_words` of the prompts, the one with the lowest generation FLOPs (the lower KL
+    between equals). None when no run qualifies."""
+    qualified = [(row["flops_generation"], row["kl"], label) for label, row in candidates.items()
+                 if row["gen_first_words"] >= min_first_words]
+    return min(qualified)[2] if qualified else None

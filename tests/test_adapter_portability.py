@@ -1,5 +1,5 @@
-"""The shipped SmolLM2 adapter (trained on the project's fp32 conversion of the GGUF) loads and routes
-the same on every other conversion of that base: bf16, the Meta layout, and transformers'
+"""The shipped SmolLM2 adapters (trained on the project's fp32 conversion of the GGUF: the default one,
+dense LoRA, and the D-LLM one at the paper's budget) load and route the same on every other conversion of that base: bf16, the Meta layout, and transformers'
 save_pretrained of the GGUF (whose config stores rms_norm_eps as float32 rounds it:
 9.999999747378752e-06)."""
 import json
@@ -14,15 +14,19 @@ from dllm.generation import Llama
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADAPTER = os.path.join(ROOT, "assets", "smollm2-dllm", "checkpoint.pth")
 PROMPTS = ["<|im_start|>user\nWhat is the capital of Norway?<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nGive this passage a short title.\n\nAnd God said, Let there be light: and there was "
            "light.<|im_end|>\n<|im_start|>assistant\nThe"]
 
 
-def routed(base_dir: str):
+@pytest.fixture(scope="module", params=["smollm2", "smollm2-dllm"])
+def adapter(request) -> str:
+    return os.path.join(ROOT, "assets", request.param, "checkpoint.pth")
+
+
+def routed(base_dir: str, adapter: str):
     """(logits, activation) of the shipped adapter on PROMPTS over the base in `base_dir`."""
-    generator = Llama.build(base_dir, ADAPTER, max_seq_len=128, max_batch_size=2, model_parallel_size=1)
+    generator = Llama.build(base_dir, adapter, max_seq_len=128, max_batch_size=2, model_parallel_size=1)
     ids = [generator.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     width = min(len(i) for i in ids)
     with torch.inference_mode():
@@ -30,8 +34,8 @@ def routed(base_dir: str):
 
 
 @pytest.fixture(scope="module")
-def on_own_fp32(smollm2_dir):
-    return routed(smollm2_dir)
+def on_own_fp32(smollm2_dir, adapter):
+    return routed(smollm2_dir, adapter)
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +61,22 @@ def test_transformers_conversion_stores_the_float32_eps(transformers_saved):
 
 
 @pytest.mark.parametrize("layout", ["transformers", "meta"])
-def test_routes_identically_on_an_fp32_conversion(layout, on_own_fp32, smollm2_dir, transformers_saved, tmp_path):
+def test_routes_identically_on_an_fp32_conversion(layout, adapter, on_own_fp32, smollm2_dir, transformers_saved, tmp_path):
     if layout == "meta":
         base_dir = str(tmp_path / "meta")
         convert(smollm2_dir, base_dir, "meta", dtype=torch.float32)
     else:
         base_dir = transformers_saved
-    logits, activation = routed(base_dir)
+    logits, activation = routed(base_dir, adapter)
     own_logits, own_activation = on_own_fp32
     assert torch.equal(activation, own_activation)
     assert (logits - own_logits).abs().max().item() < 1e-3
 
 
-def test_routes_alike_on_the_bf16_conversion(on_own_fp32, smollm2_dir, tmp_path):
+def test_routes_alike_on_the_bf16_conversion(adapter, on_own_fp32, smollm2_dir, tmp_path):
     """bf16 weights move the router's inputs a little: the same decisions almost everywhere."""
     base_dir = str(tmp_path / "bf16")
     convert(smollm2_dir, base_dir, "hf", dtype=torch.bfloat16)
-    _, activation = routed(base_dir)
+    _, activation = routed(base_dir, adapter)
     _, own_activation = on_own_fp32
     assert (activation == own_activation).float().mean().item() >= 0.95

@@ -2,6 +2,7 @@
 base + adapter round trip reproduces the model exactly; Meta params.json files are accepted."""
 import json
 import os
+import shutil
 import re
 
 import pytest
@@ -365,6 +366,12 @@ def test_shipped_adapter_is_found_by_the_base_it_was_trained_on(tmp_path):
     assert shipped_adapter(os.path.join(assets, "tiny-llama2"), assets) == os.path.join(assets, "tiny-dllm", "checkpoint.pth")
     save_meta_checkpoint(Transformer(tiny_args(lora_rank=0)), str(tmp_path / "other"), dtype=torch.float32)
     assert shipped_adapter(str(tmp_path / "other"), assets) is None
+
+
+def test_a_base_with_two_shipped_adapters_runs_the_first_in_name_order(tmp_path):
+    for name in ("tiny-b", "tiny", "tiny-a"):
+        shutil.copytree(os.path.join(ROOT, "assets", "tiny-dllm"), tmp_path / name)
+    assert shipped_adapter(os.path.join(ROOT, "assets", "tiny-llama2"), str(tmp_path)) == str(tmp_path / "tiny" / "checkpoint.pth")
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_says_which_file(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ With no flags it runs the demo preset (presets/demo.json): the shipped demo mode
 (assets/tiny-llama2) with the shipped demo adapter (assets/tiny-dllm), on an instruction and input
 from the demo's test split. `--preset smollm2` runs SmolLM2 in its chat template. Another base model
 (Meta or Hugging Face directory) gets the adapter shipped for it under assets/ if there is one
-(assets/smollm2-dllm for SmolLM2), else runs dense.
+(assets/smollm2 for SmolLM2), else runs dense.
 `--dynamic_ckpt_dir` takes your own fine-tuning output directory (bash finetuning.sh writes
 output/tiny-dllm); the adapter runs with its own params.json. Prompts use the Alpaca template
 (`--prompt_path` picks another prompt.json, e.g. datasets/demo/prompt.json, the one the demo

@@ -10,6 +10,8 @@ The rule reads validation results only: the test split is for reporting the pick
 import argparse
 import json
 import os
+import shlex
+import sys
 
 from dllm.atomic_io import atomic_write_text
 from dllm.checkpoints.adapters import read_adapter
@@ -65,7 +67,8 @@ def main(argv=None):
         raise InputError(f"{pick}: its adapter {adapter} is not here (a run directory since removed)")
     ship_adapter.main(os.path.dirname(adapter), args.out_dir, os.path.basename(adapter), base=args.base)
     shipped = read_adapter(os.path.join(args.out_dir, "checkpoint.pth"))["adapter_sha256"]
-    record = {"rule": RULE.format(args.min_first_words), "min_first_words": args.min_first_words,
+    command = "python -m tools.ship_by_rule " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record = {"command": command, "rule": RULE.format(args.min_first_words), "min_first_words": args.min_first_words,
               "pick": {"candidate": pick, **candidates[pick], "adapter_sha256": shipped,
                        "shipped_to": os.path.relpath(args.out_dir)},
               "candidates": candidates}

@@ -2,7 +2,7 @@
 labels): a method's line, its seeds averaged, and a value read off it at a given compute."""
 import re
 import statistics
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 
 def method_of(label: str) -> str:
@@ -24,15 +24,20 @@ class CurvePoint(NamedTuple):
     seeds: int
 
 
+def mean_points(groups: Iterable[Sequence[dict]], x_key: str, y_key: str) -> List[CurvePoint]:
+    """One point per group of rows (the seeds of one point), in x order."""
+    return sorted(CurvePoint(statistics.fmean(r[x_key] for r in rows), statistics.fmean(r[y_key] for r in rows),
+                             min(r[y_key] for r in rows), max(r[y_key] for r in rows), len(rows))
+                  for rows in groups)
+
+
 def curve_points(runs: Dict[str, dict], method: str, x_key: str, y_key: str) -> List[CurvePoint]:
     """`method`'s points, the seeds of each averaged, in x order."""
     points: Dict[str, List[dict]] = {}
     for label, row in runs.items():
         if method_of(label) == method:
             points.setdefault(point_of(label), []).append(row)
-    return sorted(CurvePoint(statistics.fmean(r[x_key] for r in rows), statistics.fmean(r[y_key] for r in rows),
-                             min(r[y_key] for r in rows), max(r[y_key] for r in rows), len(rows))
-                  for rows in points.values())
+    return mean_points(points.values(), x_key, y_key)
 
 
 def interpolate(points: Sequence[Tuple[float, ...]], x: float) -> Optional[float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jinja2
 
-from dllm.curves import interpolate, method_of, point_of
+from dllm.curves import interpolate, mean_points, method_of, point_of
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "docs" / "templates"
@@ -101,7 +101,7 @@ def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -
     groups = {}
     for r in rows:
         groups.setdefault(field(r, by), []).append(r)
-    return sorted((mean(g, x), mean(g, y)) for g in groups.values())
+    return [(p.x, p.y) for p in mean_points(groups.values(), x, y)]
 
 
 def table(rows, columns) -> str:

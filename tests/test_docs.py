@@ -78,3 +78,19 @@ def test_a_quote_inside_a_recorded_word_reads_as_double_quotes_and_parses_the_sa
     shown = write_docs.current_command(recorded)
     assert "--recipe \"EPOCHS=1 ROUTER_BIAS='0 4'\"" in shown
     assert shlex.split(shown) == shlex.split(recorded)
+
+
+def test_seed_verdicts_read_every_seed_off_the_static_curve():
+    def row(label, x, kl):
+        return {"label": label, "point": label.rsplit("-s", 1)[0], "flops_generation": x, "kl": kl}
+
+    static = [row("static:a-s0", 0.8, 0.8), row("static:a-s1", 0.8, 0.6), row("static:b-s0", 1.0, 0.2)]
+    recipes = [("ahead", [row("d:1-s0", 0.9, 0.3), row("d:1-s1", 0.9, 0.4)]),
+               ("mixed", [row("d:2-s0", 0.9, 0.3), row("d:2-s1", 0.9, 0.5), row("d:3-s0", 0.9, 0.0)]),
+               ("outside", [row("d:4-s0", 0.9, 0.3), row("d:4-s1", 0.7, 0.3)])]
+    verdicts = write_docs.seed_verdicts(static, recipes, "flops_generation")
+    # static's seed mean at 0.8 is 0.7, so at 0.9 its curve reads 0.45; d:3 has one seed and is left out
+    assert [(v["recipe"], v["point"], v["verdict"]) for v in verdicts] == [
+        ("ahead", "d:1", "ahead in every seed"), ("mixed", "d:2", "seeds disagree"),
+        ("outside", "d:4", "outside static's curve")]
+    assert verdicts[0]["diffs"] == pytest.approx([-0.15, -0.05])

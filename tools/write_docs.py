@@ -104,6 +104,28 @@ def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -
     return [(p.x, p.y) for p in mean_points(groups.values(), x, y)]
 
 
+def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
+    """Each seeded point of each (name, rows) recipe set against static pruning's seed-mean curve at
+    equal `x`: every seed's y minus static's there, and whether every seed is below (ahead, for KL),
+    above (behind), or the seeds disagree."""
+    reference = curve(static_rows, x=x, y=y, by="point")
+    out = []
+    for name, rows in recipes:
+        groups = {}
+        for r in rows:
+            groups.setdefault(r["point"], []).append(r)
+        for point, runs in sorted(groups.items()):
+            if len(runs) < 2:
+                continue
+            runs = sorted(runs, key=lambda r: r["label"])
+            at = [interpolate(reference, r[x]) for r in runs]
+            diffs = [r[y] - s for r, s in zip(runs, at) if s is not None]
+            verdict = ("outside static's curve" if len(diffs) < len(runs) else "ahead in every seed" if max(diffs) < 0
+                       else "behind in every seed" if min(diffs) > 0 else "seeds disagree")
+            out.append({"recipe": name, "point": point, "runs": runs, "diffs": diffs, "verdict": verdict})
+    return out
+
+
 def table(rows, columns) -> str:
     """A Markdown table; columns are [header, key, format spec] (key "a.b" reaches into a record)."""
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
@@ -177,6 +199,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
                        fidelity_rows=fidelity_rows)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
+                       seed_verdicts=seed_verdicts,
                        commands=lambda stem: commands(results, stem))
     return env
 

@@ -57,6 +57,12 @@ def test_ship_by_rule_refuses_results_of_another_split_or_dataset(tmp_path, spli
     assert not (tmp_path / "shipped").exists() and not (tmp_path / "out.json").exists()
 
 
+def test_ship_by_rule_refuses_a_share_outside_0_to_1(tmp_path):
+    only = results_file(tmp_path / "a.json", "validation", {"dense": run(1.0, 0.9, 0.0)})
+    with pytest.raises(InputError, match="--min_first_words 50.0: a share of the prompts"):
+        ship_by_rule.main([str(tmp_path / "shipped"), str(tmp_path / "out.json"), only, "--min_first_words", "50"])
+
+
 def test_ship_by_rule_ships_nothing_when_no_run_qualifies(tmp_path):
     only = results_file(tmp_path / "a.json", "validation", {"static:1": run(0.9, 0.2, 0.3)})
     with pytest.raises(InputError, match="no run meets the rule"):

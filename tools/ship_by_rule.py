@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--min_first_words", type=float, default=0.5)
     p.add_argument("--base", default=None, help="the base, for adapters older than base fingerprints")
     args = p.parse_args(argv)
+    if not 0 < args.min_first_words <= 1:
+        raise InputError(f"--min_first_words {args.min_first_words}: a share of the prompts, in (0, 1]")
     candidates = validation_candidates(args.results)
     pick = shipping_pick(candidates, args.min_first_words)
     if pick is None:

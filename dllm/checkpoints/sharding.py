@@ -34,7 +34,7 @@ def split_dims(tied_embeddings: bool) -> Dict[str, int]:
         model = Transformer(args)
     dims = {}
     for module_name, module in model.named_modules():
-        dim = SPLIT_DIMS.get(type(module))
+        dim = next((d for kind, d in SPLIT_DIMS.items() if isinstance(module, kind)), None)
         if dim is not None:
             dims[LAYER_INDEX.sub("layers.*.", f"{module_name}.weight")] = dim
     return dims

@@ -6,7 +6,46 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import (
+    copy_to_model_parallel_region, gather_from_model_parallel_region, reduce_from_model_parallel_region,
+    scatter_to_model_parallel_region,
+)
 from torch import nn
+
+# Row counts for which `weight @ x.T` runs faster than F.linear's `x @ weight.T`, by device. On the
+# CPU's BLAS a product of 2 to 4 rows, which is what a routed block gets in batched decode when
+# some rows skip it, reads the weight about twice as fast that way (benchmarks/bench_linear_rows.py).
+# A device not listed keeps F.linear.
+TRANSPOSED_ROWS = {"cpu": range(2, 5)}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), as `weight @ x.T` where that is faster (TRANSPOSED_ROWS). Inference
+    only: training keeps F.linear's kernels and gradients."""
+    rows = x.numel() // x.shape[-1]
+    if torch.is_grad_enabled() or rows not in TRANSPOSED_ROWS.get(x.device.type, ()):
+        return F.linear(x, weight)
+    return torch.mm(weight, x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """fairscale's column-parallel linear with its product taken by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(copy_to_model_parallel_region(x), self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+class RowLinear(RowParallelLinear):
+    """fairscale's row-parallel linear with its product taken by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_model_parallel_region(x)
+        out = reduce_from_model_parallel_region(linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -73,9 +112,9 @@ class LoRA(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, init_method):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+        self.w1 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+        self.w2 = RowLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
+        self.w3 = ColumnLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

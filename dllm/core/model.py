@@ -15,15 +15,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
-)
+from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelEmbedding
 from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region, gather_from_model_parallel_region
 from torch import nn
 
 from dllm.errors import InputError
 from dllm.core.kv_cache import KVCache, LayerKVCache, Packing
-from dllm.core.layers import FeedForward, LoRA, RMSNorm, apply_rotary_emb, precompute_freqs_cis
+from dllm.core.layers import (
+    ColumnLinear, FeedForward, LoRA, RMSNorm, RowLinear, apply_rotary_emb, linear, precompute_freqs_cis,
+)
 from dllm.core.routing import Decision, DenseRouting, make_routing
 
 
@@ -155,10 +155,10 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         q_out, kv_out = args.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         column = dict(bias=False, gather_output=False, init_method=init_method)
-        self.wq = ColumnParallelLinear(args.dim, q_out, **column)
-        self.wk = ColumnParallelLinear(args.dim, kv_out, **column)
-        self.wv = ColumnParallelLinear(args.dim, kv_out, **column)
-        self.wo = RowParallelLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=init_method)
+        self.wq = ColumnLinear(args.dim, q_out, **column)
+        self.wk = ColumnLinear(args.dim, kv_out, **column)
+        self.wv = ColumnLinear(args.dim, kv_out, **column)
+        self.wo = RowLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=init_method)
         if args.lora_rank > 0:
             lora = (args.lora_rank, args.lora_dropout, args.lora_scale)
             self.lora_q = LoRA(args.dim, q_out, *lora)
@@ -345,7 +345,7 @@ class Transformer(nn.Module):
             self.output = None
         else:
             self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=init_method)
-            self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
+            self.output = ColumnLinear(params.dim, params.vocab_size, bias=False, init_method=init_method)
         self.routing = make_routing(params)
         self.layers = nn.ModuleList(TransformerBlock(i, params, init_method, self.routing) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
@@ -405,7 +405,7 @@ class Transformer(nn.Module):
         """The output projection; tied models use the embedding matrix itself (one tensor, no copy)."""
         if self.output is not None:
             return self.output(h)
-        local = F.linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
+        local = linear(copy_to_model_parallel_region(h), self.tok_embeddings.weight)
         return gather_from_model_parallel_region(local)
 
     def logits_at(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

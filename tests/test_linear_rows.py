@@ -1,0 +1,44 @@
+"""The block projections' product by row count (layers.linear): the transposed product where the
+device's BLAS runs it faster, in inference only, the same numbers as F.linear within rounding;
+and benchmarks/bench_linear_rows.py, which measures where that is."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_linear_rows
+from dllm.core.layers import TRANSPOSED_ROWS, linear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_inference_takes_the_transposed_product_for_the_listed_rows_and_matches_f_linear(rows):
+    torch.manual_seed(rows)
+    x, weight = torch.randn(rows, 1, 48), torch.randn(40, 48)
+    with torch.inference_mode():
+        out = linear(x, weight)
+        expected = torch.mm(weight, x[:, 0].T).T if rows in TRANSPOSED_ROWS["cpu"] else F.linear(x[:, 0], weight)
+    assert out.shape == (rows, 1, 40) and out.is_contiguous()
+    assert torch.equal(out[:, 0], expected)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_training_keeps_f_linear_and_its_gradient():
+    torch.manual_seed(0)
+    rows = TRANSPOSED_ROWS["cpu"][0]
+    x, weight = torch.randn(rows, 48), torch.randn(40, 48, requires_grad=True)
+    out = linear(x, weight)
+    assert torch.equal(out, F.linear(x, weight))
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(40, 48))
+
+
+def test_the_benchmark_checks_both_products_and_marks_the_rows_sent_transposed(tmp_path):
+    out = tmp_path / "rows.json"
+    bench_linear_rows.main(bench_linear_rows.LinearRowsConfig(n_layers=1, rows=[1, 3], repeats=1, out=str(out)))
+    rows = {r["rows"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [rows[1]["sent_transposed"], rows[3]["sent_transposed"]] == [False, True]
+    assert all(r["linear_ms"] > 0 and r["transposed_ms"] > 0 for r in rows.values())
+    assert "| 3 |" in (tmp_path / "rows.md").read_text()

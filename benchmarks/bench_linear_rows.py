@@ -4,8 +4,9 @@ In batched decode a routed block gets only the rows that execute it, so its seve
 on a few rows each. The CPU's BLAS picks its kernel by the shape, and for some row counts the
 transposed product reads the weights much faster. This measures both over every block of the
 model's shape (the weights come from memory, as in decode), interleaved, best of --repeats, and
-marks the rows `layers.TRANSPOSED_ROWS` sends the transposed way; a row count is worth sending
-when its `transposed x linear` is above 1.
+marks the rows `layers.TRANSPOSED_ROWS` sends the transposed way. A row count is worth sending
+when its `transposed x linear` is above 1 in every repeat (each repeat times both products back to
+back; the least and most of those ratios show how steady the gain is).
 
     python -m benchmarks.bench_linear_rows --out benchmarks/results/linear_rows_cpu.json
 """
@@ -62,13 +63,16 @@ def main(config: LinearRowsConfig):
                       "transposed": lambda: [torch.mm(w, inputs[w.shape[1]].T).T.contiguous() for w in weights]}
             for a, b in zip(*(route() for route in routes.values())):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-            best = {name: float("inf") for name in routes}
+            times = {name: [] for name in routes}
             for _ in range(config.repeats):
                 for name, route in routes.items():
-                    best[name] = min(best[name], timed(route, device, config.clock)[0])
+                    times[name].append(timed(route, device, config.clock)[0])
+            best = {name: min(seconds) for name, seconds in times.items()}
+            ratios = sorted(a / b for a, b in zip(times["linear"], times["transposed"]))  # one repeat's pair each
             rows.append({"rows": n, "linear_ms": 1e3 * best["linear"], "transposed_ms": 1e3 * best["transposed"],
                          "linear_gb_s": gigabytes / best["linear"], "transposed_gb_s": gigabytes / best["transposed"],
-                         "transposed_x_linear": best["linear"] / best["transposed"], "sent_transposed": n in sends})
+                         "transposed_x_linear": best["linear"] / best["transposed"],
+                         "ratio_low": ratios[0], "ratio_high": ratios[-1], "sent_transposed": n in sends})
             print(markdown_row(rows[-1]), flush=True)
     meta = {"settings": asdict(config), "command": command(), "device": device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "weight_gb": gigabytes,
@@ -83,7 +87,8 @@ def main(config: LinearRowsConfig):
 
 def markdown_row(row: dict) -> str:
     return (f"| {row['rows']} | {row['linear_ms']:.1f} | {row['transposed_ms']:.1f} | {row['linear_gb_s']:.1f} | "
-            f"{row['transposed_gb_s']:.1f} | {row['transposed_x_linear']:.2f} | {'yes' if row['sent_transposed'] else ''} |")
+            f"{row['transposed_gb_s']:.1f} | {row['transposed_x_linear']:.2f} | {row['ratio_low']:.2f} to {row['ratio_high']:.2f} | "
+            f"{'yes' if row['sent_transposed'] else ''} |")
 
 
 def markdown(meta: dict, rows: List[dict]) -> str:
@@ -94,7 +99,7 @@ def markdown(meta: dict, rows: List[dict]) -> str:
              f"{s['clock']} clock, {meta['threads']} threads; torch {meta['torch']}; load average (1, 5, 15 min) "
              f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} at the end.",
              "", "| rows | F.linear ms | weight @ x.T ms | F.linear GB/s | weight @ x.T GB/s | transposed x linear "
-             "| layers.TRANSPOSED_ROWS sends it |", "|" + "---|" * 7]
+             "| the same, repeat by repeat | layers.TRANSPOSED_ROWS sends it |", "|" + "---|" * 8]
     return "\n".join(lines + [markdown_row(r) for r in rows]) + "\n"
 
 

@@ -4,9 +4,9 @@ In batched decode a routed block gets only the rows that execute it, so its seve
 on a few rows each. The CPU's BLAS picks its kernel by the shape, and for some row counts the
 transposed product reads the weights much faster. This measures both over every block of the
 model's shape (the weights come from memory, as in decode), interleaved, best of --repeats, and
-marks the rows `layers.TRANSPOSED_ROWS` sends the transposed way. A row count is worth sending
-when its `transposed x linear` is above 1 in every repeat (each repeat times both products back to
-back; the least and most of those ratios show how steady the gain is).
+marks the rows `layers.TRANSPOSED_ROWS` sends the transposed way. Each repeat times both products
+back to back, and the least and most of those ratios show how steady the gain is: a row count is
+worth sending when the transposed product is well ahead in every repeat, run after run.
 
     python -m benchmarks.bench_linear_rows --out benchmarks/results/linear_rows_cpu.json
 """

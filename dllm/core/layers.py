@@ -1,5 +1,6 @@
-"""The building blocks the model is made of: RMSNorm, RoPE (with Llama-3.1's scaling), LoRA and
-the SwiGLU feed-forward, each model-parallel where it holds weights (fairscale layers)."""
+"""The building blocks the model is made of: the projections (fairscale's model-parallel linears,
+their product picked by row count), RMSNorm, RoPE (with Llama-3.1's scaling), LoRA and the SwiGLU
+feed-forward, each model-parallel where it holds weights."""
 import math
 from typing import Optional
 

@@ -11,17 +11,14 @@ Routes are interleaved and the best of --repeats kept; `chosen` is the route the
 
     python -m benchmarks.bench_kept_attention --clock cpu --out benchmarks/results/kept_attention_cpu.json
 """
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from benchmarks import command
-from benchmarks.bench_skip import device_name
+from benchmarks import write_results
+from benchmarks.bench_skip import run_meta
 from dllm import distributed
-from dllm.atomic_io import atomic_write_text
 from dllm.config import Settings, setting
 from dllm.errors import run_cli
 from dllm.core.kv_cache import LayerKVCache
@@ -99,14 +96,8 @@ def main(config: KeptAttentionConfig):
                 for share in config.shares:
                     rows.append(measure(attention, batch, context, share, config, device))
                     print(markdown_row(rows[-1]), flush=True)
-    meta = {"settings": asdict(config), "command": command(), "device": device_name(device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()}
-    table = markdown(meta, rows)
-    print(table)
-    if config.out:
-        atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
-        atomic_write_text(table, os.path.splitext(config.out)[0] + ".md")
-        print(f"wrote {config.out}")
+    meta = run_meta(config, device)
+    write_results(config.out, {"meta": meta, "rows": rows}, markdown(meta, rows))
 
 
 def markdown_row(row: dict) -> str:

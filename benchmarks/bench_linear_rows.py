@@ -10,18 +10,15 @@ worth sending when the transposed product is well ahead in every repeat, run aft
 
     python -m benchmarks.bench_linear_rows --out benchmarks/results/linear_rows_cpu.json
 """
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks import command
-from benchmarks.bench_skip import device_name
+from benchmarks import write_results
+from benchmarks.bench_skip import run_meta
 from dllm import distributed
-from dllm.atomic_io import atomic_write_text
 from dllm.config import Settings, setting
 from dllm.core.layers import TRANSPOSED_ROWS
 from dllm.errors import run_cli
@@ -74,15 +71,8 @@ def main(config: LinearRowsConfig):
                          "transposed_x_linear": best["linear"] / best["transposed"],
                          "ratio_low": ratios[0], "ratio_high": ratios[-1], "sent_transposed": n in sends})
             print(markdown_row(rows[-1]), flush=True)
-    meta = {"settings": asdict(config), "command": command(), "device": device_name(device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "weight_gb": gigabytes,
-            "load_average": os.getloadavg()}
-    table = markdown(meta, rows)
-    print(table)
-    if config.out:
-        atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", config.out)
-        atomic_write_text(table, os.path.splitext(config.out)[0] + ".md")
-        print(f"wrote {config.out}")
+    meta = {**run_meta(config, device), "weight_gb": gigabytes}
+    write_results(config.out, {"meta": meta, "rows": rows}, markdown(meta, rows))
 
 
 def markdown_row(row: dict) -> str:

@@ -16,18 +16,17 @@ of a decode cell (weights of the blocks some row executes, and each executing ro
 
 --out writes the JSON and a Markdown table beside it (.md); without it the table is printed only.
 """
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
+from benchmarks import write_results
 from benchmarks.bench_skip import (
     BenchBase, CacheBytes, build_model, decode_bytes, describe, keep_best, make_runners, weight_bytes,
 )
 from dllm import distributed
-from dllm.atomic_io import atomic_write_text
 from dllm.config import setting
 from dllm.errors import run_cli
 from dllm.plots import save_png, scaling_figure
@@ -115,12 +114,7 @@ def main(config: ScalingConfig):
                 print(markdown_row(cell, list(runners)), flush=True)
     meta["load_average_after"] = os.getloadavg()
     result = {"meta": meta, "cells": cells}
-    table = markdown(result, list(runners))
-    print(table)
-    if config.out:
-        atomic_write_text(json.dumps(result, indent=2) + "\n", config.out)
-        atomic_write_text(table, os.path.splitext(config.out)[0] + ".md")
-        print(f"wrote {config.out}")
+    write_results(config.out, result, markdown(result, list(runners)))
     if config.png:
         save_png(scaling_figure(result), config.png)
         print(f"wrote {config.png}")

@@ -446,12 +446,10 @@ def summarise(config, model, runners, best, record) -> List[dict]:
 def describe(config: BenchBase, model: Transformer, device) -> dict:
     """The run's settings, command, machine and model, for the results file's header."""
     args = model.params
-    return {"settings": asdict(config), "command": command(),
-            "device": device_name(device), "model": config.llama_ckpt_dir or "random weights",
+    return {**run_meta(config, device), "model": config.llama_ckpt_dir or "random weights",
             "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab_size": args.vocab_size,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers_version(),
-            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache",
-            "load_average": os.getloadavg()}  # other jobs on the machine, when the table was made
+            "transformers": transformers_version(),
+            "reference": "transformers LlamaForCausalLM, sdpa attention, StaticCache"}
 
 
 def keep_best(store, key, seconds):
@@ -467,6 +465,13 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def run_meta(settings, device) -> dict:
+    """What every speed benchmark's results file says of its run: settings, command, machine, and
+    the load average (other jobs on the machine) when the table was made."""
+    return {"settings": asdict(settings), "command": command(), "device": device_name(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()}
 
 
 def print_table(rows, meta, decode_batches):

@@ -1,10 +1,11 @@
-"""A block's projections by row count: F.linear (`x @ weight.T`) against `weight @ x.T`.
+"""A decode step's projections by row count: F.linear (`x @ weight.T`) against `weight @ x.T`.
 
 In batched decode a routed block gets only the rows that execute it, so its seven projections run
-on a few rows each. The CPU's BLAS picks its kernel by the shape, and for some row counts the
-transposed product reads the weights much faster. This measures both over every block of the
-model's shape (the weights come from memory, as in decode), interleaved, best of --repeats, and
-marks the rows `layers.TRANSPOSED_ROWS` sends the transposed way. Each repeat times both products
+on a few rows each; the blocks every row runs, and the output projection, get the whole batch.
+The CPU's BLAS picks its kernel by the shape, and for some row counts the transposed product reads
+the weights much faster. This measures both over every block of the model's shape and its output
+projection (the weights come from memory, as in decode), interleaved, best of --repeats, and marks
+the rows `layers.TRANSPOSED_ROWS` sends the transposed way. Each repeat times both products
 back to back, and the least and most of those ratios show how steady the gain is: a row count is
 worth sending when the transposed product is well ahead in every repeat, run after run.
 
@@ -31,6 +32,8 @@ class LinearRowsConfig(Settings):
     hidden_dim: int = setting(1536, "FFN width", low=1)
     kv_dim: int = setting(192, "K/V projection width", low=1)
     n_layers: int = setting(30, "blocks (their weights together should not fit in the caches)", low=1)
+    vocab_size: int = setting(49152, "the output projection's rows, read once per pass as in a decode step; 0: "
+                              "blocks only", low=0)
     rows: List[int] = setting([1, 2, 3, 4, 5, 6, 7, 8, 16], "row counts", low=1)
     repeats: int = setting(7, "interleaved repeats; the best is kept", low=1)
     clock: str = setting("wall", "wall time, or the process's CPU time (a CPU shared with other jobs)",
@@ -40,10 +43,11 @@ class LinearRowsConfig(Settings):
 
 
 def block_weights(config: LinearRowsConfig, device) -> List[torch.Tensor]:
-    """wq, wk, wv, wo, w1, w3, w2 of every block, [out, in] as the model keeps them."""
+    """wq, wk, wv, wo, w1, w3, w2 of every block, [out, in] as the model keeps them, and the output
+    projection."""
     d, h, kv = config.dim, config.hidden_dim, config.kv_dim
-    shapes = [(d, d), (kv, d), (kv, d), (d, d), (h, d), (h, d), (d, h)]
-    return [torch.randn(o, i, device=device) for _ in range(config.n_layers) for o, i in shapes]
+    shapes = [(d, d), (kv, d), (kv, d), (d, d), (h, d), (h, d), (d, h)] * config.n_layers
+    return [torch.randn(o, i, device=device) for o, i in shapes + [(config.vocab_size, d)] if o]
 
 
 def main(config: LinearRowsConfig):
@@ -83,9 +87,10 @@ def markdown_row(row: dict) -> str:
 
 def markdown(meta: dict, rows: List[dict]) -> str:
     s = meta["settings"]
-    lines = [f"# A block's projections by row count: {meta['device']}", "", f"    {meta['command']}", "",
+    lines = [f"# A decode step's projections by row count: {meta['device']}", "", f"    {meta['command']}", "",
              f"The seven projections of {s['n_layers']} blocks of width {s['dim']} (FFN {s['hidden_dim']}, K/V "
-             f"{s['kv_dim']}): {meta['weight_gb']:.3f} GB of fp32 weights read per pass; best of {s['repeats']}, "
+             f"{s['kv_dim']})" + (f" and the output projection ({s['vocab_size']} x {s['dim']})" if s['vocab_size'] else "")
+             + f": {meta['weight_gb']:.3f} GB of fp32 weights read per pass; best of {s['repeats']}, "
              f"{s['clock']} clock, {meta['threads']} threads; torch {meta['torch']}; load average (1, 5, 15 min) "
              f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} at the end.",
              "", "| rows | F.linear ms | weight @ x.T ms | F.linear GB/s | weight @ x.T GB/s | transposed x linear "

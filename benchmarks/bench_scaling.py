@@ -143,7 +143,8 @@ def markdown(result: dict, names: List[str]) -> str:
              f"dim {meta['dim']}, {meta['n_layers']} layers, {meta['n_heads']} heads; decode {s['decode_steps']} steps "
              f"after each context; best of {s['repeats']}; torch {meta['torch']}, transformers {meta['transformers']}. "
              f"Load average (1, 5, 15 min) before {fmt_load(meta['load_average_before'])}, after "
-             f"{fmt_load(meta['load_average_after'])}: other jobs shared the cores, so compare ratios within a row.",
+             f"{fmt_load(meta['load_average_after'])} (this run's own {meta['threads']} threads count in it); the "
+             f"ratios of a row come from one run, so compare those.",
              "", "## Decode, ms per generated token (D-LLM: speed over dense, share of the bytes ideal reached)", "",
              "| batch | context | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
     lines += [markdown_row(cell, names) for cell in result["cells"]]

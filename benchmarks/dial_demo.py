@@ -19,7 +19,9 @@ Per configuration, on the dataset's test split (never calibrated on): the share 
 and its gap to the budget; evaluate.py's perplexity rows (held-out CE, top-1 agreement, FLOPs and
 KV ratios from the routing that happened); and generation speed: greedy generation of up to
 --max_gen_len tokens for each of the first --n_generate test prompts alone (batch 1), best of
---repeats, the dense base timed in turn with it (the same load for both). Writes --out (JSON), the same path with
+--repeats, the dense base timed in turn with it (the same load for both). With the method "mixed", the
+same prompts served as one batch, each at its own budget through the routers' input, timed against
+the dense base and against every row at the budgets' mean. Writes --out (JSON), the same path with
 .md, and --png (quality against FLOPs ratio, one line per method).
 """
 import json
@@ -68,8 +70,9 @@ class DialBenchConfig(Settings):
                              "a benchmarks/baselines.py JSON whose seed-0 dllm, static_ppl and dense rows are shown "
                              "(empty: none)")
     methods: List[str] = setting(list(("dial", "router_input", "quantile", "separate", "baselines")),
-                                 "what this run measures (separate processes may split them, --parts joins them)",
-                                 choices=("dial", "router_input", "quantile", "separate", "baselines"))
+                                 "what this run measures (separate processes may split them, --parts joins them); "
+                                 "mixed: the dial adapter serving the timing prompts as one batch, each at its own budget",
+                                 choices=("dial", "router_input", "quantile", "separate", "baselines", "mixed"))
     parts: List[str] = setting([], "join the rows of these earlier runs' JSON files instead of measuring")
     max_seq_len: int = setting(512, "longest sequence in tokens", low=2)
     batch_size: int = setting(8, "records per forward pass", low=1)
@@ -142,6 +145,40 @@ class Bench:
               f"gen x{row['gen_x_dense']:.2f}", flush=True)
         return row
 
+    @torch.inference_mode()
+    def mixed_batch_row(self, adapter: str) -> dict:
+        """The timing prompts as one batch, each at its own budget (--budgets in turn), through the
+        routers' budget input: the batch's generated tokens/s against the dense base and against
+        every row at the budgets' mean, on the same batch, timed in turn (best of --repeats); and each
+        row's executed share (prompt and answer) beside its budget."""
+        c = self.config
+        budgets = [c.budgets[i % len(c.budgets)] for i in range(len(self.prompts))]
+        mean = sum(budgets) / len(budgets)
+        generator = self.build(adapter)
+        generator.model.routing.dial = None
+
+        def generate(g: Llama, budget):
+            return lambda: g.generate(self.prompts, c.max_gen_len, temperature=0.0, actprobs=False, budget=budget)
+
+        runs = {"dense": generate(self.dense, None), "mixed": generate(generator, budgets),
+                "uniform": generate(generator, mean)}
+        best = {}
+        for _ in range(c.repeats):
+            for name, run in runs.items():
+                took, generation = timed(run, generator.device)
+                if took < best.get(name, (math.inf,))[0]:
+                    best[name] = took, generation
+        tok_s = {name: sum(map(len, g.tokens)) / took for name, (took, g) in best.items()}
+        shares = [best["mixed"][1].routing.exec_share(i) for i in range(len(budgets))]
+        row = {"method": "dial adapter, budgets mixed in one batch", "budget": None, "budgets": budgets,
+               "adapter": os.path.relpath(adapters.adapter_file(adapter), ROOT), "row_exec_shares": shares,
+               "exec_share": sum(shares) / len(shares), "share_gap": None, "batch": len(budgets),
+               "uniform_budget": mean, "gen_tok_s": tok_s["mixed"], "gen_x_dense": tok_s["mixed"] / tok_s["dense"],
+               "uniform_x_dense": tok_s["uniform"] / tok_s["dense"]}
+        print(f"{row['method']}: batch {len(budgets)}, gen x{row['gen_x_dense']:.2f} dense, every row at {mean:.3f}: "
+              f"x{row['uniform_x_dense']:.2f}", flush=True)
+        return row
+
     def dial_rows(self, adapter: str, method: str, router_input_only: bool = False) -> List[dict]:
         rows = []
         for budget in self.config.budgets:
@@ -163,6 +200,8 @@ def plot_rows(rows: List[dict], dataset: str):
     """Each method's rows as evaluate.py rows (ppl and top-1 agreement) for dllm.plots."""
     runs = {}
     for r in rows:
+        if "val_ppl" not in r:  # a timing only (the mixed batch)
+            continue
         runs.setdefault(r["method"], []).extend([
             {"dataset": dataset, "metric": "ppl", "value": r["val_ppl"], "flops_ratio": r["flops_ratio"]},
             {"dataset": dataset, "metric": "top-1 agreement", "value": r["top1_agreement"], "flops_ratio": r["flops_ratio"]}])
@@ -181,9 +220,15 @@ def markdown(rows: List[dict], meta: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | {cell(r['budget'], 'g')} | {cell(r.get('target'), 'g')} | {cell(r['exec_share'], '.3f')} "
-            f"| {cell(r['share_gap'], '+.3f')} | {r['flops_ratio']:.3f} | {r['kv_ratio']:.3f} | {r['val_ce']:.3f} "
-            f"| {r['val_ppl']:.1f} | {cell(r['top1_agreement'], '.3f')} | {cell(r.get('gen_tok_s'), '.1f')} "
-            f"| {cell(r.get('gen_x_dense'), '.2f')} |")
+            f"| {cell(r['share_gap'], '+.3f')} | {cell(r.get('flops_ratio'), '.3f')} | {cell(r.get('kv_ratio'), '.3f')} "
+            f"| {cell(r.get('val_ce'), '.3f')} | {cell(r.get('val_ppl'), '.1f')} | {cell(r.get('top1_agreement'), '.3f')} "
+            f"| {cell(r.get('gen_tok_s'), '.1f')} | {cell(r.get('gen_x_dense'), '.2f')} |")
+        if "budgets" in r:
+            lines.append(f"| (every row at {r['uniform_budget']:.3f}) | | | | | | | | | | | {r['uniform_x_dense']:.2f} |")
+    mixed = [r for r in rows if "budgets" in r]
+    for r in mixed:
+        lines += ["", f"Mixed batch of {r['batch']}: budget and share executed per row: " + ", ".join(
+            f"{b:g} / {s:.3f}" for b, s in zip(r["budgets"], r["row_exec_shares"]))]
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +238,8 @@ def measure_rows(config: DialBenchConfig) -> List[dict]:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (calibrated dial)")
     if config.dial_adapter and "router_input" in methods:
         rows += bench.dial_rows(config.dial_adapter, "dial adapter (router input only)", router_input_only=True)
+    if config.dial_adapter and "mixed" in methods:
+        rows.append(bench.mixed_batch_row(config.dial_adapter))
     ordinary = config.ordinary_adapter or assets.default_adapter(config.llama_ckpt_dir,
                                                                           presets.CHECKOUT_DEFAULTS["shipped_adapters"])
     if ordinary and "quantile" in methods:

@@ -131,6 +131,24 @@ def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():
     assert torch.isfinite(margin).all()
 
 
+
+def test_inference_reuses_the_budget_terms_until_the_weights_change():
+    """Without grad the same budget tensor reuses its terms (generation asks at every step); a load
+    into the router after that is seen, and the logits always equal a fresh computation's."""
+    torch.manual_seed(0)
+    router = Router(16, 8, 1e-5, (0.1, 2.0), budget_input=True)
+    x, budget = torch.randn(2, 3, 16), torch.tensor([0.5, 0.9])
+    with torch.inference_mode():
+        first = router(x, budget)
+        assert router.budget_terms(budget) is router.budget_terms(budget)
+        router.load_state_dict({**router.state_dict(), "budget.weight": torch.randn(8, 1)})
+        after_load = router(x, budget)
+        assert router(x, budget.clone()).equal(after_load)
+    fresh = Router(16, 8, 1e-5, (0.1, 2.0), budget_input=True)
+    fresh.load_state_dict(router.state_dict())
+    assert not after_load.equal(first)
+    assert torch.allclose(after_load, fresh(x, budget))
+
 def test_an_adapter_without_the_option_keeps_its_keys_and_params():
     with open(f"{ROOT}/assets/tiny-dllm/params.json") as f:
         args = ModelArgs.from_dict(json.load(f))
@@ -197,3 +215,38 @@ def test_the_dial_benchmark_sums_each_prompts_best_time(monkeypatch):
     tok_s, x_dense = bench.generation_speedup(Fake(10))
     # best run times 0.5 and 1.0, best dense 2.0 and 4.0
     assert tok_s == pytest.approx(20 / 1.5) and x_dense == pytest.approx((20 / 1.5) / (20 / 6.0))
+
+
+def test_the_mixed_batch_timing_serves_each_row_its_budget_and_compares_on_the_same_batch(monkeypatch, tmp_path):
+    """dial_demo's mixed batch: the prompts in one batch with --budgets in turn, against the dense base
+    and every row at the budgets' mean on the same prompts, each the best of its repeats."""
+    from types import SimpleNamespace
+
+    from benchmarks import dial_demo
+
+    asked = []
+
+    class Fake:
+        def __init__(self):
+            self.device, self.model = "cpu", SimpleNamespace(routing=SimpleNamespace(dial="calibrated"))
+
+        def generate(self, prompts, max_gen_len, budget=None, **kwargs):
+            asked.append(budget)
+            shares = budget if isinstance(budget, list) else [0.9] * len(prompts)
+            return SimpleNamespace(tokens=[[0] * 4] * len(prompts), routing=SimpleNamespace(exec_share=lambda i: shares[i]))
+
+    clock = iter([3.0, 1.0, 2.0, 4.0, 2.0, 1.0])  # dense, mixed, uniform; twice
+    monkeypatch.setattr(dial_demo, "timed", lambda call, device: (next(clock), call()))
+    bench = object.__new__(dial_demo.Bench)
+    generator = Fake()
+    bench.build = lambda adapter: generator
+    bench.config = SimpleNamespace(repeats=2, max_gen_len=4, budgets=[0.5, 1.0])
+    bench.prompts, bench.dense = [[1], [2], [3]], Fake()
+    adapter = tmp_path / "adapter.pth"
+    adapter.touch()
+    row = bench.mixed_batch_row(str(adapter))
+    assert asked[:3] == [None, [0.5, 1.0, 0.5], pytest.approx(2 / 3)]
+    assert generator.model.routing.dial is None  # the routers' budget input, not the calibrated dial
+    assert row["row_exec_shares"] == [0.5, 1.0, 0.5] and row["budgets"] == [0.5, 1.0, 0.5]
+    # best dense 3.0, mixed 1.0, uniform 1.0; 12 tokens each
+    assert row["gen_x_dense"] == pytest.approx(3.0) and row["uniform_x_dense"] == pytest.approx(3.0)

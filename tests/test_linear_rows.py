@@ -13,7 +13,7 @@ from dllm.core.layers import TRANSPOSED_ROWS, linear
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 12])
 def test_inference_takes_the_transposed_product_for_the_listed_rows_and_matches_f_linear(rows):
     torch.manual_seed(rows)
     x, weight = torch.randn(rows, 1, 48), torch.randn(40, 48)
@@ -37,7 +37,7 @@ def test_training_keeps_f_linear_and_its_gradient():
 
 def test_the_benchmark_checks_both_products_and_marks_the_rows_sent_transposed(tmp_path):
     out = tmp_path / "rows.json"
-    bench_linear_rows.main(bench_linear_rows.LinearRowsConfig(n_layers=1, rows=[1, 3], repeats=1, out=str(out)))
+    bench_linear_rows.main(bench_linear_rows.LinearRowsConfig(n_layers=1, vocab_size=64, rows=[1, 3], repeats=1, out=str(out)))
     rows = {r["rows"]: r for r in json.loads(out.read_text())["rows"]}
     assert [rows[1]["sent_transposed"], rows[3]["sent_transposed"]] == [False, True]
     # one repeat: its pair of timings is the best of each, so the range is that one ratio

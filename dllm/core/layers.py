@@ -14,10 +14,11 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 # Row counts for which `weight @ x.T` runs faster than F.linear's `x @ weight.T`, by device. On the
-# CPU's BLAS a product of 2 to 4 rows, which is what a routed block gets in batched decode when
-# some rows skip it, reads the weight about twice as fast that way (benchmarks/bench_linear_rows.py).
-# A device not listed keeps F.linear.
-TRANSPOSED_ROWS = {"cpu": range(2, 5)}
+# CPU's BLAS a product of 2 to 8 rows, what a decode step at batch 8 or less gives every projection
+# (a routed block gets only the rows that execute it), reads the weight 1.5x to 3.6x as fast that
+# way, ahead in every repeat (benchmarks/bench_linear_rows.py); 12 rows are even, so larger batches
+# keep F.linear. Dense and D-LLM take it alike. A device not listed keeps F.linear.
+TRANSPOSED_ROWS = {"cpu": range(2, 9)}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -30,22 +31,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """fairscale's column-parallel linear with its product taken by `linear`."""
+    """fairscale's column-parallel linear with its product taken by `linear`. Unsplit (one
+    model-parallel rank) it skips fairscale's region mappings: identities there, but each is an
+    autograd Function call, and a decode step makes about two hundred of them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(copy_to_model_parallel_region(x), self.weight)
+        split = self.output_size_per_partition != self.out_features
+        out = linear(copy_to_model_parallel_region(x) if split else x, self.weight)
         if self.bias is not None:
             out = out + self.bias
-        return gather_from_model_parallel_region(out) if self.gather_output else out
+        return gather_from_model_parallel_region(out) if split and self.gather_output else out
 
 
 class RowLinear(RowParallelLinear):
-    """fairscale's row-parallel linear with its product taken by `linear`."""
+    """fairscale's row-parallel linear with its product taken by `linear`; unsplit, no region
+    mappings (as ColumnLinear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
+        split = self.input_size_per_partition != self.in_features
+        if split and not self.input_is_parallel:
             x = scatter_to_model_parallel_region(x)
-        out = reduce_from_model_parallel_region(linear(x, self.weight))
+        out = linear(x, self.weight)
+        if split:
+            out = reduce_from_model_parallel_region(out)
         return out if self.bias is None else out + self.bias
 
 

@@ -55,16 +55,34 @@ class Router(nn.Module):
             nn.init.zeros_(self.budget.weight)
             nn.init.zeros_(self.budget.bias)
             self.budget_gain = nn.Parameter(torch.ones(1, dtype=torch.float32))
+        self._inference_terms = None  # (budget, parameter versions, terms): see budget_terms
 
     def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, s, dim], budget [b] (routers with a budget input) -> logits [b, s, 2]."""
         hidden = self.linear_1(x.float())
         if self.budget is None:
             return self.linear_2(F.silu(self.norm(hidden)))
-        budget = budget.float()
-        logits = self.linear_2(F.silu(self.norm(hidden + self.budget(budget[:, None, None]))))
-        shift = self.budget_gain * torch.logit(budget.clamp(self.BUDGET_CLAMP, 1 - self.BUDGET_CLAMP))
-        return logits + torch.stack([torch.zeros_like(shift), shift], -1)[:, None, :]
+        offset, shift = self.budget_terms(budget)
+        return self.linear_2(F.silu(self.norm(hidden + offset))) + shift
+
+    def budget_terms(self, budget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """What a row's budget adds: to the hidden layer [b, 1, hdim] and to the logits [b, 1, 2].
+
+        They depend on the budget and this router's weights only, so without grad (generation: the
+        same budget tensor at every step) they are computed once and reused while the budget tensor
+        and the weights (their version counters: an optimizer step or a load bumps them) stay the
+        same; at batch 1 their eight small ops per block were most of a dial's routing cost.
+        """
+        versions = (self.budget.weight._version, self.budget.bias._version, self.budget_gain._version)
+        memo = self._inference_terms
+        if memo is not None and memo[0] is budget and memo[1] == versions and not torch.is_grad_enabled():
+            return memo[2]
+        share = budget.float()
+        offset = self.budget(share[:, None, None])
+        shift = self.budget_gain * torch.logit(share.clamp(self.BUDGET_CLAMP, 1 - self.BUDGET_CLAMP))
+        terms = offset, F.pad(shift[:, None, None], (1, 0))
+        self._inference_terms = None if torch.is_grad_enabled() else (budget, versions, terms)
+        return terms
 
 
 def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> Optional[Router]:
@@ -216,6 +234,7 @@ class DLLMRouting(DenseRouting):
                                  f"asked): must lie in dynamic_budget_range {list(self.trained_range)}")
         self.budget: Optional[float] = None
         self.dial: Optional[MarginDial] = None
+        self._asked_budget = None  # ((budget, rows, device), that budget per row)
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
         return router_from_start_layer(self.args, layer_id, budget_input=self.trained_range is not None)
@@ -248,7 +267,13 @@ class DLLMRouting(DenseRouting):
                 state["budget"] = low + (high - low) * torch.rand(x.shape[0], device=x.device)
             elif self.budget is not None or self.trained_range is not None:
                 asked = self.args.dynamic_active_target if self.budget is None else self.budget
-                state["budget"] = torch.full((x.shape[0],), asked, device=x.device)
+                key = (asked, x.shape[0], x.device)
+                if torch.is_grad_enabled():
+                    state["budget"] = torch.full((x.shape[0],), asked, device=x.device)
+                else:  # one tensor while the budget stands, so the routers' budget_terms are reused
+                    if self._asked_budget is None or self._asked_budget[0] != key:
+                        self._asked_budget = key, torch.full((x.shape[0],), asked, device=x.device)
+                    state["budget"] = self._asked_budget[1]
             else:
                 return None
         return state["budget"]

@@ -145,7 +145,6 @@ class Bench:
               f"gen x{row['gen_x_dense']:.2f}", flush=True)
         return row
 
-    @torch.inference_mode()
     def mixed_batch_row(self, adapter: str) -> dict:
         """The timing prompts as one batch, each at its own budget (--budgets in turn), through the
         routers' budget input: the batch's generated tokens/s against the dense base and against

@@ -148,6 +148,11 @@ def test_inference_reuses_the_budget_terms_until_the_weights_change():
     fresh.load_state_dict(router.state_dict())
     assert not after_load.equal(first)
     assert torch.allclose(after_load, fresh(x, budget))
+    with torch.inference_mode():  # weights made here count no versions: computed every time, still right
+        made_here = Router(16, 8, 1e-5, (0.1, 2.0), budget_input=True)
+        made_here.load_state_dict(router.state_dict())
+        made_here(x, budget)
+        assert torch.allclose(made_here(x, budget), after_load)
 
 def test_an_adapter_without_the_option_keeps_its_keys_and_params():
     with open(f"{ROOT}/assets/tiny-dllm/params.json") as f:
@@ -250,3 +255,19 @@ def test_the_mixed_batch_timing_serves_each_row_its_budget_and_compares_on_the_s
     assert row["row_exec_shares"] == [0.5, 1.0, 0.5] and row["budgets"] == [0.5, 1.0, 0.5]
     # best dense 3.0, mixed 1.0, uniform 1.0; 12 tokens each
     assert row["gen_x_dense"] == pytest.approx(3.0) and row["uniform_x_dense"] == pytest.approx(3.0)
+
+
+def test_an_eval_forward_with_grad_after_inference_still_reaches_the_budget_weights():
+    """The budget tensor and terms kept for generation are not reused where grad is on (a tensor made
+    under inference_mode cannot be saved for backward)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7)).eval()
+    tokens = torch.randint(3, 320, (2, 6))
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens)
+    x = torch.randn(2, 6, model.params.dim)
+    router = model.layers[1].router
+    logits = router(x, model.routing.row_budget(x, {}, training=False))
+    (grad,) = torch.autograd.grad(logits.sum(), router.budget.weight)
+    assert grad.abs().sum() > 0

@@ -71,17 +71,20 @@ class Router(nn.Module):
         They depend on the budget and this router's weights only, so without grad (generation: the
         same budget tensor at every step) they are computed once and reused while the budget tensor
         and the weights (their version counters: an optimizer step or a load bumps them) stay the
-        same; at batch 1 their eight small ops per block were most of a dial's routing cost.
+        same, instead of eight small ops at every block of every step.
         """
-        versions = (self.budget.weight._version, self.budget.bias._version, self.budget_gain._version)
+        params = (self.budget.weight, self.budget.bias, self.budget_gain)
+        # weights made under inference_mode count no versions (and may change in place): no reuse
+        reusable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
+        versions = tuple(p._version for p in params) if reusable else None
         memo = self._inference_terms
-        if memo is not None and memo[0] is budget and memo[1] == versions and not torch.is_grad_enabled():
+        if reusable and memo is not None and memo[0] is budget and memo[1] == versions:
             return memo[2]
         share = budget.float()
         offset = self.budget(share[:, None, None])
         shift = self.budget_gain * torch.logit(share.clamp(self.BUDGET_CLAMP, 1 - self.BUDGET_CLAMP))
         terms = offset, F.pad(shift[:, None, None], (1, 0))
-        self._inference_terms = None if torch.is_grad_enabled() else (budget, versions, terms)
+        self._inference_terms = (budget, versions, terms) if reusable else None
         return terms
 
 
@@ -268,12 +271,11 @@ class DLLMRouting(DenseRouting):
             elif self.budget is not None or self.trained_range is not None:
                 asked = self.args.dynamic_active_target if self.budget is None else self.budget
                 key = (asked, x.shape[0], x.device)
-                if torch.is_grad_enabled():
-                    state["budget"] = torch.full((x.shape[0],), asked, device=x.device)
-                else:  # one tensor while the budget stands, so the routers' budget_terms are reused
-                    if self._asked_budget is None or self._asked_budget[0] != key:
-                        self._asked_budget = key, torch.full((x.shape[0],), asked, device=x.device)
-                    state["budget"] = self._asked_budget[1]
+                # one tensor while the budget stands, so the routers reuse their budget_terms; fresh
+                # with grad, where a tensor made under inference_mode could not be used
+                if torch.is_grad_enabled() or self._asked_budget is None or self._asked_budget[0] != key:
+                    self._asked_budget = key, torch.full((x.shape[0],), asked, device=x.device)
+                state["budget"] = self._asked_budget[1]
             else:
                 return None
         return state["budget"]

@@ -282,8 +282,12 @@ def main(config: DialBenchConfig):
     table = markdown(rows, meta)
     atomic_write_text(table, os.path.splitext(config.out)[0] + ".md")
     print(table)
-    save_png(quality_flops_figure(plot_rows(rows, config.dataset_name)), config.png)
-    print(f"wrote {config.out}, {os.path.splitext(config.out)[0]}.md and {config.png}")
+    written = f"{config.out} and {os.path.splitext(config.out)[0]}.md"
+    quality = plot_rows(rows, config.dataset_name)
+    if quality:
+        save_png(quality_flops_figure(quality), config.png)
+        written += f" and {config.png}"
+    print(f"wrote {written}" + ("" if quality else " (timings only: no quality to plot)"))
 
 
 if __name__ == "__main__":

@@ -266,8 +266,8 @@ def joined_rows(parts: List[str]):
 
 def main(config: DialBenchConfig):
     command = run_command()
-    machine = (f"{os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the "
-               f"end), {torch.get_num_threads()} torch threads; speeds are ratios to the dense base timed in turn with "
+    machine = (f"{os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the end, this run included), "
+               f"{torch.get_num_threads()} torch threads; speeds are ratios to the dense base timed in turn with "
                f"each configuration")
     if config.parts:
         rows, commands, machines = joined_rows(config.parts)

@@ -111,23 +111,24 @@ class Bench:
                            max_batch_size=max(c.batch_size, c.n_generate), model_parallel_size=1,
                            dense=adapter is None, budget=budget)
 
+    def greedy(self, generator: Llama, prompts, budget=None):
+        """A greedy generation of the timing length, to be timed."""
+        return lambda: generator.generate(prompts, self.config.max_gen_len, temperature=0.0, actprobs=False,
+                                          budget=budget)
+
     @torch.inference_mode()
     def generation_speedup(self, generator: Llama):
         """(tokens/s, x dense) of greedy generation for each timing prompt alone (batch 1, a request
         as served): each prompt's best of --repeats, the configuration and the dense base timed in
         turn so that both see the same load."""
-        seconds, dense_seconds, generated, dense_generated = 0.0, 0.0, 0, 0
+        seconds, generated = {"dense": 0.0, "run": 0.0}, {"dense": 0, "run": 0}
         for prompt in self.prompts:
-            best = {}
-            for _ in range(self.config.repeats):
-                for name, g in (("dense", self.dense), ("run", generator)):
-                    took, generation = timed(lambda: g.generate([prompt], self.config.max_gen_len, temperature=0.0,
-                                                                actprobs=False), g.device)
-                    best[name] = min(best.get(name, math.inf), took)
-                    best[name + "_tokens"] = len(generation.tokens[0])
-            seconds, generated = seconds + best["run"], generated + best["run_tokens"]
-            dense_seconds, dense_generated = dense_seconds + best["dense"], dense_generated + best["dense_tokens"]
-        return generated / seconds, (generated / seconds) / (dense_generated / dense_seconds)
+            runs = {"dense": self.greedy(self.dense, [prompt]), "run": self.greedy(generator, [prompt])}
+            for name, (took, generation) in best_in_turn(runs, self.config.repeats, generator.device).items():
+                seconds[name] += took
+                generated[name] += len(generation.tokens[0])
+        tok_s = generated["run"] / seconds["run"]
+        return tok_s, tok_s / (generated["dense"] / seconds["dense"])
 
     def measure(self, generator: Llama, method: str, budget: Optional[float], adapter: str) -> dict:
         c = self.config
@@ -155,18 +156,9 @@ class Bench:
         mean = sum(budgets) / len(budgets)
         generator = self.build(adapter)
         generator.model.routing.dial = None
-
-        def generate(g: Llama, budget):
-            return lambda: g.generate(self.prompts, c.max_gen_len, temperature=0.0, actprobs=False, budget=budget)
-
-        runs = {"dense": generate(self.dense, None), "mixed": generate(generator, budgets),
-                "uniform": generate(generator, mean)}
-        best = {}
-        for _ in range(c.repeats):
-            for name, run in runs.items():
-                took, generation = timed(run, generator.device)
-                if took < best.get(name, (math.inf,))[0]:
-                    best[name] = took, generation
+        runs = {"dense": self.greedy(self.dense, self.prompts), "mixed": self.greedy(generator, self.prompts, budgets),
+                "uniform": self.greedy(generator, self.prompts, mean)}
+        best = best_in_turn(runs, c.repeats, generator.device)
         tok_s = {name: sum(map(len, g.tokens)) / took for name, (took, g) in best.items()}
         shares = [best["mixed"][1].routing.exec_share(i) for i in range(len(budgets))]
         row = {"method": "dial adapter, budgets mixed in one batch", "budget": None, "budgets": budgets,
@@ -186,6 +178,18 @@ class Bench:
                 generator.model.routing.dial = None
             rows.append(self.measure(generator, method, budget, adapter))
         return rows
+
+
+def best_in_turn(runs: dict, repeats: int, device) -> dict:
+    """{name: (seconds, result)}: each run's fastest of `repeats`, the runs timed in turn in every
+    repeat so that all see the same load."""
+    best = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            took, result = timed(run, device)
+            if took < best.get(name, (math.inf,))[0]:
+                best[name] = took, result
+    return best
 
 
 def baseline_rows(path: str) -> List[dict]:
@@ -224,10 +228,10 @@ def markdown(rows: List[dict], meta: dict) -> str:
             f"| {cell(r.get('gen_tok_s'), '.1f')} | {cell(r.get('gen_x_dense'), '.2f')} |")
         if "budgets" in r:
             lines.append(f"| (every row at {r['uniform_budget']:.3f}) | | | | | | | | | | | {r['uniform_x_dense']:.2f} |")
-    mixed = [r for r in rows if "budgets" in r]
-    for r in mixed:
-        lines += ["", f"Mixed batch of {r['batch']}: budget and share executed per row: " + ", ".join(
-            f"{b:g} / {s:.3f}" for b, s in zip(r["budgets"], r["row_exec_shares"]))]
+    for r in rows:
+        if "budgets" in r:
+            lines += ["", f"Mixed batch of {r['batch']}: budget and share executed per row: " + ", ".join(
+                f"{b:g} / {s:.3f}" for b, s in zip(r["budgets"], r["row_exec_shares"]))]
     return "\n".join(lines) + "\n"
 
 

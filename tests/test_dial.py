@@ -131,7 +131,6 @@ def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():
     assert torch.isfinite(margin).all()
 
 
-
 def test_inference_reuses_the_budget_terms_until_the_weights_change():
     """Without grad the same budget tensor reuses its terms (generation asks at every step); a load
     into the router after that is seen, and the logits always equal a fresh computation's."""
@@ -153,6 +152,7 @@ def test_inference_reuses_the_budget_terms_until_the_weights_change():
         made_here.load_state_dict(router.state_dict())
         made_here(x, budget)
         assert torch.allclose(made_here(x, budget), after_load)
+
 
 def test_an_adapter_without_the_option_keeps_its_keys_and_params():
     with open(f"{ROOT}/assets/tiny-dllm/params.json") as f:

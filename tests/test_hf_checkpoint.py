@@ -149,3 +149,22 @@ def test_tokenizer_larger_than_the_embedding_is_refused(smollm2_tokenizer_dir, t
         Llama.build(str(tmp_path), tokenizer_path=smollm2_tokenizer_dir, max_seq_len=32, max_batch_size=1)
     assert str(e.value) == (f"{smollm2_tokenizer_dir}: 49152 tokens but the model's vocab_size is 320 "
                             f"(the tokenizer does not belong to this model)")
+
+
+def test_random_weights_keep_the_shape_and_load_in_both_libraries(llama3_dir, tmp_path):
+    """The stand-in base a GPU machine times on: the source's architecture and files, not its weights."""
+    import transformers
+    from dllm.checkpoints.conversion import convert
+
+    directory, _ = llama3_dir
+    out = tmp_path / "random"
+    convert(str(directory), str(out), "hf", dtype=torch.float32, random_weights=True)
+    assert model_params.load_params(str(out)) == model_params.load_params(str(directory))
+    source = base_model.read_base(str(directory), model_params.load_params(str(directory)))
+    stand_in = base_model.read_base(str(out), model_params.load_params(str(out)))
+    assert {k: v.shape for k, v in stand_in.items()} == {k: v.shape for k, v in source.items()}
+    assert not any(torch.equal(stand_in[k], v) for k, v in source.items() if v.ndim == 2)
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tokens = torch.randint(0, LLAMA3_STYLE["vocab_size"], (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(our_logits(out, tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,8 @@ SRC is a GGUF file (dequantized), a Hugging Face directory (config.json + safete
 directory (params.json + consolidated.NN.pth, any number of shards). `--to meta` with
 `--model_parallel_size N` writes N shards for `torchrun --nproc_per_node N` (resharding a Meta
 checkpoint is Meta -> Meta). Tokenizer files and the chat template travel along.
+`--random_weights` writes SRC's shape (and tokenizer files) with random weights instead: a stand-in
+base for timing on a machine the real weights cannot reach (benchmarks/gpu_tables.sh).
 """
 import argparse
 
@@ -25,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--model_parallel_size", type=int, default=1, help="Meta output: number of shards (default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="output dtype (default bfloat16)")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="HF output: safetensors shard size (default 5)")
+    p.add_argument("--random_weights", action="store_true",
+                   help="SRC's architecture with random weights (only SRC's config is read)")
     args = p.parse_args(argv)
     if args.model_parallel_size < 1:
         p.error(f"--model_parallel_size {args.model_parallel_size}: must be at least 1")
@@ -35,8 +39,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    convert(args.src, args.dst, args.to, args.model_parallel_size, DTYPES[args.dtype], int(args.max_shard_gb * 2**30))
-    print(f"wrote {args.dst} ({args.to} layout, {args.dtype})")
+    convert(args.src, args.dst, args.to, args.model_parallel_size, DTYPES[args.dtype], int(args.max_shard_gb * 2**30),
+            args.random_weights)
+    weights = "random weights" if args.random_weights else "weights"
+    print(f"wrote {args.dst} ({args.to} layout, {args.dtype} {weights})")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from dllm.checkpoints import gguf_layout
 from dllm.checkpoints import hf_layout
+from dllm import distributed
 from dllm.checkpoints import base_model, layouts, meta_layout, model_params
 from dllm.errors import InputError
 from dllm.checkpoints.gguf_vocab import write_tokenizer_files
-from dllm.core.model import ModelArgs, check_model_parallel_split
+from dllm.core.model import ModelArgs, Transformer, check_model_parallel_split, is_adapter_key
 
 # files that travel with the weights unchanged (tokenizers, chat template, token ids)
 COMPANION_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -53,6 +54,23 @@ def read_source(src: str) -> Source:
         config = hf_layout.read_config(src)
         extra = {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
     return Source(args, base_model.read_base(src, args), extra, companion_dir=src)
+
+
+def random_source(src: str, seed: int = 0) -> Source:
+    """`src`'s architecture and companion files with this model's random initialisation: a stand-in
+    base of the same shape for timing, where the real weights cannot be copied (a GPU machine with
+    no hub). Only the config (or params.json) of `src` is read."""
+    if not os.path.isdir(src):
+        raise InputError(f"{src}: --random_weights needs a Hugging Face or Meta checkpoint directory (its config)")
+    args = model_params.load_params(src)
+    distributed.setup_if_needed()
+    torch.manual_seed(seed)
+    weights = {k: v for k, v in Transformer(args).state_dict().items() if not is_adapter_key(k)}
+    extra = {}
+    if layouts.checkpoint_layout(src) == "hf":
+        config = hf_layout.read_config(src)
+        extra = {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
+    return Source(args, weights, extra, companion_dir=src)
 
 
 def _cast(state_dict: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
@@ -107,15 +125,16 @@ def write_companions(source: Source, out_dir: str):
 
 
 def convert(src: str, dst: str, to: str, model_parallel_size: int = 1, dtype: torch.dtype = torch.bfloat16,
-            max_shard_bytes: int = 5 * 2**30):
-    """Write `src` (GGUF file, HF or Meta directory) to the new directory `dst` in layout `to`."""
+            max_shard_bytes: int = 5 * 2**30, random_weights: bool = False):
+    """Write `src` (GGUF file, HF or Meta directory) to the new directory `dst` in layout `to`;
+    with `random_weights`, `src`'s shape with random weights (random_source)."""
     if to not in ("hf", "meta"):
         raise InputError(f"--to {to!r}: choose hf or meta")
     if to == "hf" and model_parallel_size != 1:
         raise InputError("--model_parallel_size applies to the Meta layout; Hugging Face checkpoints are split on load")
     if os.path.exists(dst):
         raise InputError(f"{dst} exists; convert into a new directory (nothing is overwritten)")
-    source = read_source(src)
+    source = random_source(src) if random_weights else read_source(src)
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-convert-")

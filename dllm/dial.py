@@ -10,6 +10,13 @@ a per-block quantile would undo that (docs/dial.md), so its blocks
 share one threshold: the quantile of all blocks' margins pooled, which only corrects the share. The grid of
 per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
 and read into the policy (routing.MarginDial) when a budget is asked.
+
+LoRA strength (tools/calibrate_lora_strength.py), for a budget-conditioned adapter: its LoRA is
+trained under every budget of its range, so it moves the model even where nearly every block runs.
+For each budget of a grid, the strength of the LoRA update (a factor on it, from a list) with the
+least KL to the base on the first training records is saved beside the checkpoint
+(NAME.lora_strength.json); generation then keeps the LoRA unmerged and sets its strength to the
+budget asked.
 """
 import os
 from dataclasses import dataclass
@@ -25,7 +32,8 @@ from dllm.data import InstructionDataset, load_records
 from dllm.errors import InputError
 from dllm.generation import Llama, ModelPaths
 from dllm.core.model import Transformer
-from dllm.checkpoints.dial_file import dial_path, write_dial
+from dllm.checkpoints.dial_file import LoraStrength, dial_path, lora_strength_path, write_dial, write_lora_strength
+from dllm.fidelity import Sums, teacher_forced
 from dllm.core.routing import MarginDial
 from dllm.training.config import TrainConfig
 from dllm.training.data_loading import Indexed, trim_padding, val_loader
@@ -85,9 +93,9 @@ def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor
     return {layer_id: torch.cat(values) for layer_id, values in margins.items()}
 
 
-def calibrate(model: Transformer, loader, device, budgets: List[float]):
+def calibrate(model: Transformer, loader, device, budgets: List[float], on_budget=lambda budget: None):
     """The dial meeting each budget on the loader's records, and the share each calibrated entry
-    executes there."""
+    executes there; `on_budget(b)` is called as each budget's turn starts (Llama.set_lora_strength_for)."""
     routing = model.routing
     if routing.name != "dllm":
         raise InputError(f"a dial is for D-LLM adapters; this adapter's routing is {routing.name!r}")
@@ -95,6 +103,7 @@ def calibrate(model: Transformer, loader, device, budgets: List[float]):
     rows, achieved = [], []
     for budget in budgets:
         routing.dial, routing.budget = None, budget
+        on_budget(budget)
         margins = record_margins(model, loader, device)
         every_margin = torch.cat(list(margins.values())) if pooled else None
 
@@ -148,7 +157,7 @@ def calibrate_dial(config: DialConfig) -> str:
                          f"of {args.n_layers} blocks that always run")
     loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
                             config.max_seq_len, config.batch_size)
-    dial, achieved = calibrate(model, loader, generator.device, budgets)
+    dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for)
     provenance = {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
                   "calibrated_on": f"{config.dataset_name} train.json, first {len(loader.dataset)} records, "
                                    f"max_seq_len {config.max_seq_len}"}
@@ -156,4 +165,61 @@ def calibrate_dial(config: DialConfig) -> str:
     for budget, share in zip(budgets, achieved):
         print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records")
     print(f"dial written to {path}")
+    return path
+
+
+@dataclass
+class LoraStrengthConfig(DialConfig):
+    """tools/calibrate_lora_strength.py's settings."""
+
+    n_records: int = setting(24, "the first training records, in file order, the strengths are chosen on", low=1)
+    budgets: List[float] = setting([], "the grid of budgets, e.g. \"[0.5, 0.75, 1.0]\" (default: five, evenly over "
+                                   "the adapter's trained range)", low=0.0, high=1.0)
+    strengths: List[float] = setting([0.0, 0.25, 0.5, 0.75, 1.0], "the LoRA strengths tried at each budget (a factor "
+                                     "on the trained update; 1: as trained)", low=0.0)
+    overwrite: bool = setting(False, "replace the schedule an earlier calibration left beside the adapter")
+
+
+def calibrate_lora_strength(config: LoraStrengthConfig) -> str:
+    """tools/calibrate_lora_strength.py: at each budget of the grid, the strength with the least
+    KL(base || model) per response token on the training records; written beside the checkpoint."""
+    adapter = config.adapter()
+    if adapter is None:
+        raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
+    path = lora_strength_path(adapter)
+    if os.path.exists(path) and not config.overwrite:
+        raise InputError(f"{path} already exists; pass --overwrite to calibrate it again")
+    sizes = dict(tokenizer_path=config.tokenizer_path, max_seq_len=config.max_seq_len, max_batch_size=config.batch_size)
+    generator = Llama.build(config.llama_ckpt_dir, adapter, keep_lora=True, **sizes)
+    model, args = generator.model, generator.model.params
+    if not args.dynamic_budget_range:
+        raise InputError(f"{adapter}: a LoRA strength schedule is for budget-conditioned D-LLM adapters "
+                         f"(DYNAMIC_BUDGET_RANGE); this one was trained for one target")
+    low, high = args.dynamic_budget_range
+    budgets = sorted(config.budgets) or [round(low + (high - low) * k / 4, 4) for k in range(5)]
+    model.routing.check_budget(budgets)
+    base = Llama.build(config.llama_ckpt_dir, dense=True, **sizes)
+    records = load_records(config.dataset_path, config.dataset_name, "train", ChatFormat(generator.tokenizer))
+    records = records[: config.n_records]
+    chosen, kls = [], []
+    for budget in budgets:
+        model.routing.budget = budget
+        row = []
+        for strength in config.strengths:
+            model.set_lora_strength(strength)
+            sums = Sums()
+            teacher_forced(model, base.model, generator.tokenizer, records, sums, config.batch_size,
+                           desc=f"budget {budget} strength {strength}")
+            row.append(sums.kl / sums.response_tokens)
+        kls.append([round(kl, 5) for kl in row])
+        chosen.append(config.strengths[min(range(len(row)), key=row.__getitem__)])
+        print(f"budget {budget:.3f}: KL {', '.join(f'{kl:.4f}' for kl in row)} at strengths {config.strengths}; "
+              f"strength {chosen[-1]}")
+    provenance = {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
+                  "calibrated_on": f"{config.dataset_name} train.json, first {len(records)} records, "
+                                   f"max_seq_len {config.max_seq_len}",
+                  "strengths_tried": config.strengths, "kl_on_calibration": kls}
+    write_lora_strength(LoraStrength(budgets, chosen), path, adapters.read_adapter(adapter).get("adapter_sha256"),
+                        provenance)
+    print(f"LoRA strength schedule written to {path}")
     return path

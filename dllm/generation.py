@@ -9,7 +9,7 @@ from dllm import distributed
 from dllm.checkpoints import adapters, base_model, layouts, model_params
 from dllm import assets
 from dllm.chat import ChatFormat
-from dllm.checkpoints.dial_file import read_dial
+from dllm.checkpoints.dial_file import LoraStrength, read_dial, read_lora_strength
 from dllm.config import Settings, setting
 from dllm.errors import InputError
 from dllm.core.flops import RoutingStats
@@ -96,6 +96,7 @@ class Llama:
         dense: bool = False,
         execute_threshold: Optional[float] = None,
         budget: Optional[float] = None,
+        keep_lora: bool = False,
     ) -> "Llama":
         """Load the base checkpoint (Meta or Hugging Face layout) and the adapter (a checkpoint file, or a
         fine-tuning output directory: its NAME-last.pth), merge LoRA. The tokenizer is found in
@@ -111,7 +112,9 @@ class Llama:
 
         `budget`: the share of blocks every forward executes unless `generate` asks another per
         prompt (routing.DLLMRouting); the adapter's dial (dllm/dial.py), if calibrated, is read and
-        used whenever a budget is asked.
+        used whenever a budget is asked. An adapter with a LoRA strength schedule beside it
+        (NAME.lora_strength.json, tools/calibrate_lora_strength.py) keeps its LoRA unmerged, at the
+        strength of the budget asked; so does any adapter with `keep_lora`.
         """
         if dense:
             dynamic_ckpt_dir = None
@@ -127,25 +130,38 @@ class Llama:
         device = distributed.setup(model_parallel_size or layouts.default_model_parallel_size(llama_ckpt_dir))
         torch.manual_seed(seed)
         model = base_model.build_model(args, llama_ckpt_dir, dynamic_ckpt_dir, device, distributed.base_dtype(device))
-        model.merge_lora()
+        strength = None
         if dynamic_ckpt_dir and model.routing.name == "dllm":
             model.routing.dial = read_dial(dynamic_ckpt_dir, model.n_layers)
-        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir)
-        if budget is not None:
-            generator.set_budget(budget)
+            strength = read_lora_strength(dynamic_ckpt_dir)
+        if strength is None and not keep_lora:
+            model.merge_lora()
+        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength)
+        generator.set_budget(budget)
         return generator
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, adapter: Optional[str] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, adapter: Optional[str] = None,
+                 lora_strength: Optional[LoraStrength] = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.lora_strength = lora_strength
         self.adapter = adapter
 
-    def set_budget(self, budget: float):
-        """The share of blocks every forward executes from now on, unless a forward asks another."""
-        if not self.adapter:
-            raise InputError(f"--budget {budget}: needs a D-LLM adapter; the base model alone runs every block")
-        self.model.routing.check_budget([budget])
-        self.model.routing.budget = budget
+    def set_budget(self, budget: Optional[float]):
+        """The share of blocks every forward executes from now on, unless a forward asks another
+        (None: the adapter's own target)."""
+        if budget is not None:
+            if not self.adapter:
+                raise InputError(f"--budget {budget}: needs a D-LLM adapter; the base model alone runs every block")
+            self.model.routing.check_budget([budget])
+            self.model.routing.budget = budget
+        self.set_lora_strength_for(budget)
+
+    def set_lora_strength_for(self, budget: Optional[float]):
+        """The LoRA at the strength its schedule gives `budget` (None: the adapter's own target), if it has one."""
+        if self.lora_strength is not None:
+            asked = self.model.params.dynamic_active_target if budget is None else budget
+            self.model.set_lora_strength(self.lora_strength.at(asked))
 
     @property
     def device(self) -> torch.device:
@@ -168,6 +184,9 @@ class Llama:
         budgets = [float(b) for b in budget] if isinstance(budget, (list, tuple)) else [float(budget)] * n_rows
         if len(budgets) != n_rows:
             raise InputError(f"{len(budgets)} budgets for {n_rows} prompts; give one budget, or one per prompt")
+        if self.lora_strength is not None and len(set(budgets)) > 1:
+            raise InputError(f"budgets {budgets}: this adapter's LoRA strength follows the budget "
+                             f"(NAME.lora_strength.json), one for the whole batch; give one budget per call")
         self.model.routing.check_budget(budgets)
         return torch.tensor(budgets, dtype=torch.float32, device=self.device)
 
@@ -191,6 +210,8 @@ class Llama:
         one given to `build`. The returned routing record holds what this call executed and kept."""
         self._check_batch(prompt_tokens)
         row_budget = self._row_budget(budget, len(prompt_tokens))
+        if row_budget is not None:
+            self.set_lora_strength_for(float(row_budget[0]))
         stop = torch.tensor(sorted(self.tokenizer.stop_ids if stop_ids is None else stop_ids), device=self.device)
         bsz, n_layers = len(prompt_tokens), self.model.n_layers
         min_prompt_len = min(len(t) for t in prompt_tokens)
@@ -231,6 +252,8 @@ class Llama:
         # the last token has not been through the model yet; its routing is part of the answer
         fed = max(prev_pos + 1, min_prompt_len)
         step(prev_pos, fed)
+        if row_budget is not None:
+            self.set_lora_strength_for(self.model.routing.budget)
 
         executed = activation.sum(-1)
         stop_set = set(stop.tolist())

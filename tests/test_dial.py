@@ -20,7 +20,7 @@ from dllm.core.routing import Router
 from dllm.training.loop import train
 from dllm.training.validation import validate
 from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
-from tools import calibrate_dial
+from tools import calibrate_dial, calibrate_lora_strength
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -271,3 +271,57 @@ def test_an_eval_forward_with_grad_after_inference_still_reaches_the_budget_weig
     logits = router(x, model.routing.row_budget(x, {}, training=False))
     (grad,) = torch.autograd.grad(logits.sum(), router.budget.weight)
     assert grad.abs().sum() > 0
+
+
+def test_a_lora_strength_interpolates_between_its_budgets():
+    strength = dial_file.LoraStrength([0.5, 0.75, 1.0], [1.0, 0.5, 0.0])
+    assert [strength.at(b) for b in (0.4, 0.5, 0.625, 0.875, 1.0)] == [1.0, 1.0, 0.75, 0.25, 0.0]
+
+
+def lora_scales(generator) -> list:
+    """The distinct scales of the model's LoRA updates (one, when a strength is set)."""
+    attention = [layer.attention for layer in generator.model.layers]
+    return sorted({round(lora.scale, 9) for a in attention for lora in (a.lora_q, a.lora_k, a.lora_v)})
+
+
+@pytest.mark.slow
+def test_the_lora_strength_follows_the_budget_asked(runs, tmp_path):
+    """A budget-conditioned adapter with a strength schedule beside it keeps its LoRA unmerged, at the
+    strength of the budget asked: by Llama.build, set_budget or one generate call; strength 1 is the
+    adapter as trained; a batch of mixed budgets is refused in one line."""
+    adapter = tmp_path / "conditioned"
+    shutil.copytree(runs["conditioned"], adapter, ignore=shutil.ignore_patterns("*.dial.json"))
+    calibration = ["--llama_ckpt_dir", runs["base"], "--dataset_path", runs["data"], "--dataset_name", "demo",
+                   "--n_records", "16", "--max_seq_len", "48", "--budgets", "[0.4, 1.0]", "--strengths", "[0.0, 1.0]"]
+    with pytest.raises(InputError, match=r"trained for one target"):
+        calibrate_lora_strength.main(calibration + ["--dynamic_ckpt_dir", runs["ordinary"]])
+    as_trained = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=0.4, keep_lora=True)
+    path = calibrate_lora_strength.main(calibration + ["--dynamic_ckpt_dir", str(adapter)])
+    with open(path) as f:
+        written = json.load(f)
+    assert written["budgets"] == [0.4, 1.0]
+    assert written["strengths"] == [[0.0, 1.0][min((0, 1), key=row.__getitem__)] for row in written["kl_on_calibration"]]
+    with pytest.raises(InputError, match=r"already exists"):
+        calibrate_lora_strength.main(calibration + ["--dynamic_ckpt_dir", str(adapter)])
+
+    provenance = {k: v for k, v in written.items() if k not in ("adapter_sha256", "budgets", "strengths")}
+    dial_file.write_lora_strength(dial_file.LoraStrength([0.4, 1.0], [1.0, 0.0]), path, written["adapter_sha256"],
+                                  provenance)
+    generator = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=0.7)
+    assert lora_scales(generator) == [0.5]
+    generator.set_budget(0.4)
+    assert lora_scales(generator) == [1.0]
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(generator.model(tokens)[0], as_trained.model(tokens)[0])
+    at_one = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=1.0)
+    assert lora_scales(at_one) == [0.0]
+    called = generator.generate(PROMPTS, 4, temperature=0, budget=1.0)
+    assert called.tokens == at_one.generate(PROMPTS, 4, temperature=0).tokens
+    assert lora_scales(generator) == [1.0], "a call's budget lasts for the call"
+    with pytest.raises(InputError, match=r"one for the whole batch"):
+        generator.generate(PROMPTS, 2, budget=[0.4, 1.0, 0.7])
+
+    dial_file.write_lora_strength(dial_file.LoraStrength([0.4, 1.0], [1.0, 0.0]), path, "0" * 64, provenance)
+    with pytest.raises(InputError, match=r"another version"):
+        Llama.build(runs["base"], str(adapter), max_seq_len=48)

@@ -10,7 +10,7 @@ import example
 import finetuning
 import presets
 from dllm.config import Presets
-from dllm.dial import DialConfig
+from dllm.dial import DialConfig, LoraStrengthConfig
 from dllm.errors import InputError
 from dllm.evaluate import EvalConfig
 from dllm.instruct import InstructConfig
@@ -100,7 +100,8 @@ def test_instructions_given_drop_the_preset_s_inputs_and_a_named_base_drops_the_
 
 
 def test_every_preset_names_only_settings_of_its_entry_points():
-    sections = {"finetuning": TrainConfig, "example": InstructConfig, "evaluate": EvalConfig, "calibrate_dial": DialConfig}
+    sections = {"finetuning": TrainConfig, "example": InstructConfig, "evaluate": EvalConfig, "calibrate_dial": DialConfig,
+                "calibrate_lora_strength": LoraStrengthConfig}
     for name in presets.for_entry_point("finetuning").names():
         with open(os.path.join(ROOT, "presets", f"{name}.json")) as f:
             recipe = json.load(f)

@@ -1,7 +1,9 @@
 """An adapter's compute dial on disk: NAME.dial.json beside its checkpoint, the per-block margin
-thresholds of each budget of a grid (calibrated by dllm/dial.py), with the adapter's checksum."""
+thresholds of each budget of a grid (calibrated by dllm/dial.py), with the adapter's checksum; and
+NAME.lora_strength.json, the strength of its LoRA at each budget of a grid (dllm/dial.py, likewise)."""
 import json
 import os
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -12,6 +14,7 @@ from dllm.core.routing import MarginDial
 from dllm.errors import InputError
 
 DIAL_SUFFIX = ".dial.json"
+LORA_STRENGTH_SUFFIX = ".lora_strength.json"
 
 
 def dial_path(adapter: str) -> str:
@@ -50,3 +53,56 @@ def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
         raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
                          f"differs); build it again with python -m tools.calibrate_dial")
     return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)
+
+
+@dataclass
+class LoraStrength:
+    """The factor on a budget-conditioned adapter's LoRA update at each budget of an increasing grid;
+    a budget between grid points takes the linear interpolation, one outside the grid its nearest end.
+    A LoRA trained under every budget of a range moves the model even where nearly every block runs
+    (docs/dial.md); its strength at high budgets is what this gives back."""
+
+    budgets: List[float]
+    strengths: List[float]
+
+    def at(self, budget: float) -> float:
+        budgets = self.budgets
+        if budget <= budgets[0]:
+            return self.strengths[0]
+        for k in range(1, len(budgets)):
+            if budget <= budgets[k]:
+                w = (budget - budgets[k - 1]) / (budgets[k] - budgets[k - 1])
+                return (1 - w) * self.strengths[k - 1] + w * self.strengths[k]
+        return self.strengths[-1]
+
+
+def lora_strength_path(adapter: str) -> str:
+    return os.path.splitext(adapters.adapter_file(adapter))[0] + LORA_STRENGTH_SUFFIX
+
+
+def write_lora_strength(strength: LoraStrength, path: str, adapter_sha256: Optional[str], provenance: dict):
+    data = {**provenance, "adapter_sha256": adapter_sha256, "budgets": strength.budgets,
+            "strengths": strength.strengths}
+    atomic_write_text(json.dumps(data, indent=1) + "\n", path)
+
+
+def read_lora_strength(adapter: str) -> Optional[LoraStrength]:
+    """The LoRA strength schedule beside an adapter, None if there is none; one of another version of
+    the adapter (checksum) or a malformed file is refused in one line."""
+    path = lora_strength_path(adapter)
+    if not os.path.isfile(path):
+        return None
+    again = "build it again with python -m tools.calibrate_lora_strength"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        budgets, strengths = [float(b) for b in data["budgets"]], [float(v) for v in data["strengths"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a valid LoRA strength schedule ({e}); {again}") from None
+    if len(budgets) != len(strengths) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
+        raise InputError(f"{path}: budgets must increase, one strength each; {again}")
+    own = adapters.read_adapter(adapter).get("adapter_sha256")
+    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
+        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
+                         f"differs); {again}")
+    return LoraStrength(budgets, strengths)

@@ -424,6 +424,14 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.merge_lora()
 
+    def set_lora_strength(self, strength: float):
+        """Every LoRA update at `strength` times the trained scale (unmerged LoRA only)."""
+        for layer in self.layers:
+            for lora in (layer.attention.lora_q, layer.attention.lora_k, layer.attention.lora_v):
+                if lora is None:
+                    raise RuntimeError("set_lora_strength needs the LoRA unmerged (and a LoRA rank above 0)")
+                lora.scale = self.params.lora_scale * strength
+
     def set_adapter_trainable(self, adapter_only: bool = True) -> int:
         """Freeze everything but routers and LoRA (or unfreeze all), and the blocks the policy never
         runs (no gradient reaches them); returns the trainable count."""

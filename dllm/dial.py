@@ -20,7 +20,7 @@ budget asked.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch.utils.data import Subset
@@ -138,15 +138,29 @@ class DialConfig(ModelPaths):
     overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
 
 
-def calibrate_dial(config: DialConfig) -> str:
-    """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
-    beside the checkpoint; returns its path."""
+def adapter_and_output(config: DialConfig, path_of) -> Tuple[str, str]:
+    """The adapter to calibrate and the file `path_of` puts beside it, which is not overwritten
+    without --overwrite."""
     adapter = config.adapter()
     if adapter is None:
         raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
-    path = dial_path(adapter)
+    path = path_of(adapter)
     if os.path.exists(path) and not config.overwrite:
         raise InputError(f"{path} already exists; pass --overwrite to calibrate it again")
+    return adapter, path
+
+
+def provenance(config: DialConfig, adapter: str, n_records: int) -> dict:
+    """What a calibration file records of where it came from."""
+    return {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
+            "calibrated_on": f"{config.dataset_name} train.json, first {n_records} records, "
+                             f"max_seq_len {config.max_seq_len}"}
+
+
+def calibrate_dial(config: DialConfig) -> str:
+    """tools/calibrate_dial.py: build the adapter, calibrate its dial on the training records, write it
+    beside the checkpoint; returns its path."""
+    adapter, path = adapter_and_output(config, dial_path)
     generator = Llama.build(config.llama_ckpt_dir, adapter, tokenizer_path=config.tokenizer_path,
                             max_seq_len=config.max_seq_len, max_batch_size=config.batch_size)
     model, args = generator.model, generator.model.params
@@ -158,10 +172,8 @@ def calibrate_dial(config: DialConfig) -> str:
     loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
                             config.max_seq_len, config.batch_size)
     dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for)
-    provenance = {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
-                  "calibrated_on": f"{config.dataset_name} train.json, first {len(loader.dataset)} records, "
-                                   f"max_seq_len {config.max_seq_len}"}
-    write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved, provenance)
+    write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
+               provenance(config, adapter, len(loader.dataset)))
     for budget, share in zip(budgets, achieved):
         print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records")
     print(f"dial written to {path}")
@@ -183,12 +195,7 @@ class LoraStrengthConfig(DialConfig):
 def calibrate_lora_strength(config: LoraStrengthConfig) -> str:
     """tools/calibrate_lora_strength.py: at each budget of the grid, the strength with the least
     KL(base || model) per response token on the training records; written beside the checkpoint."""
-    adapter = config.adapter()
-    if adapter is None:
-        raise InputError(f"no adapter given and none shipped for {config.llama_ckpt_dir}; pass --dynamic_ckpt_dir")
-    path = lora_strength_path(adapter)
-    if os.path.exists(path) and not config.overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite to calibrate it again")
+    adapter, path = adapter_and_output(config, lora_strength_path)
     sizes = dict(tokenizer_path=config.tokenizer_path, max_seq_len=config.max_seq_len, max_batch_size=config.batch_size)
     generator = Llama.build(config.llama_ckpt_dir, adapter, keep_lora=True, **sizes)
     model, args = generator.model, generator.model.params
@@ -215,11 +222,8 @@ def calibrate_lora_strength(config: LoraStrengthConfig) -> str:
         chosen.append(config.strengths[min(range(len(row)), key=row.__getitem__)])
         print(f"budget {budget:.3f}: KL {', '.join(f'{kl:.4f}' for kl in row)} at strengths {config.strengths}; "
               f"strength {chosen[-1]}")
-    provenance = {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
-                  "calibrated_on": f"{config.dataset_name} train.json, first {len(records)} records, "
-                                   f"max_seq_len {config.max_seq_len}",
-                  "strengths_tried": config.strengths, "kl_on_calibration": kls}
     write_lora_strength(LoraStrength(budgets, chosen), path, adapters.read_adapter(adapter).get("adapter_sha256"),
-                        provenance)
+                        {**provenance(config, adapter, len(records)), "strengths_tried": config.strengths,
+                         "kl_on_calibration": kls})
     print(f"LoRA strength schedule written to {path}")
     return path

@@ -49,11 +49,15 @@ def read_source(src: str) -> Source:
             ("max_position_embeddings", "llama.context_length"))}
         return Source(args, state_dict, {k: int(v) for k, v in extra.items() if v is not None}, gguf_reader=reader)
     args = model_params.load_params(src)
-    extra = {}
-    if layouts.checkpoint_layout(src) == "hf":
-        config = hf_layout.read_config(src)
-        extra = {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
-    return Source(args, base_model.read_base(src, args), extra, companion_dir=src)
+    return Source(args, base_model.read_base(src, args), hf_config_extra(src), companion_dir=src)
+
+
+def hf_config_extra(src: str) -> dict:
+    """The token ids and context length a Hugging Face directory's config carries (none for Meta)."""
+    if layouts.checkpoint_layout(src) != "hf":
+        return {}
+    config = hf_layout.read_config(src)
+    return {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
 
 
 def random_source(src: str, seed: int = 0) -> Source:
@@ -66,11 +70,7 @@ def random_source(src: str, seed: int = 0) -> Source:
     distributed.setup_if_needed()
     torch.manual_seed(seed)
     weights = {k: v for k, v in Transformer(args).state_dict().items() if not is_adapter_key(k)}
-    extra = {}
-    if layouts.checkpoint_layout(src) == "hf":
-        config = hf_layout.read_config(src)
-        extra = {k: config[k] for k in ("bos_token_id", "eos_token_id", "max_position_embeddings") if k in config}
-    return Source(args, weights, extra, companion_dir=src)
+    return Source(args, weights, hf_config_extra(src), companion_dir=src)
 
 
 def _cast(state_dict: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from dllm.atomic_io import atomic_write_text
@@ -30,6 +31,14 @@ def write_dial(dial: MarginDial, path: str, adapter_sha256: Optional[str], achie
     atomic_write_text(json.dumps(data, indent=1) + "\n", path)
 
 
+def check_calibrated_for(adapter: str, data: dict, path: str, again: str):
+    """A file calibrated beside an adapter belongs to this version of it (the checksum it recorded)."""
+    own = adapters.read_adapter(adapter).get("adapter_sha256")
+    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
+        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
+                         f"differs); {again}")
+
+
 def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
     """The dial beside an adapter, None if there is none; a dial of another version of the adapter
     (checksum) or a malformed file is refused in one line."""
@@ -48,10 +57,7 @@ def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
     if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
         raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
                          f"python -m tools.calibrate_dial")
-    own = adapters.read_adapter(adapter).get("adapter_sha256")
-    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
-        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
-                         f"differs); build it again with python -m tools.calibrate_dial")
+    check_calibrated_for(adapter, data, path, "build it again with python -m tools.calibrate_dial")
     return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds)
 
 
@@ -66,14 +72,7 @@ class LoraStrength:
     strengths: List[float]
 
     def at(self, budget: float) -> float:
-        budgets = self.budgets
-        if budget <= budgets[0]:
-            return self.strengths[0]
-        for k in range(1, len(budgets)):
-            if budget <= budgets[k]:
-                w = (budget - budgets[k - 1]) / (budgets[k] - budgets[k - 1])
-                return (1 - w) * self.strengths[k - 1] + w * self.strengths[k]
-        return self.strengths[-1]
+        return float(np.interp(budget, self.budgets, self.strengths))
 
 
 def lora_strength_path(adapter: str) -> str:
@@ -101,8 +100,5 @@ def read_lora_strength(adapter: str) -> Optional[LoraStrength]:
         raise InputError(f"{path}: not a valid LoRA strength schedule ({e}); {again}") from None
     if len(budgets) != len(strengths) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
         raise InputError(f"{path}: budgets must increase, one strength each; {again}")
-    own = adapters.read_adapter(adapter).get("adapter_sha256")
-    if data.get("adapter_sha256") and own and data["adapter_sha256"] != own:
-        raise InputError(f"{path}: calibrated for another version of {adapters.adapter_file(adapter)} (checksum "
-                         f"differs); {again}")
+    check_calibrated_for(adapter, data, path, again)
     return LoraStrength(budgets, strengths)

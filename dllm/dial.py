@@ -15,8 +15,8 @@ LoRA strength (tools/calibrate_lora_strength.py), for a budget-conditioned adapt
 trained under every budget of its range, so it moves the model even where nearly every block runs.
 For each budget of a grid, the strength of the LoRA update (a factor on it, from a list) with the
 least KL to the base on the first training records is saved beside the checkpoint
-(NAME.lora_strength.json); generation then keeps the LoRA unmerged and sets its strength to the
-budget asked.
+(NAME.lora_strength.json); generation then merges the LoRA at the strength of the budget asked, and
+merges it again, from the weights without it, when the budget changes.
 """
 import os
 from dataclasses import dataclass

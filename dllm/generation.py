@@ -113,8 +113,10 @@ class Llama:
         `budget`: the share of blocks every forward executes unless `generate` asks another per
         prompt (routing.DLLMRouting); the adapter's dial (dllm/dial.py), if calibrated, is read and
         used whenever a budget is asked. An adapter with a LoRA strength schedule beside it
-        (NAME.lora_strength.json, tools/calibrate_lora_strength.py) keeps its LoRA unmerged, at the
-        strength of the budget asked; so does any adapter with `keep_lora`.
+        (NAME.lora_strength.json, tools/calibrate_lora_strength.py) has its LoRA merged at the
+        strength of the budget asked, merged again when the budget changes (Transformer.merge_lora_at);
+        `keep_lora` keeps the LoRA unmerged (its strength then set per budget, Transformer.set_lora_strength),
+        for calibrating it.
         """
         if dense:
             dynamic_ckpt_dir = None
@@ -136,15 +138,16 @@ class Llama:
             strength = read_lora_strength(dynamic_ckpt_dir)
         if strength is None and not keep_lora:
             model.merge_lora()
-        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength)
+        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength, merge_strength=not keep_lora)
         generator.set_budget(budget)
         return generator
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, adapter: Optional[str] = None,
-                 lora_strength: Optional[LoraStrength] = None):
+                 lora_strength: Optional[LoraStrength] = None, merge_strength: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.lora_strength = lora_strength
+        self.merge_strength = merge_strength
         self.adapter = adapter
 
     def set_budget(self, budget: Optional[float]):
@@ -161,7 +164,11 @@ class Llama:
         """The LoRA at the strength its schedule gives `budget` (None: the adapter's own target), if it has one."""
         if self.lora_strength is not None:
             asked = self.model.params.dynamic_active_target if budget is None else budget
-            self.model.set_lora_strength(self.lora_strength.at(asked))
+            strength = self.lora_strength.at(asked)
+            if self.merge_strength:
+                self.model.merge_lora_at(strength)
+            else:
+                self.model.set_lora_strength(strength)
 
     @property
     def device(self) -> torch.device:

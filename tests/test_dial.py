@@ -20,6 +20,7 @@ from dllm.core.routing import Router
 from dllm.training.loop import train
 from dllm.training.validation import validate
 from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
+from benchmarks import dial_shares
 from tools import calibrate_dial, calibrate_lora_strength
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -278,17 +279,23 @@ def test_a_lora_strength_interpolates_between_its_budgets():
     assert [strength.at(b) for b in (0.4, 0.5, 0.625, 0.875, 1.0)] == [1.0, 1.0, 0.75, 0.25, 0.0]
 
 
-def lora_scales(generator) -> list:
-    """The distinct scales of the model's LoRA updates (one, when a strength is set)."""
-    attention = [layer.attention for layer in generator.model.layers]
-    return sorted({round(lora.scale, 9) for a in attention for lora in (a.lora_q, a.lora_k, a.lora_v)})
+def merged_strengths(generator) -> list:
+    """The distinct LoRA strengths merged into the model's blocks (one, when a strength is set)."""
+    return sorted({layer.attention.merged_strength for layer in generator.model.layers})
+
+
+def attention_weights(generator) -> list:
+    return [w.weight.clone() for layer in generator.model.layers for w in (layer.attention.wq, layer.attention.wk,
+                                                                            layer.attention.wv)]
 
 
 @pytest.mark.slow
 def test_the_lora_strength_follows_the_budget_asked(runs, tmp_path):
-    """A budget-conditioned adapter with a strength schedule beside it keeps its LoRA unmerged, at the
-    strength of the budget asked: by Llama.build, set_budget or one generate call; strength 1 is the
-    adapter as trained; a batch of mixed budgets is refused in one line."""
+    """A budget-conditioned adapter with a strength schedule beside it has its LoRA merged at the
+    strength of the budget asked: by Llama.build, set_budget or one generate call; merged again after
+    other strengths, the weights are those of one merge; strength 1 is the adapter as trained, and a
+    merged strength gives the logits of the LoRA unmerged at that strength; a batch of mixed budgets
+    is refused in one line."""
     adapter = tmp_path / "conditioned"
     shutil.copytree(runs["conditioned"], adapter, ignore=shutil.ignore_patterns("*.dial.json"))
     calibration = ["--llama_ckpt_dir", runs["base"], "--dataset_path", runs["data"], "--dataset_name", "demo",
@@ -308,20 +315,43 @@ def test_the_lora_strength_follows_the_budget_asked(runs, tmp_path):
     dial_file.write_lora_strength(dial_file.LoraStrength([0.4, 1.0], [1.0, 0.0]), path, written["adapter_sha256"],
                                   provenance)
     generator = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=0.7)
-    assert lora_scales(generator) == [0.5]
-    generator.set_budget(0.4)
-    assert lora_scales(generator) == [1.0]
+    assert merged_strengths(generator) == [pytest.approx(0.5)]
     tokens = torch.tensor([PROMPTS[0]])
+    unmerged = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=0.7, keep_lora=True)
+    assert merged_strengths(unmerged) == [None]
+    with torch.no_grad():
+        torch.testing.assert_close(generator.model(tokens)[0], unmerged.model(tokens)[0])
+    at_trained_strength = attention_weights(Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=0.4))
+    generator.set_budget(0.4)
+    assert merged_strengths(generator) == [1.0]
+    assert all(torch.equal(a, b) for a, b in zip(attention_weights(generator), at_trained_strength))
     with torch.no_grad():
         torch.testing.assert_close(generator.model(tokens)[0], as_trained.model(tokens)[0])
     at_one = Llama.build(runs["base"], str(adapter), max_seq_len=48, budget=1.0)
-    assert lora_scales(at_one) == [0.0]
+    assert merged_strengths(at_one) == [0.0]
     called = generator.generate(PROMPTS, 4, temperature=0, budget=1.0)
     assert called.tokens == at_one.generate(PROMPTS, 4, temperature=0).tokens
-    assert lora_scales(generator) == [1.0], "a call's budget lasts for the call"
+    assert merged_strengths(generator) == [1.0], "a call's budget lasts for the call"
+    assert all(torch.equal(a, b) for a, b in zip(attention_weights(generator), at_trained_strength))
     with pytest.raises(InputError, match=r"one for the whole batch"):
         generator.generate(PROMPTS, 2, budget=[0.4, 1.0, 0.7])
 
     dial_file.write_lora_strength(dial_file.LoraStrength([0.4, 1.0], [1.0, 0.0]), path, "0" * 64, provenance)
     with pytest.raises(InputError, match=r"another version"):
         Llama.build(runs["base"], str(adapter), max_seq_len=48)
+
+
+@pytest.mark.slow
+def test_dial_shares_counts_what_the_model_executes(runs, tmp_path):
+    """benchmarks/dial_shares.py's share run, read from the routers' margins, is the share the model
+    executes through its router input alone (validate's), at every budget."""
+    out = tmp_path / "shares.json"
+    dial_shares.main(dial_shares.DialSharesConfig(
+        llama_ckpt_dir=runs["base"], dataset_path=runs["data"], dataset_name="demo", split="test", records=48,
+        max_seq_len=48, batch_size=16, adapters=[f"conditioned={runs['conditioned']}"], budgets=[0.4, 0.7, 1.0],
+        out=str(out)))
+    rows = json.loads(out.read_text())["rows"]
+    generator = Llama.build(runs["base"], runs["conditioned"], max_seq_len=48)
+    generator.model.routing.dial = None
+    assert [r["share_run"] for r in rows] == pytest.approx(
+        [held_out_share(generator, runs, b) for b in (0.4, 0.7, 1.0)], abs=1e-6)

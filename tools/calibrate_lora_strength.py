@@ -6,7 +6,7 @@
 At each budget of a grid, the factor on the LoRA update (from --strengths) with the least KL to the
 base on the first --n_records training records; written beside the checkpoint as
 NAME.lora_strength.json, which example.py, evaluate.py, Llama.build and the lm-eval model read: the
-LoRA then stays unmerged, at the strength of the budget asked.
+LoRA is then merged at the strength of the budget asked.
 """
 import presets
 from dllm.dial import LoraStrengthConfig, calibrate_lora_strength

@@ -166,6 +166,9 @@ class Attention(nn.Module):
             self.lora_v = LoRA(args.dim, kv_out, *lora)
         else:
             self.lora_q = self.lora_k = self.lora_v = None
+        # merge_lora_at: the strength folded into wq/wk/wv, and their weights without it
+        self.merged_strength: Optional[float] = None
+        self.unmerged_weights: Optional[Tuple[torch.Tensor, ...]] = None
 
     def merge_lora(self):
         """Fold LoRA into wq/wk/wv for inference; the adapters are dropped afterwards."""
@@ -176,10 +179,26 @@ class Attention(nn.Module):
                 base.weight += lora.delta_weight().to(base.weight.dtype)
         self.lora_q = self.lora_k = self.lora_v = None
 
+    def merge_lora_at(self, strength: float):
+        """Fold LoRA into wq/wk/wv at `strength` times its trained update, keeping the LoRA and the
+        weights without it: merging another strength then starts from those, so it is exact however
+        often the strength changes (a sum of differences would drift in bf16), at the cost of one copy
+        of wq/wk/wv. Merged, the projections run at the base's speed; unmerged, each adds its LoRA's
+        two products at every step."""
+        if self.lora_q is None or strength == self.merged_strength:
+            return
+        bases = (self.wq, self.wk, self.wv)
+        if self.unmerged_weights is None:
+            self.unmerged_weights = tuple(base.weight.detach().clone() for base in bases)
+        with torch.no_grad():
+            for base, lora, weight in zip(bases, (self.lora_q, self.lora_k, self.lora_v), self.unmerged_weights):
+                base.weight.copy_(weight + (lora.delta_weight() * strength).to(weight.dtype))
+        self.merged_strength = strength
+
     def project(self, x: torch.Tensor, freqs_cis: torch.Tensor):
         """x [..., dim] -> q [..., heads, head_dim], k and v [..., kv_heads, head_dim], RoPE applied."""
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        if self.lora_q is not None:
+        if self.lora_q is not None and self.merged_strength is None:
             q, k, v = q + self.lora_q(x), k + self.lora_k(x), v + self.lora_v(x)
         lead = x.shape[:-1]
         q = apply_rotary_emb(q.view(*lead, self.n_local_heads, self.head_dim), freqs_cis)
@@ -424,11 +443,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.merge_lora()
 
-    def set_lora_strength(self, strength: float):
-        """Every LoRA update at `strength` times the trained scale (unmerged LoRA only)."""
+    def merge_lora_at(self, strength: float):
+        """Every LoRA update folded into its projection at `strength` times the trained scale, the LoRA
+        kept so that another strength can be merged later (Attention.merge_lora_at)."""
         for layer in self.layers:
-            for lora in (layer.attention.lora_q, layer.attention.lora_k, layer.attention.lora_v):
-                if lora is None:
+            layer.attention.merge_lora_at(strength)
+
+    def set_lora_strength(self, strength: float):
+        """Every LoRA update at `strength` times the trained scale, applied unmerged at every step."""
+        for layer in self.layers:
+            attention = layer.attention
+            for lora in (attention.lora_q, attention.lora_k, attention.lora_v):
+                if lora is None or attention.merged_strength is not None:
                     raise RuntimeError("set_lora_strength needs the LoRA unmerged (and a LoRA rank above 0)")
                 lora.scale = self.params.lora_scale * strength
 

@@ -1,5 +1,5 @@
 """What budget-conditioned adapters execute when told a budget through the router input alone: per
-adapter and budget, the share of all blocks run (inference: execute when the margin is >= 0), the
+adapter and budget, the share of all blocks run (inference: execute where the margin is >= 0), the
 share training's Gumbel sampling would run on the same hidden states (the mean execute
 probability), and how confident the routers are (mean |p(execute) - 0.5|). If the two shares agree
 and the routers are confident, a share above the budget is what training taught, not a gap between
@@ -42,7 +42,7 @@ class DialSharesConfig(Settings):
 def shares_at(generator: Llama, loader, budget: float) -> dict:
     """One adapter told `budget`: the shares run and expected, and the routers' confidence."""
     model = generator.model
-    model.routing.budget = budget
+    generator.set_budget(budget)  # checked against the trained range, the LoRA at its strength there
     margins = record_margins(model, loader, generator.device)
     routed = torch.stack([margins[layer_id] for layer_id in sorted(margins)], -1)  # [tokens, routed blocks]
     always = model.n_layers - routed.shape[1]
@@ -63,7 +63,6 @@ def main(config: DialSharesConfig):
                                 max_batch_size=config.batch_size)
         if not generator.model.params.dynamic_budget_range:
             raise InputError(f"--adapters {entry!r}: not a budget-conditioned adapter (DYNAMIC_BUDGET_RANGE)")
-        generator.model.routing.check_budget(config.budgets)
         generator.model.routing.dial = None  # the router input alone, whatever is calibrated beside it
         loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, config.split,
                                 config.records, config.max_seq_len, config.batch_size)

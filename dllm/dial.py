@@ -11,6 +11,12 @@ share one threshold: the quantile of all blocks' margins pooled, which only corr
 per-block thresholds is saved beside the checkpoint (NAME.dial.json, with the adapter's checksum)
 and read into the policy (routing.MarginDial) when a budget is asked.
 
+With `--by input` a budget-conditioned adapter's dial moves the budget its routers are told instead,
+found by bisection the same way (any input in [0, 1]), and leaves their rule (execute where the
+margin is at least 0) as trained: a router input whose share on the records is B. Its routers run
+more than they are told (docs/dial.md), so a budget inside the trained range is met by a lower
+input that training taught, and a budget at its low end by an input below anything training drew.
+
 LoRA strength (tools/calibrate_lora_strength.py), for a budget-conditioned adapter: its LoRA is
 trained under every budget of its range, so it moves the model even where nearly every block runs.
 For each budget of a grid, the strength of the LoRA update (a factor on it, from a list) with the
@@ -93,31 +99,44 @@ def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor
     return {layer_id: torch.cat(values) for layer_id, values in margins.items()}
 
 
-def calibrate(model: Transformer, loader, device, budgets: List[float], on_budget=lambda budget: None):
+def calibrate(model: Transformer, loader, device, budgets: List[float], on_budget=lambda budget: None,
+              by: str = "threshold"):
     """The dial meeting each budget on the loader's records, and the share each calibrated entry
-    executes there; `on_budget(b)` is called as each budget's turn starts (Llama.set_lora_strength_for)."""
+    executes there; `on_budget(b)` is called as each budget's turn starts (Llama.set_lora_strength_for).
+    `by` "input" (a budget-conditioned adapter): the budget its routers are told, found by bisection."""
     routing = model.routing
     if routing.name != "dllm":
         raise InputError(f"a dial is for D-LLM adapters; this adapter's routing is {routing.name!r}")
+    if by == "input" and routing.trained_range is None:
+        raise InputError("--by input: tells a budget-conditioned adapter's routers another budget; this adapter was "
+                         "trained for one target (use --by threshold)")
     pooled = routing.trained_range is not None
-    rows, achieved = [], []
+    rows, inputs, achieved = [], [], []
     for budget in budgets:
         routing.dial, routing.budget = None, budget
         on_budget(budget)
-        margins = record_margins(model, loader, device)
-        every_margin = torch.cat(list(margins.values())) if pooled else None
+        if by == "input":
+            def set_level(level: float, budget=budget):  # a higher level tells a lower budget: fewer run
+                routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers),
+                                          torch.tensor([1.0 - level]))
+        else:
+            margins = record_margins(model, loader, device)
+            every_margin = torch.cat(list(margins.values())) if pooled else None
 
-        def set_level(level: float, budget=budget, margins=margins, every_margin=every_margin):
-            thresholds = torch.zeros(1, model.n_layers)
-            shared = None if every_margin is None else torch.quantile(every_margin, level)
-            for layer_id, values in margins.items():
-                thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
-            routing.dial = MarginDial(torch.tensor([budget]), thresholds)
+            def set_level(level: float, budget=budget, margins=margins, every_margin=every_margin):
+                thresholds = torch.zeros(1, model.n_layers)
+                shared = None if every_margin is None else torch.quantile(every_margin, level)
+                for layer_id, values in margins.items():
+                    thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
+                routing.dial = MarginDial(torch.tensor([budget]), thresholds)
 
         calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level)
         rows.append(routing.dial.thresholds[0])
+        if by == "input":
+            inputs.append(routing.dial.inputs[0])
         achieved.append(validate(model, loader, device)["val_act_ratio"])
-    routing.dial, routing.budget = MarginDial(torch.tensor(budgets), torch.stack(rows)), None
+    routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None)
+    routing.budget = None
     model.eval()
     return routing.dial, achieved
 
@@ -135,6 +154,9 @@ class DialConfig(ModelPaths):
                                "give the adapter's)", low=2)
     budgets: List[float] = setting([], "the grid of budgets (shares of all blocks executed), e.g. \"[0.4, 0.7, 1.0]\" "
                                    "(default: steps of 0.05 over what the adapter can meet)", low=0.0, high=1.0)
+    by: str = setting("threshold", "how the dial meets a budget: threshold (execute-margin thresholds, any D-LLM "
+                      "adapter) or input (the budget a budget-conditioned adapter's routers are told, their rule "
+                      "left as trained)", choices=("threshold", "input"))
     overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
 
 
@@ -171,7 +193,7 @@ def calibrate_dial(config: DialConfig) -> str:
                          f"of {args.n_layers} blocks that always run")
     loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
                             config.max_seq_len, config.batch_size)
-    dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for)
+    dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for, config.by)
     write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
                provenance(config, adapter, len(loader.dataset)))
     for budget, share in zip(budgets, achieved):

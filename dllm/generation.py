@@ -9,7 +9,7 @@ from dllm import distributed
 from dllm.checkpoints import adapters, base_model, layouts, model_params
 from dllm import assets
 from dllm.chat import ChatFormat
-from dllm.checkpoints.dial_file import LoraStrength, read_dial, read_lora_strength
+from dllm.checkpoints.dial_file import LoraStrength, dial_path, read_dial, read_lora_strength
 from dllm.config import Settings, setting
 from dllm.errors import InputError
 from dllm.core.flops import RoutingStats
@@ -135,19 +135,22 @@ class Llama:
         strength = None
         if dynamic_ckpt_dir and model.routing.name == "dllm":
             model.routing.dial = read_dial(dynamic_ckpt_dir, model.n_layers)
+            if model.routing.dial and model.routing.dial.inputs is not None and not args.dynamic_budget_range:
+                raise InputError(f"{dial_path(dynamic_ckpt_dir)}: an input dial (router_inputs) is for a "
+                                 f"budget-conditioned adapter; this one was trained for one target")
             strength = read_lora_strength(dynamic_ckpt_dir)
         if strength is None and not keep_lora:
             model.merge_lora()
-        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength, merge_strength=not keep_lora)
+        generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength, merge_lora=not keep_lora)
         generator.set_budget(budget)
         return generator
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, adapter: Optional[str] = None,
-                 lora_strength: Optional[LoraStrength] = None, merge_strength: bool = True):
+                 lora_strength: Optional[LoraStrength] = None, merge_lora: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.lora_strength = lora_strength
-        self.merge_strength = merge_strength
+        self.merge_lora = merge_lora  # a strength schedule's LoRA: merged at each strength, or kept unmerged
         self.adapter = adapter
 
     def set_budget(self, budget: Optional[float]):
@@ -165,7 +168,7 @@ class Llama:
         if self.lora_strength is not None:
             asked = self.model.params.dynamic_active_target if budget is None else budget
             strength = self.lora_strength.at(asked)
-            if self.merge_strength:
+            if self.merge_lora:
                 self.model.merge_lora_at(strength)
             else:
                 self.model.set_lora_strength(strength)
@@ -240,27 +243,29 @@ class Llama:
             return logits
 
         prev_pos = 0
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = step(prev_pos, cur_pos)
-            if temperature > 0:
-                next_token = sample_top_p(torch.softmax(logits[:, -1] / temperature, dim=-1), top_p)
-            else:
-                next_token = torch.argmax(logits[:, -1], dim=-1)
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
-                )
-            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
-            prev_pos = cur_pos
-            if bool(eos_reached.all()):  # the loop's one read from the device per step
-                break
-        # the last token has not been through the model yet; its routing is part of the answer
-        fed = max(prev_pos + 1, min_prompt_len)
-        step(prev_pos, fed)
-        if row_budget is not None:
-            self.set_lora_strength_for(self.model.routing.budget)
+        try:
+            for cur_pos in range(min_prompt_len, total_len):
+                logits = step(prev_pos, cur_pos)
+                if temperature > 0:
+                    next_token = sample_top_p(torch.softmax(logits[:, -1] / temperature, dim=-1), top_p)
+                else:
+                    next_token = torch.argmax(logits[:, -1], dim=-1)
+                next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                if logprobs:
+                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                        logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
+                    )
+                eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop)
+                prev_pos = cur_pos
+                if bool(eos_reached.all()):  # the loop's one read from the device per step
+                    break
+            # the last token has not been through the model yet; its routing is part of the answer
+            fed = max(prev_pos + 1, min_prompt_len)
+            step(prev_pos, fed)
+        finally:  # a call's own budget sets the LoRA strength for the call only, even if it fails
+            if row_budget is not None:
+                self.set_lora_strength_for(self.model.routing.budget)
 
         executed = activation.sum(-1)
         stop_set = set(stop.tolist())

@@ -12,7 +12,7 @@ import torch
 
 import finetuning
 from dllm import dial, evaluate
-from dllm.checkpoints import dial_file
+from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
@@ -32,7 +32,8 @@ PROMPTS = [[1, 5, 9, 12, 40, 7], [1, 33, 8], [1, 20, 21, 22, 23]]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_path):
     """One ordinary D-LLM run and one budget-conditioned run on the tiny base (3 blocks, routed from
-    block 1), each with its dial calibrated beside it."""
+    block 1), each with its threshold dial calibrated beside it, and a copy of the budget-conditioned
+    one with an input dial."""
     root = tmp_path_factory.mktemp("dial")
     base = make_base(str(root / "base"), tokenizer_path)[1]
     data = make_dataset(str(root / "data"))
@@ -40,10 +41,14 @@ def runs(tmp_path_factory, tokenizer_path):
     train(finetuning.parse_args(train_argv(base, data, str(ordinary), epochs=1)))
     train(finetuning.parse_args(train_argv(base, data, str(conditioned), epochs=1, dynamic_active_target=0.7,
                                            dynamic_budget_range=[0.4, 1.0])))
-    for adapter in (ordinary, conditioned):
+    input_dialled = root / "input"
+    shutil.copytree(conditioned, input_dialled)
+    for adapter, by in ((ordinary, "threshold"), (conditioned, "threshold"), (input_dialled, "input")):
         calibrate_dial.main(["--llama_ckpt_dir", base, "--dynamic_ckpt_dir", str(adapter), "--dataset_path", data,
-                             "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48", "--budgets", str(BUDGETS)])
-    return {"base": base, "data": data, "ordinary": str(ordinary), "conditioned": str(conditioned)}
+                             "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48", "--budgets", str(BUDGETS),
+                             "--by", by])
+    return {"base": base, "data": data, "ordinary": str(ordinary), "conditioned": str(conditioned),
+            "input": str(input_dialled)}
 
 
 def held_out_share(generator, runs, budget: float, n_records: int = 48) -> float:
@@ -77,7 +82,7 @@ def test_a_conditioned_dial_moves_every_block_alike_and_an_ordinary_one_each_its
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
+@pytest.mark.parametrize("adapter", ["ordinary", "conditioned", "input"])
 def test_more_budget_never_executes_fewer_blocks(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64)
     tokens = torch.randint(3, generator.tokenizer.n_words, (8, 40), generator=torch.Generator().manual_seed(5))
@@ -93,7 +98,7 @@ def test_more_budget_never_executes_fewer_blocks(runs, adapter):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["ordinary", "conditioned"])
+@pytest.mark.parametrize("adapter", ["ordinary", "conditioned", "input"])
 def test_a_batch_of_mixed_budgets_routes_each_row_as_alone(runs, adapter):
     generator = Llama.build(runs["base"], runs[adapter], max_seq_len=64, max_batch_size=4)
     budgets = [0.45, 1.0, 0.7]
@@ -355,3 +360,40 @@ def test_dial_shares_counts_what_the_model_executes(runs, tmp_path):
     generator.model.routing.dial = None
     assert [r["share_run"] for r in rows] == pytest.approx(
         [held_out_share(generator, runs, b) for b in (0.4, 0.7, 1.0)], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_input_dial_meets_the_budget_by_what_it_tells_the_routers(runs, tmp_path):
+    """--by input: the routers of a budget-conditioned adapter are told the calibrated budget and keep
+    their own rule: its logits are those of the adapter told that budget without a dial; the told
+    budget rises with the budget asked, and the share meets it held out. It is refused for an
+    adapter trained for one target, in the calibration and beside it."""
+    argv = ["--llama_ckpt_dir", runs["base"], "--dynamic_ckpt_dir", runs["ordinary"], "--dataset_path", runs["data"],
+            "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48", "--by", "input", "--overwrite"]
+    with pytest.raises(InputError, match=r"trained for one target"):
+        calibrate_dial.main(argv)
+    with open(dial_file.dial_path(runs["input"])) as f:
+        saved = json.load(f)
+    told = saved["router_inputs"]
+    assert told == sorted(told) and told[0] < told[-1]
+    assert saved["achieved_on_calibration"][:-1] == pytest.approx(BUDGETS[:-1], abs=0.02)
+
+    dialled = Llama.build(runs["base"], runs["input"], max_seq_len=48)
+    plain = Llama.build(runs["base"], runs["input"], max_seq_len=48)
+    plain.model.routing.dial = None
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        asked = dialled.model(tokens, budget=torch.tensor([0.6]))
+        told_alone = plain.model(tokens, budget=torch.tensor([told[BUDGETS.index(0.6)]]))
+    torch.testing.assert_close(asked[0], told_alone[0])
+    assert torch.equal(asked[1], told_alone[1])
+    for budget in (0.45, 0.75):
+        assert held_out_share(dialled, runs, budget) == pytest.approx(budget, abs=0.05)
+
+    ordinary = tmp_path / "ordinary"
+    shutil.copytree(runs["ordinary"], ordinary)
+    input_dial = dial_file.read_dial(runs["input"], n_layers=3)
+    own_checksum = adapters.read_adapter(str(ordinary)).get("adapter_sha256")
+    dial_file.write_dial(input_dial, dial_file.dial_path(str(ordinary)), own_checksum, saved["achieved_on_calibration"], {})
+    with pytest.raises(InputError, match=r"an input dial .* trained for one target"):
+        Llama.build(runs["base"], str(ordinary), max_seq_len=48)

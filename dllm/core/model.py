@@ -174,6 +174,8 @@ class Attention(nn.Module):
         """Fold LoRA into wq/wk/wv for inference; the adapters are dropped afterwards."""
         if self.lora_q is None:
             return
+        if self.merged_strength is not None:
+            raise RuntimeError("the LoRA is merged at a strength already (merge_lora_at)")
         with torch.no_grad():
             for base, lora in ((self.wq, self.lora_q), (self.wk, self.lora_k), (self.wv, self.lora_v)):
                 base.weight += lora.delta_weight().to(base.weight.dtype)
@@ -185,7 +187,9 @@ class Attention(nn.Module):
         often the strength changes (a sum of differences would drift in bf16), at the cost of one copy
         of wq/wk/wv. Merged, the projections run at the base's speed; unmerged, each adds its LoRA's
         two products at every step."""
-        if self.lora_q is None or strength == self.merged_strength:
+        if self.lora_q is None:
+            raise RuntimeError("merge_lora_at needs the LoRA kept (not merged for good) and a LoRA rank above 0")
+        if strength == self.merged_strength:
             return
         bases = (self.wq, self.wk, self.wv)
         if self.unmerged_weights is None:

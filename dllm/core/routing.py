@@ -99,11 +99,15 @@ def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> 
 class MarginDial:
     """A D-LLM adapter's compute dial (calibrated by dllm/dial.py, saved beside the adapter): for each
     budget of a grid, per block the execute margin (execute logit - skip logit) at or above which a
-    token runs it, so that the share of blocks executed meets the budget. A budget between two grid
-    points takes the linear interpolation of their thresholds; a budget of 1 runs every block."""
+    token runs it, so that the share of blocks executed meets the budget. A budget-conditioned
+    adapter's dial may instead tell its routers another budget (`inputs`, an input dial) and keep their
+    own rule (margin >= 0; `thresholds` then unused): the routing moves along the budget input rather
+    than past it. A budget between two grid points takes the linear interpolation of their values; a
+    budget of 1 runs every block."""
 
     budgets: torch.Tensor  # [K] increasing shares of all blocks
     thresholds: torch.Tensor  # [K, n_layers] margin thresholds (unrouted blocks: unused)
+    inputs: Optional[torch.Tensor] = None  # [K] the budget the routers are told at each grid budget
 
     @property
     def budget_range(self) -> Tuple[float, float]:
@@ -111,14 +115,20 @@ class MarginDial:
 
     def row_thresholds(self, budget: torch.Tensor, layer_id: int) -> torch.Tensor:
         """budget [b] -> the margin threshold of each row at block `layer_id`, [b]."""
-        budgets = self.budgets.to(budget.device)
-        column = self.thresholds[:, layer_id].to(budget.device)
+        return self.interpolate(budget, self.thresholds[:, layer_id])
+
+    def row_inputs(self, budget: torch.Tensor) -> torch.Tensor:
+        """budget [b] -> the budget each row's routers are told, [b] (an input dial)."""
+        return self.interpolate(budget, self.inputs)
+
+    def interpolate(self, budget: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        budgets, values = self.budgets.to(budget.device), values.to(budget.device)
         if len(budgets) == 1:
-            return column.expand_as(budget)
+            return values.expand_as(budget)
         high = torch.searchsorted(budgets, budget.float()).clamp(1, len(budgets) - 1)
         low = high - 1
         weight = ((budget.float() - budgets[low]) / (budgets[high] - budgets[low])).clamp(0, 1)
-        return column[low] + weight * (column[high] - column[low])
+        return values[low] + weight * (values[high] - values[low])
 
 
 def mlp_flops(*widths: int) -> int:
@@ -238,6 +248,7 @@ class DLLMRouting(DenseRouting):
         self.budget: Optional[float] = None
         self.dial: Optional[MarginDial] = None
         self._asked_budget = None  # ((budget, rows, device), that budget per row)
+        self._told_budget = None  # (asked budget tensor, dial, what the dial tells the routers for it)
 
     def block_module(self, layer_id: int) -> Optional[nn.Module]:
         return router_from_start_layer(self.args, layer_id, budget_input=self.trained_range is not None)
@@ -280,12 +291,24 @@ class DLLMRouting(DenseRouting):
                 return None
         return state["budget"]
 
+    def told_budget(self, budget: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """What an input dial tells the routers for the rows' asked budget (else the asked one): one
+        tensor per asked tensor and dial, so a generation's steps reuse it and the routers their
+        budget_terms; fresh with grad, as row_budget."""
+        if budget is None or self.dial is None or self.dial.inputs is None:
+            return budget
+        if torch.is_grad_enabled():
+            return self.dial.row_inputs(budget)
+        if self._told_budget is None or self._told_budget[0] is not budget or self._told_budget[1] is not self.dial:
+            self._told_budget = budget, self.dial, self.dial.row_inputs(budget)
+        return self._told_budget[2]
+
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
         if router is None:
             return None
         budget = self.row_budget(x, state, router.training)
-        logits = router(x, budget)
+        logits = router(x, budget if router.training else self.told_budget(budget))
         reserved = (positions < self.reserve_initials).expand(logits.shape[:2])
         if router.training:
             weight = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]
@@ -294,7 +317,8 @@ class DLLMRouting(DenseRouting):
             return Decision(weight, mask)
         if self.dial is not None and budget is not None:
             margin = logits[..., 1] - logits[..., 0]
-            threshold = self.dial.row_thresholds(budget, block.layer_id)[:, None]
+            # an input dial keeps the routers' own rule, margin >= 0
+            threshold = 0.0 if self.dial.inputs is not None else self.dial.row_thresholds(budget, block.layer_id)[:, None]
             mask = (margin >= threshold) | (budget[:, None] >= 1) | reserved
         else:
             prob = logits.softmax(-1)[..., 1]

@@ -15,6 +15,7 @@ from dllm.checkpoints.meta_layout import BASE_PARAM_KEYS, save_meta_checkpoint
 from dllm.checkpoints.adapters import adapter_state_dict
 from dllm.atomic_io import atomic_save
 from dllm.core.model import Transformer
+from dllm.core.routing import DLLMRouting
 from helpers import ROOT, free_port, randomize, subprocess_env, tiny_args
 from mp_worker import inference_probes, training_probe
 
@@ -47,6 +48,13 @@ def test_model_parallel_2_matches_single_process(tmp_path):
     routed = expected["train_dllm_activation"][:, args.dynamic_reserve_initials:, args.dynamic_start_layer:]
     assert 0 < routed.mean() < 1
 
+    with torch.no_grad():
+        model.eval()
+        model.use_routing(DLLMRouting(args))
+        model.set_lora_strength(0.5)
+        expected["eval_half_strength"], _ = model(tokens)
+        model.set_lora_strength(1.0)
+
     # the D-LLM settings are not part of a Meta params.json: pass them as overrides
     overrides = {k: v for k, v in args.to_dict().items() if k not in BASE_PARAM_KEYS}
     inputs, out = tmp_path / "inputs.pth", tmp_path / "out.pth"
@@ -76,6 +84,9 @@ def test_model_parallel_2_matches_single_process(tmp_path):
     assert sorted(got["adapter"]) == sorted(full)
     for name, tensor in full.items():
         assert torch.equal(got["adapter"][name], tensor), name
-    # merging LoRA shard by shard keeps the function
+    # merging LoRA shard by shard keeps the function, at a strength too (and merged for good after it)
+    diff = (got["eval_half_strength"] - expected["eval_half_strength"]).abs().max().item()
+    assert diff <= 1e-5, f"eval_half_strength: max abs diff {diff}"
+    assert (expected["eval_half_strength"] - expected["eval_dllm"]).abs().max().item() > 1e-3
     diff = (got["eval_merged"] - expected["eval_dllm"]).abs().max().item()
     assert diff <= 1e-5, f"eval_merged: max abs diff {diff}"

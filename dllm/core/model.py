@@ -171,12 +171,15 @@ class Attention(nn.Module):
         self.unmerged_weights: Optional[Tuple[torch.Tensor, ...]] = None
 
     def merge_lora(self):
-        """Fold LoRA into wq/wk/wv for inference; the adapters are dropped afterwards."""
+        """Fold LoRA into wq/wk/wv for inference; the adapters are dropped afterwards. Merged at a
+        strength before (merge_lora_at), the weights without it are restored first."""
         if self.lora_q is None:
             return
-        if self.merged_strength is not None:
-            raise RuntimeError("the LoRA is merged at a strength already (merge_lora_at)")
         with torch.no_grad():
+            if self.unmerged_weights is not None:
+                for base, weight in zip((self.wq, self.wk, self.wv), self.unmerged_weights):
+                    base.weight.copy_(weight)
+                self.unmerged_weights = self.merged_strength = None
             for base, lora in ((self.wq, self.lora_q), (self.wk, self.lora_k), (self.wv, self.lora_v)):
                 base.weight += lora.delta_weight().to(base.weight.dtype)
         self.lora_q = self.lora_k = self.lora_v = None

@@ -106,7 +106,6 @@ def main(ckpt_dir, adapter_path, inputs_path, out_path):
         model.merge_lora_at(0.5)  # each rank merges its shard at a strength, from the weights it keeps
         results["eval_half_strength"], _ = model(tokens)
         model.merge_lora()
-        model.use_routing(DLLMRouting(args))
         results["eval_merged"], _ = model(tokens)
     if dist.get_rank() == 0:
         results = {k: v.contiguous() for k, v in results.items()}

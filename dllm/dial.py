@@ -70,9 +70,10 @@ def records_loader(tokenizer, dataset_path: str, name: str, split: str, n_record
 
 
 @torch.no_grad()
-def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor]:
-    """Each routed block's execute margins over the loader's real tokens past the reserved initial
-    ones, under the policy's current routing (read from the routers' outputs by forward hooks)."""
+def record_margins(model: Transformer, loader, device, share_on: str = "all") -> Dict[int, torch.Tensor]:
+    """Each routed block's execute margins over the loader's real tokens (`share_on` "response": its
+    response tokens) past the reserved initial ones, under the policy's current routing (read from
+    the routers' outputs by forward hooks)."""
     model.eval()
     margins: Dict[int, List[torch.Tensor]] = {}
     current: Dict[int, torch.Tensor] = {}
@@ -86,8 +87,8 @@ def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor
                if layer.router is not None]
     try:
         for batch in loader:
-            examples, _, example_masks, _ = [t.to(device) for t in trim_padding(batch[1:])]
-            counted = example_masks.bool()
+            examples, _, example_masks, label_masks = [t.to(device) for t in trim_padding(batch[1:])]
+            counted = (label_masks if share_on == "response" else example_masks).bool()
             counted[:, : model.params.dynamic_reserve_initials] = False
             current.clear()
             model(examples)
@@ -100,10 +101,11 @@ def record_margins(model: Transformer, loader, device) -> Dict[int, torch.Tensor
 
 
 def calibrate(model: Transformer, loader, device, budgets: List[float], on_budget=lambda budget: None,
-              by: str = "threshold"):
-    """The dial meeting each budget on the loader's records, and the share each calibrated entry
-    executes there; `on_budget(b)` is called as each budget's turn starts (Llama.set_lora_strength_for).
-    `by` "input" (a budget-conditioned adapter): the budget its routers are told, found by bisection."""
+              by: str = "threshold", share_on: str = "all"):
+    """The dial meeting each budget on the loader's records (over the tokens `share_on` counts: all,
+    or the response tokens), and the share each calibrated entry executes there; `on_budget(b)` is
+    called as each budget's turn starts (Llama.set_lora_strength_for). `by` "input" (a
+    budget-conditioned adapter): the budget its routers are told, found by bisection."""
     routing = model.routing
     if routing.name != "dllm":
         raise InputError(f"a dial is for D-LLM adapters; this adapter's routing is {routing.name!r}")
@@ -120,7 +122,7 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
                 routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers),
                                           torch.tensor([1.0 - level]))
         else:
-            margins = record_margins(model, loader, device)
+            margins = record_margins(model, loader, device, share_on)
             every_margin = torch.cat(list(margins.values())) if pooled else None
 
             def set_level(level: float, budget=budget, margins=margins, every_margin=every_margin):
@@ -130,11 +132,12 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
                     thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
                 routing.dial = MarginDial(torch.tensor([budget]), thresholds)
 
-        calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level)
+        calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level,
+                            share_on=share_on)
         rows.append(routing.dial.thresholds[0])
         if by == "input":
             inputs.append(routing.dial.inputs[0])
-        achieved.append(validate(model, loader, device)["val_act_ratio"])
+        achieved.append(validate(model, loader, device, share_on)["val_act_ratio"])
     routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None)
     routing.budget = None
     model.eval()
@@ -157,6 +160,9 @@ class DialConfig(ModelPaths):
     by: str = setting("threshold", "how the dial meets a budget: threshold (execute-margin thresholds, any D-LLM "
                       "adapter) or input (the budget a budget-conditioned adapter's routers are told, their rule "
                       "left as trained)", choices=("threshold", "input"))
+    share_on: str = setting("all", "the tokens whose executed share meets the budget: all (prompt and response "
+                            "tokens alike) or response (the tokens a generation decodes, what a user pays per "
+                            "generated token; prompts may then run less)", choices=("all", "response"))
     overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
 
 
@@ -193,11 +199,12 @@ def calibrate_dial(config: DialConfig) -> str:
                          f"of {args.n_layers} blocks that always run")
     loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
                             config.max_seq_len, config.batch_size)
-    dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for, config.by)
+    dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for, config.by,
+                               config.share_on)
     write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
-               provenance(config, adapter, len(loader.dataset)))
+               {**provenance(config, adapter, len(loader.dataset)), "share_on": config.share_on})
     for budget, share in zip(budgets, achieved):
-        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records")
+        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' {config.share_on} tokens")
     print(f"dial written to {path}")
     return path
 

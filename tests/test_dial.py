@@ -16,7 +16,7 @@ from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
-from dllm.core.routing import Router
+from dllm.core.routing import FixedRouting, Router
 from dllm.training.loop import train
 from dllm.training.validation import validate
 from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
@@ -397,3 +397,40 @@ def test_an_input_dial_meets_the_budget_by_what_it_tells_the_routers(runs, tmp_p
     dial_file.write_dial(input_dial, dial_file.dial_path(str(ordinary)), own_checksum, saved["achieved_on_calibration"], {})
     with pytest.raises(InputError, match=r"an input dial .* trained for one target"):
         Llama.build(runs["base"], str(ordinary), max_seq_len=48)
+
+
+@pytest.mark.slow
+def test_a_dial_calibrated_on_response_tokens_meets_the_budget_there_held_out(runs, tmp_path):
+    """--share_on response: the budget is met on the tokens a generation decodes, on the calibration
+    records and held out; the file says which tokens it counted."""
+    adapter = tmp_path / "response"
+    shutil.copytree(runs["ordinary"], adapter)
+    calibrate_dial.main(["--llama_ckpt_dir", runs["base"], "--dynamic_ckpt_dir", str(adapter), "--dataset_path",
+                         runs["data"], "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48",
+                         "--budgets", "[0.5, 0.7]", "--share_on", "response", "--overwrite"])
+    with open(dial_file.dial_path(str(adapter))) as f:
+        saved = json.load(f)
+    assert saved["share_on"] == "response"
+    assert saved["achieved_on_calibration"] == pytest.approx([0.5, 0.7], abs=0.005)
+    loader = dial.records_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs["data"], "demo", "test",
+                                 48, 48, 16)
+    generator = Llama.build(runs["base"], str(adapter), max_seq_len=48)
+    for budget in (0.5, 0.7):
+        generator.set_budget(budget)
+        assert validate(generator.model, loader, generator.device, share_on="response")["val_act_ratio"] == \
+            pytest.approx(budget, abs=0.03)
+
+
+def test_the_share_on_response_tokens_counts_them_alone():
+    """validate's share_on: a model that runs every block on the response tokens and only the first
+    block on the prompt executes all of them there, and a quarter on the prompt counts in the share
+    over all tokens (the reserved first position always runs)."""
+    model = Transformer(tiny_args(dynamic_reserve_initials=1))
+    prompt, response = 4, 4
+    executes = torch.tensor([[False] * prompt + [True] * response])
+    model.use_routing(FixedRouting({layer: executes for layer in (1, 2, 3)}))
+    ones = torch.ones(1, prompt + response, dtype=torch.long)
+    label_masks = executes.long()
+    batch = (torch.zeros(1), torch.arange(1, 9)[None], torch.arange(2, 10)[None], ones, label_masks)
+    assert validate(model, [batch], "cpu", share_on="response")["val_act_ratio"] == pytest.approx(1.0)
+    assert validate(model, [batch], "cpu")["val_act_ratio"] == pytest.approx((3 * 0.25 + 4) / 7)

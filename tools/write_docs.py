@@ -10,7 +10,7 @@ re-run this after a results file changes, and tests/test_docs.py fails until you
 A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table
-and the globals curve, interp, commands, zip, log.
+and the globals curve, interp, least_at, commands, zip, log.
 """
 import argparse
 import json
@@ -86,13 +86,18 @@ def std(rows, key=None) -> float:
 
 def fidelity_rows(runs: dict) -> list:
     """A benchmarks/fidelity.py file's runs as rows: each with its label, its method and its point on
-    the method's curve (the label without its seed, as dllm/curves.py groups them) and its share over
-    all teacher-forced tokens."""
+    the method's curve (the label without its seed, as dllm/curves.py groups them), its share over
+    all teacher-forced tokens and its share in generation (the prompts' prefill and the tokens decoded:
+    what a user pays)."""
     rows = []
     for label, run in runs.items():
-        prompt, response = run["sums"]["prompt_tokens"], run["sums"]["response_tokens"]
+        sums = run["sums"]
+        prompt, response = sums["prompt_tokens"], sums["response_tokens"]
         share_all = (run["share_prompt"] * prompt + run["share_response"] * response) / (prompt + response)
-        rows.append(dict(run, label=label, method=method_of(label), point=point_of(label), share_all=share_all))
+        prefill, decode = sums["prefill_tokens"], sums["decode_tokens"]
+        share_generation = (run["share_prefill"] * prefill + run["share_decode"] * decode) / (prefill + decode)
+        rows.append(dict(run, label=label, method=method_of(label), point=point_of(label), share_all=share_all,
+                         share_generation=share_generation))
     return rows
 
 
@@ -102,6 +107,13 @@ def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -
     for r in rows:
         groups.setdefault(field(r, by), []).append(r)
     return [(p.x, p.y) for p in mean_points(groups.values(), x, y)]
+
+
+def least_at(curves, x: float):
+    """The least of the curves' values at x (each linear between its points), None if x is outside
+    every curve: the best of several recipes at equal x (e.g. D-LLM trained per target with either λ)."""
+    found = [v for v in (interpolate(c, x) for c in curves) if v is not None]
+    return min(found) if found else None
 
 
 def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
@@ -199,7 +211,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
                        fidelity_rows=fidelity_rows)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
-                       seed_verdicts=seed_verdicts,
+                       seed_verdicts=seed_verdicts, least_at=least_at,
                        commands=lambda stem: commands(results, stem))
     return env
 

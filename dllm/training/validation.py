@@ -18,13 +18,16 @@ def _dp_sum(tensor: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def validate(model: Transformer, loader, device) -> dict:
-    """CE, rate loss and execution ratio on held-out data with inference routing (real skipping)."""
+def validate(model: Transformer, loader, device, share_on: str = "all") -> dict:
+    """CE, rate loss and execution ratio on held-out data with inference routing (real skipping).
+    `share_on` "response": the ratio and rate loss over the response tokens alone, the ones a
+    user's decode pays for (a dial calibrated there, dllm/dial.py)."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
-        batch = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
-        c_loss, a_loss, metrics = compute_loss(model, *batch)
+        examples, labels, example_masks, label_masks = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
+        counted = label_masks if share_on == "response" else example_masks
+        c_loss, a_loss, metrics = compute_loss(model, examples, labels, counted, label_masks)
         c, a, act, n_labels, n_tokens = (t.double() for t in (c_loss, a_loss, metrics["act_ratio"], metrics["n_labels"],
                                                               metrics["n_tokens"]))
         sums += torch.stack([c * n_labels, n_labels, a * n_tokens, act * n_tokens, n_tokens])
@@ -34,11 +37,11 @@ def validate(model: Transformer, loader, device) -> dict:
 
 
 def calibrate_threshold(model: Transformer, loader, target: float, device, steps: int = 12,
-                        set_threshold=None) -> float:
+                        set_threshold=None, share_on: str = "all") -> float:
     """Bisection on the policy's inference threshold in [0, 1] (higher: fewer tokens execute) until
-    the executed share on these batches meets the target: for policies whose training has no signal
-    for their compute (early exit), and for a D-LLM adapter's dial (dllm/dial.py, whose
-    `set_threshold` sets a quantile level instead)."""
+    the executed share on these batches (over the tokens `share_on` counts, as `validate`) meets the
+    target: for policies whose training has no signal for their compute (early exit), and for a
+    D-LLM adapter's dial (dllm/dial.py, whose `set_threshold` sets a quantile level instead)."""
     def set_policy_threshold(value: float):
         model.routing.threshold = value
 
@@ -47,7 +50,7 @@ def calibrate_threshold(model: Transformer, loader, target: float, device, steps
     for _ in range(steps):
         middle = (low + high) / 2
         set_threshold(middle)
-        ratio = validate(model, loader, device)["val_act_ratio"]
+        ratio = validate(model, loader, device, share_on)["val_act_ratio"]
         low, high = (middle, high) if ratio > target else (low, middle)
     set_threshold((low + high) / 2)
     return (low + high) / 2

@@ -185,6 +185,9 @@ class Settings:
 
     # settings a preset gives together: a command line that gives one of them drops the preset's others
     PRESET_GROUPS: Tuple[Tuple[str, ...], ...] = ()
+    # what a preset is for (its base, its data): given another value, the run keeps the preset's recipe but is
+    # not the preset's run, so `preset` is left empty (its other sections, e.g. example prompts, do not fit)
+    PRESET_SCOPE: Tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, argv: Optional[Sequence[str]] = None, description: str = "", defaults: Optional[dict] = None,
@@ -207,7 +210,10 @@ class Settings:
                     if given & set(group):
                         chosen = {k: v for k, v in chosen.items() if k not in group}
                 defaults |= chosen | {"preset": name}
-        return cls(**vars(parser_for(cls, description, defaults=defaults).parse_args(argv)))
+        values = vars(parser_for(cls, description, defaults=defaults).parse_args(argv))
+        if name and any(k in chosen and values[k] != chosen[k] for k in cls.PRESET_SCOPE):
+            values["preset"] = ""
+        return cls(**values)
 
 
 def given_flags(cls, argv: Sequence[str]) -> set:

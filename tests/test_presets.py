@@ -55,6 +55,17 @@ def test_a_preset_replaces_defaults_and_flags_replace_the_preset():
     assert config.dynamic_router_bias == recipe["dynamic_router_bias"]
 
 
+def test_a_preset_s_recipe_on_another_base_or_dataset_is_not_the_preset_s_run():
+    """finetuning.sh's default PRESET=demo with MODEL_PATH and DATASET_NAME set: the demo's recipe on
+    SmolLM2's data, whose closing summary must not suggest the demo's prompts (--preset demo)."""
+    demo = finetuning.parse_args(["--preset", "demo", "--epochs", "1"])
+    assert demo.preset == "demo"
+    assert finetuning.parse_args(["--preset", "demo", "--dataset_name", "demo"]).preset == "demo"
+    for moved in (["--llama_ckpt_dir", "models/smollm2"], ["--dataset_name", "smol"]):
+        other = finetuning.parse_args(["--preset", "demo", *moved])
+        assert other.preset == "" and other.batch_size == demo.batch_size
+
+
 def test_help_shows_the_defaults_a_preset_puts_in_force(capsys):
     with pytest.raises(SystemExit):
         finetuning.parse_args(["--preset", "smollm2", "--help"])

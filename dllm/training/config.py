@@ -19,9 +19,12 @@ RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active
 
 @dataclass
 class TrainConfig(Settings):
+    PRESET_SCOPE = ("llama_ckpt_dir", "dataset_name")
+
     # paths (official names)
     preset: str = setting("", "a named recipe, one of the presets the entry point offers: its settings replace the "
-                          "defaults (--help with it shows them); flags still override them")
+                          "defaults (--help with it shows them); flags still override them (another base or dataset "
+                          "than the preset's keeps its recipe, but the run is not the preset's: this is left empty)")
     llama_ckpt_dir: str = setting("", "base checkpoint directory, Meta or Hugging Face layout", required=True,
                                   aliases=["--llama_model_path"])
     llama_param_path: Optional[str] = setting(None, "params.json or config.json (default: the one in --llama_ckpt_dir)")

@@ -197,6 +197,7 @@ class Settings:
         chosen with --preset NAME (a field of the class), whose values replace the defaults."""
         argv = list(sys.argv[1:] if argv is None else argv)
         defaults = dict(defaults or {})
+        name, chosen = "", {}
         if presets is not None:
             first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
             first.add_argument("--preset", default="")

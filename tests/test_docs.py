@@ -94,3 +94,15 @@ def test_seed_verdicts_read_every_seed_off_the_static_curve():
         ("ahead", "d:1", "ahead in every seed"), ("mixed", "d:2", "seeds disagree"),
         ("outside", "d:4", "outside static's curve")]
     assert verdicts[0]["diffs"] == pytest.approx([-0.15, -0.05])
+
+
+def test_overlaid_rows_and_the_least_curve_at_equal_x():
+    """overlaid replaces a row by the re-measured one at its budget and keeps the rest in order;
+    least_at is the lower of the curves where any covers x, None where none does."""
+    rows = [{"budget": 0.5, "kl": 3.0}, {"budget": 0.75, "kl": 1.0}]
+    again = [{"budget": 0.5, "kl": 2.5}]
+    assert write_docs.overlaid(rows, again) == [again[0], rows[1]]
+    low, high = [(0.6, 2.0), (0.8, 1.0)], [(0.5, 4.0), (0.7, 2.0)]
+    assert write_docs.least_at([low, high], 0.7) == pytest.approx(1.5)
+    assert write_docs.least_at([low, high], 0.55) == pytest.approx(3.5)
+    assert write_docs.least_at([low, high], 0.9) is None

@@ -9,8 +9,8 @@ re-run this after a results file changes, and tests/test_docs.py fails until you
 
 A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
 under benchmarks/results/ by name) and `builds` (build_info.json of
-assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table
-and the globals curve, interp, least_at, commands, zip, log.
+assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table,
+fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log.
 """
 import argparse
 import json
@@ -107,6 +107,13 @@ def curve(rows, x: str = "flops_ratio", y: str = "val_ce", by: str = "target") -
     for r in rows:
         groups.setdefault(field(r, by), []).append(r)
     return [(p.x, p.y) for p in mean_points(groups.values(), x, y)]
+
+
+def overlaid(rows, replacements) -> list:
+    """`rows` with each row replaced by the row of `replacements` at its budget, where there is one:
+    a dial measured again at some budgets (e.g. where its LoRA strength changed)."""
+    by_budget = {r["budget"]: r for r in replacements}
+    return [by_budget.get(r["budget"], r) for r in rows]
 
 
 def least_at(curves, x: float):
@@ -208,7 +215,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters.update(current=current_command, fmt=fmt, pct=pct, where=where, one=one, mean=mean, std=std, table=table, values=values,
-                       fidelity_rows=fidelity_rows)
+                       fidelity_rows=fidelity_rows, overlaid=overlaid)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
                        seed_verdicts=seed_verdicts, least_at=least_at,

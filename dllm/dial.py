@@ -43,7 +43,7 @@ from dllm.fidelity import Sums, teacher_forced
 from dllm.core.routing import MarginDial
 from dllm.training.config import TrainConfig
 from dllm.training.data_loading import Indexed, trim_padding, val_loader
-from dllm.training.validation import calibrate_threshold, validate
+from dllm.training.validation import calibrate_threshold, counted_tokens, validate
 
 GRID_STEP = 0.05
 BISECTION_STEPS = 10  # the quantile level to 1e-3: the share to about that
@@ -88,7 +88,7 @@ def record_margins(model: Transformer, loader, device, share_on: str = "all") ->
     try:
         for batch in loader:
             examples, _, example_masks, label_masks = [t.to(device) for t in trim_padding(batch[1:])]
-            counted = (label_masks if share_on == "response" else example_masks).bool()
+            counted = counted_tokens(example_masks, label_masks, share_on).bool()
             counted[:, : model.params.dynamic_reserve_initials] = False
             current.clear()
             model(examples)

@@ -17,6 +17,11 @@ def _dp_sum(tensor: torch.Tensor) -> list:
     return tensor.tolist()
 
 
+def counted_tokens(example_masks: torch.Tensor, label_masks: torch.Tensor, share_on: str) -> torch.Tensor:
+    """The tokens an execution share is counted over: all real ones, or ("response") the response's."""
+    return label_masks if share_on == "response" else example_masks
+
+
 @torch.no_grad()
 def validate(model: Transformer, loader, device, share_on: str = "all") -> dict:
     """CE, rate loss and execution ratio on held-out data with inference routing (real skipping).
@@ -26,7 +31,7 @@ def validate(model: Transformer, loader, device, share_on: str = "all") -> dict:
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
         examples, labels, example_masks, label_masks = [t.to(device) for t in trim_padding((examples, labels, example_masks, label_masks))]
-        counted = label_masks if share_on == "response" else example_masks
+        counted = counted_tokens(example_masks, label_masks, share_on)
         c_loss, a_loss, metrics = compute_loss(model, examples, labels, counted, label_masks)
         c, a, act, n_labels, n_tokens = (t.double() for t in (c_loss, a_loss, metrics["act_ratio"], metrics["n_labels"],
                                                               metrics["n_tokens"]))

@@ -16,6 +16,10 @@ found by bisection the same way (any input in [0, 1]), and leaves their rule (ex
 margin is at least 0) as trained: a router input whose share on the records is B. Its routers run
 more than they are told (docs/dial.md), so a budget inside the trained range is met by a lower
 input that training taught, and a budget at its low end by an input below anything training drew.
+Its routers also run more on answers than on prompts, so one input meets B on all tokens while
+a generation, whose answers run longer than the records', spends more; `--share_on phases` finds
+one input for the prompt tokens and one for the response tokens (routing.MarginDial), each meeting
+B on its own tokens, so that prefill and decode both do.
 
 LoRA strength (tools/calibrate_lora_strength.py), for a budget-conditioned adapter: its LoRA is
 trained under every budget of its range, so it moves the model even where nearly every block runs.
@@ -26,7 +30,7 @@ merges it again, from the weights without it, when the budget changes.
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Subset
@@ -112,12 +116,18 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
     if by == "input" and routing.trained_range is None:
         raise InputError("--by input: tells a budget-conditioned adapter's routers another budget; this adapter was "
                          "trained for one target (use --by threshold)")
+    if share_on == "phases" and by != "input":
+        raise InputError("--share_on phases: an input per phase, for a dial --by input")
     pooled = routing.trained_range is not None
-    rows, inputs, achieved = [], [], []
+    rows, inputs, prompt_inputs, achieved = [], [], [], []
     for budget in budgets:
         routing.dial, routing.budget = None, budget
         on_budget(budget)
-        if by == "input":
+        if share_on == "phases":
+            prompt_input = calibrate_phase_input(model, loader, device, budget, "prompt")
+            prompt_inputs.append(prompt_input)
+            calibrate_phase_input(model, loader, device, budget, "response", prompt_input)
+        elif by == "input":
             def set_level(level: float, budget=budget):  # a higher level tells a lower budget: fewer run
                 routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers),
                                           torch.tensor([1.0 - level]))
@@ -132,16 +142,33 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
                     thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
                 routing.dial = MarginDial(torch.tensor([budget]), thresholds)
 
-        calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level,
-                            share_on=share_on)
+        if share_on != "phases":
+            calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level,
+                                share_on=share_on)
         rows.append(routing.dial.thresholds[0])
         if by == "input":
             inputs.append(routing.dial.inputs[0])
-        achieved.append(validate(model, loader, device, share_on)["val_act_ratio"])
-    routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None)
+        achieved.append(validate(model, loader, device, "all" if share_on == "phases" else share_on)["val_act_ratio"])
+    routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None,
+                              torch.stack(prompt_inputs) if prompt_inputs else None)
     routing.budget = None
     model.eval()
     return routing.dial, achieved
+
+
+def calibrate_phase_input(model: Transformer, loader, device, budget: float, phase: str,
+                          prompt_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The input a dial per phase tells the routers on one phase's tokens so that their share there
+    meets `budget`, by bisection. The prompt first: its tokens never see the answer's, so its input
+    alone sets their share; then the response's, with the prompt's input in place (its tokens attend
+    to the prompt's keys). Leaves the routing's dial at the result; returns the input."""
+    def set_level(level: float):  # a higher level tells a lower budget: fewer run
+        told = torch.tensor([1.0 - level])
+        model.routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers), told,
+                                        told if prompt_input is None else prompt_input.reshape(1))
+
+    calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level, share_on=phase)
+    return model.routing.dial.inputs[0]
 
 
 @dataclass
@@ -161,8 +188,9 @@ class DialConfig(ModelPaths):
                       "adapter) or input (the budget a budget-conditioned adapter's routers are told, their rule "
                       "left as trained)", choices=("threshold", "input"))
     share_on: str = setting("all", "the tokens whose executed share meets the budget: all (prompt and response "
-                            "tokens alike) or response (the tokens a generation decodes, what a user pays per "
-                            "generated token; prompts may then run less)", choices=("all", "response"))
+                            "tokens alike), response (the tokens a generation decodes, what a user pays per "
+                            "generated token; prompts may then run less) or phases (prompt and response each, with "
+                            "an input per phase: --by input)", choices=("all", "response", "phases"))
     overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
 
 
@@ -203,8 +231,9 @@ def calibrate_dial(config: DialConfig) -> str:
                                config.share_on)
     write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
                {**provenance(config, adapter, len(loader.dataset)), "share_on": config.share_on})
+    counted = "all" if config.share_on == "phases" else config.share_on
     for budget, share in zip(budgets, achieved):
-        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' {config.share_on} tokens")
+        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' {counted} tokens")
     print(f"dial written to {path}")
     return path
 

@@ -239,7 +239,9 @@ class Llama:
         cache = self.model.new_cache(bsz)
 
         def step(begin: int, end: int) -> torch.Tensor:
-            logits, activation[:, begin:end] = self.model(tokens[:, begin:end], begin, cache, row_budget)
+            # a step past every prompt marks nothing: all its tokens are the answer's (Transformer.forward)
+            response = ~input_text_mask[:, begin:end] if begin < max_prompt_len else None
+            logits, activation[:, begin:end] = self.model(tokens[:, begin:end], begin, cache, row_budget, response)
             return logits
 
         prev_pos = 0

@@ -83,5 +83,5 @@ def teacher_forced(model, pairs: Sequence[Pair], max_seq_len: int) -> Scored:
         tokens[i, : len(row)] = torch.tensor(row, device=device)
         token_mask[i, : len(row)] = 1
         scored[i, start : len(row)] = 1
-    logits, activation = model(tokens)
+    logits, activation = model(tokens, response_tokens=scored)
     return Scored(tokens, token_mask, scored, logits, activation)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import finetuning
-from dllm import dial, evaluate
+from dllm import dial, evaluate, scoring
 from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
@@ -421,6 +421,78 @@ def test_a_dial_calibrated_on_response_tokens_meets_the_budget_there_held_out(ru
             pytest.approx(budget, abs=0.03)
 
 
+@pytest.fixture(scope="module")
+def phased(runs, tmp_path_factory):
+    """A copy of the budget-conditioned run with a dial per phase (--share_on phases) at 0.5 and 0.7."""
+    adapter = tmp_path_factory.mktemp("phased") / "adapter"
+    shutil.copytree(runs["conditioned"], adapter)
+    calibrate_dial.main(["--llama_ckpt_dir", runs["base"], "--dynamic_ckpt_dir", str(adapter), "--dataset_path",
+                         runs["data"], "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48",
+                         "--budgets", "[0.5, 0.7]", "--by", "input", "--share_on", "phases", "--overwrite"])
+    return str(adapter)
+
+
+@pytest.mark.slow
+def test_a_dial_per_phase_meets_the_budget_on_prompt_and_response_held_out(runs, phased):
+    """--share_on phases: one router input for prompt tokens and one for response tokens, each meeting
+    the budget on its own tokens, on held-out records too; it needs an input dial."""
+    with open(dial_file.dial_path(phased)) as f:
+        saved = json.load(f)
+    assert saved["share_on"] == "phases" and len(saved["prompt_router_inputs"]) == 2
+    assert saved["prompt_router_inputs"] != saved["router_inputs"]
+    loader = dial.records_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs["data"], "demo", "test",
+                                 48, 48, 16)
+    generator = Llama.build(runs["base"], phased, max_seq_len=48)
+    for budget in (0.5, 0.7):
+        generator.set_budget(budget)
+        for phase in ("prompt", "response"):
+            assert validate(generator.model, loader, generator.device, share_on=phase)["val_act_ratio"] == \
+                pytest.approx(budget, abs=0.05)
+    with pytest.raises(InputError, match=r"--share_on phases: an input per phase, for a dial --by input"):
+        calibrate_dial.main(["--llama_ckpt_dir", runs["base"], "--dynamic_ckpt_dir", phased, "--dataset_path",
+                             runs["data"], "--dataset_name", "demo", "--n_records", "8", "--max_seq_len", "48",
+                             "--budgets", "[0.5]", "--share_on", "phases", "--overwrite"])
+
+
+@pytest.mark.slow
+def test_a_dial_per_phase_routes_a_generation_as_its_scored_record(runs, phased):
+    """A generation's prefill is told the prompt's input and its decode the response's: its routing
+    equals the teacher-forced routing of what it fed with the answer marked, row by row in a batch of
+    ragged prompts (whose early decode steps still feed prompt tokens), and its prompt's routing that of
+    the adapter told the prompt input without a dial."""
+    generator = Llama.build(runs["base"], phased, max_seq_len=48, max_batch_size=len(PROMPTS))
+    generation = generator.generate(PROMPTS, max_gen_len=10, temperature=0.0, budget=0.5)
+    stats = generation.routing
+    generator.set_budget(0.5)
+    for row, (prompt, fed) in enumerate(zip(PROMPTS, stats.tokens)):
+        scored = scoring.teacher_forced(generator.model, [(fed[: len(prompt)], fed[len(prompt):])], 48)
+        assert torch.equal(stats.activation[row, : len(fed)], scored.activation[0])
+
+    plain = Llama.build(runs["base"], phased, max_seq_len=48)
+    told = plain.model.routing.dial.prompt_inputs[0]
+    plain.model.routing.dial = None
+    with torch.inference_mode():
+        _, prompt_alone = plain.model(torch.tensor([PROMPTS[0]]), budget=told.reshape(1))
+    assert torch.equal(stats.activation[0, : len(PROMPTS[0])], prompt_alone[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value, why", [
+    ("prompt_router_inputs", [0.4, 1.5], r"prompt_router_inputs must be 2 budgets in \[0, 1\], one per budget"),
+    ("router_inputs", None, r"prompt_router_inputs without router_inputs")])
+def test_a_malformed_dial_per_phase_is_one_line(runs, phased, tmp_path, key, value, why):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(phased, adapter)
+    path = dial_file.dial_path(str(adapter))
+    with open(path) as f:
+        saved = json.load(f)
+    saved[key] = value
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in saved.items() if v is not None}, f)
+    with pytest.raises(InputError, match=rf"{path}: not a valid dial \({why}\)"):
+        dial_file.read_dial(str(adapter), n_layers=3)
+
+
 def test_the_share_on_response_tokens_counts_them_alone():
     """validate's share_on: a model that runs every block on the response tokens and only the first
     block on the prompt executes all of them there, and a quarter on the prompt counts in the share
@@ -433,4 +505,5 @@ def test_the_share_on_response_tokens_counts_them_alone():
     label_masks = executes.long()
     batch = (torch.zeros(1), torch.arange(1, 9)[None], torch.arange(2, 10)[None], ones, label_masks)
     assert validate(model, [batch], "cpu", share_on="response")["val_act_ratio"] == pytest.approx(1.0)
+    assert validate(model, [batch], "cpu", share_on="prompt")["val_act_ratio"] == pytest.approx(0.25)
     assert validate(model, [batch], "cpu")["val_act_ratio"] == pytest.approx((3 * 0.25 + 4) / 7)

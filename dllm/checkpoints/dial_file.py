@@ -1,6 +1,6 @@
 """An adapter's compute dial on disk: NAME.dial.json beside its checkpoint, the per-block margin
 thresholds of each budget of a grid, or the budget a budget-conditioned adapter's routers are told
-(router_inputs), calibrated by dllm/dial.py, with the adapter's checksum; and
+(router_inputs; a dial per phase: on the response tokens, prompt_router_inputs on the prompt's), calibrated by dllm/dial.py, with the adapter's checksum; and
 NAME.lora_strength.json, the strength of its LoRA at each budget of a grid (dllm/dial.py, likewise)."""
 import json
 import os
@@ -29,8 +29,9 @@ def write_dial(dial: MarginDial, path: str, adapter_sha256: Optional[str], achie
     data = {**provenance, "adapter_sha256": adapter_sha256, "budgets": [round(b, 6) for b in dial.budgets.tolist()],
             "achieved_on_calibration": [round(a, 5) for a in achieved], "routed_blocks": routed,
             "thresholds": [[row[i] for i in routed] for row in dial.thresholds.tolist()]}
-    if dial.inputs is not None:
-        data["router_inputs"] = [round(v, 6) for v in dial.inputs.tolist()]
+    for key, inputs in (("router_inputs", dial.inputs), ("prompt_router_inputs", dial.prompt_inputs)):
+        if inputs is not None:
+            data[key] = [round(v, 6) for v in inputs.tolist()]
     atomic_write_text(json.dumps(data, indent=1) + "\n", path)
 
 
@@ -55,18 +56,27 @@ def read_dial(adapter: str, n_layers: int) -> Optional[MarginDial]:
         thresholds = torch.zeros(len(budgets), n_layers)
         for k, row in enumerate(rows):
             thresholds[k, routed] = torch.tensor(row, dtype=torch.float32)
-        inputs = data.get("router_inputs")
-        if inputs is not None:
-            inputs = torch.tensor([float(v) for v in inputs], dtype=torch.float32)
-            if len(inputs) != len(budgets) or not bool(((inputs >= 0) & (inputs <= 1)).all()):
-                raise ValueError(f"router_inputs must be {len(budgets)} budgets in [0, 1], one per budget")
+        inputs, prompt_inputs = (read_inputs(data, key, len(budgets)) for key in ("router_inputs", "prompt_router_inputs"))
+        if prompt_inputs is not None and inputs is None:
+            raise ValueError("prompt_router_inputs without router_inputs")
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise InputError(f"{path}: not a valid dial ({e}); build it again with python -m tools.calibrate_dial") from None
     if len(budgets) != len(rows) or not budgets or any(b >= c for b, c in zip(budgets, budgets[1:])):
         raise InputError(f"{path}: budgets must increase, one row of thresholds each; build it again with "
                          f"python -m tools.calibrate_dial")
     check_calibrated_for(adapter, data, path, "build it again with python -m tools.calibrate_dial")
-    return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds, inputs)
+    return MarginDial(torch.tensor(budgets, dtype=torch.float32), thresholds, inputs, prompt_inputs)
+
+
+def read_inputs(data: dict, key: str, n_budgets: int) -> Optional[torch.Tensor]:
+    """A dial file's router inputs under `key` (None if absent): one budget in [0, 1] per grid budget."""
+    inputs = data.get(key)
+    if inputs is None:
+        return None
+    inputs = torch.tensor([float(v) for v in inputs], dtype=torch.float32)
+    if len(inputs) != n_budgets or not bool(((inputs >= 0) & (inputs <= 1)).all()):
+        raise ValueError(f"{key} must be {n_budgets} budgets in [0, 1], one per budget")
+    return inputs
 
 
 @dataclass

@@ -386,21 +386,24 @@ class Transformer(nn.Module):
                        self.params.max_seq_len)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
-                budget: Optional[torch.Tensor] = None):
+                budget: Optional[torch.Tensor] = None, response_tokens: Optional[torch.Tensor] = None):
         """tokens [b, s] -> (logits [b, s, vocab] fp32, activation [b, s, n_layers]).
 
         activation is the execute weight per token and block (1 for always-on blocks and reserved
         tokens); in training it carries the routers' gradient. In eval mode without a cache a
         throw-away cache is used, so the forward skips for real. budget [b]: the share of blocks
         each row should execute, for a policy that takes one (routing.DLLMRouting.check_budget).
+        response_tokens [b, s]: which tokens belong to the answer rather than the prompt, for a dial
+        calibrated per phase (routing.MarginDial); unmarked, every token counts as the answer's.
         """
-        logits, activation, _ = self.run(tokens, start_pos, cache, None if budget is None else {"budget": budget})
+        inputs = {"budget": budget, "response_tokens": response_tokens}
+        logits, activation, _ = self.run(tokens, start_pos, cache, {k: v for k, v in inputs.items() if v is not None})
         return logits, activation
 
     def run(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
             state: Optional[dict] = None):
         """forward, plus the routing state it left (what the policy's aux loss reads); `state` may
-        start with the policy's inputs for this forward (a per-row "budget")."""
+        start with the policy's inputs for this forward (a per-row "budget", the "response_tokens")."""
         h, activation, state = self.hidden_states(tokens, start_pos, cache, state)
         return self.project_vocab(h).float(), activation, state
 

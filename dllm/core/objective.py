@@ -40,12 +40,12 @@ def compute_loss(model: Transformer, examples, labels, example_masks, label_mask
     `distill_loss`, with its graph: KL from the teacher on the response tokens.
     """
     positions = scored_positions(label_masks)
-    h, activation, state = model.hidden_states(examples)
+    # the response tokens: for a rate loss counted on them alone, and a dial calibrated per phase
+    h, activation, state = model.hidden_states(examples, state={"response_tokens": label_masks.float()})
     logits = model.project_vocab(h.flatten(0, 1)[positions]).float()
     c_loss = F.cross_entropy(logits, labels.flatten()[positions + 1], reduction="sum") / max(len(positions), 1)
     token_weight = example_masks.float().clone()
     token_weight[:, : model.params.dynamic_reserve_initials] = 0
-    state["response_tokens"] = label_masks.to(token_weight.dtype)  # for a rate loss counted on them alone
     a_loss = model.routing.aux_loss(model, state, activation, h, token_weight)
     n_tokens = token_weight.sum()
     act_ratio = (activation.detach().mean(-1) * token_weight).sum() / n_tokens.clamp(min=1)

@@ -58,7 +58,7 @@ class Router(nn.Module):
         self._inference_terms = None  # (budget, parameter versions, terms): see budget_terms
 
     def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [b, s, dim], budget [b] (routers with a budget input) -> logits [b, s, 2]."""
+        """x [b, s, dim], budget [b] or per token [b, s] (routers with a budget input) -> logits [b, s, 2]."""
         hidden = self.linear_1(x.float())
         if self.budget is None:
             return self.linear_2(F.silu(self.norm(hidden)))
@@ -66,7 +66,8 @@ class Router(nn.Module):
         return self.linear_2(F.silu(self.norm(hidden + offset))) + shift
 
     def budget_terms(self, budget: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """What a row's budget adds: to the hidden layer [b, 1, hdim] and to the logits [b, 1, 2].
+        """What a row's budget ([b]; per token, [b, s]) adds: to the hidden layer [b, 1 or s, hdim] and
+        to the logits [b, 1 or s, 2].
 
         They depend on the budget and this router's weights only, so without grad (generation: the
         same budget tensor at every step) they are computed once and reused while the budget tensor
@@ -80,10 +81,10 @@ class Router(nn.Module):
         memo = self._inference_terms
         if reusable and memo is not None and memo[0] is budget and memo[1] == versions:
             return memo[2]
-        share = budget.float()
-        offset = self.budget(share[:, None, None])
+        share = budget.float()[..., None] if budget.dim() == 2 else budget.float()[:, None, None]
+        offset = self.budget(share)
         shift = self.budget_gain * torch.logit(share.clamp(self.BUDGET_CLAMP, 1 - self.BUDGET_CLAMP))
-        terms = offset, F.pad(shift[:, None, None], (1, 0))
+        terms = offset, F.pad(shift, (1, 0))
         self._inference_terms = (budget, versions, terms) if reusable else None
         return terms
 
@@ -102,12 +103,16 @@ class MarginDial:
     token runs it, so that the share of blocks executed meets the budget. A budget-conditioned
     adapter's dial may instead tell its routers another budget (`inputs`, an input dial) and keep their
     own rule (margin >= 0; `thresholds` then unused): the routing moves along the budget input rather
-    than past it. A budget between two grid points takes the linear interpolation of their values; a
-    budget of 1 runs every block."""
+    than past it. An input dial calibrated per phase also has `prompt_inputs`, told on prompt tokens,
+    `inputs` then on the response's (the tokens a generation decodes; a forward that marks no
+    tokens, state "response_tokens", is all response): prompt and answer route differently, so one
+    input per budget meets it on the prompt or on the answer, not on both. A budget between two grid
+    points takes the linear interpolation of their values; a budget of 1 runs every block."""
 
     budgets: torch.Tensor  # [K] increasing shares of all blocks
     thresholds: torch.Tensor  # [K, n_layers] margin thresholds (unrouted blocks: unused)
     inputs: Optional[torch.Tensor] = None  # [K] the budget the routers are told at each grid budget
+    prompt_inputs: Optional[torch.Tensor] = None  # [K] the same on prompt tokens, for a dial per phase
 
     @property
     def budget_range(self) -> Tuple[float, float]:
@@ -120,6 +125,11 @@ class MarginDial:
     def row_inputs(self, budget: torch.Tensor) -> torch.Tensor:
         """budget [b] -> the budget each row's routers are told, [b] (an input dial)."""
         return self.interpolate(budget, self.inputs)
+
+    def token_inputs(self, budget: torch.Tensor, response_tokens: torch.Tensor) -> torch.Tensor:
+        """budget [b], response_tokens [b, s] -> the budget each token's routers are told, [b, s] (a dial per phase)."""
+        prompt = self.interpolate(budget, self.prompt_inputs)
+        return torch.where(response_tokens.bool(), self.row_inputs(budget)[:, None], prompt[:, None])
 
     def interpolate(self, budget: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         budgets, values = self.budgets.to(budget.device), values.to(budget.device)
@@ -291,12 +301,16 @@ class DLLMRouting(DenseRouting):
                 return None
         return state["budget"]
 
-    def told_budget(self, budget: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def told_budget(self, budget: Optional[torch.Tensor], response_tokens: Optional[torch.Tensor] = None
+                    ) -> Optional[torch.Tensor]:
         """What an input dial tells the routers for the rows' asked budget (else the asked one): one
-        tensor per asked tensor and dial, so a generation's steps reuse it and the routers their
-        budget_terms; fresh with grad, as row_budget."""
+        tensor per asked tensor and dial, so a generation's decode steps reuse it and the routers their
+        budget_terms; fresh with grad, as row_budget. A dial per phase tells each token its phase's
+        input where the forward marks its response tokens [b, s] (a prefill, a scored record)."""
         if budget is None or self.dial is None or self.dial.inputs is None:
             return budget
+        if response_tokens is not None and self.dial.prompt_inputs is not None:
+            return self.dial.token_inputs(budget, response_tokens)
         if torch.is_grad_enabled():
             return self.dial.row_inputs(budget)
         if self._told_budget is None or self._told_budget[0] is not budget or self._told_budget[1] is not self.dial:
@@ -308,7 +322,7 @@ class DLLMRouting(DenseRouting):
         if router is None:
             return None
         budget = self.row_budget(x, state, router.training)
-        logits = router(x, budget if router.training else self.told_budget(budget))
+        logits = router(x, budget if router.training else self.told_budget(budget, state.get("response_tokens")))
         reserved = (positions < self.reserve_initials).expand(logits.shape[:2])
         if router.training:
             weight = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]

@@ -18,8 +18,10 @@ def _dp_sum(tensor: torch.Tensor) -> list:
 
 
 def counted_tokens(example_masks: torch.Tensor, label_masks: torch.Tensor, share_on: str) -> torch.Tensor:
-    """The tokens an execution share is counted over: all real ones, or ("response") the response's."""
-    return label_masks if share_on == "response" else example_masks
+    """The tokens an execution share is counted over: all real ones, or ("response", "prompt") one phase's."""
+    if share_on == "response":
+        return label_masks
+    return example_masks - label_masks if share_on == "prompt" else example_masks
 
 
 @torch.no_grad()

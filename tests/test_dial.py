@@ -3,6 +3,7 @@ ordinary D-LLM adapter meets a budget on its calibration records and on held-out
 never executes fewer blocks; a batch with mixed budgets routes each row as it would alone; the
 budget-conditioned D-LLM trains each sequence at its own drawn target; a budget an adapter cannot
 meet is one line; adapters without the option are unchanged."""
+import dataclasses
 import json
 import os
 import shutil
@@ -122,6 +123,23 @@ def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():
     assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
     assert {k for k in model.state_dict() if ".router.budget" in k} == {
         f"layers.{i}.router.{p}" for i in range(1, 4) for p in ("budget.weight", "budget.bias", "budget_gain")}
+
+
+def test_a_relative_rate_loss_holds_each_sequence_to_its_target_in_proportion():
+    """rate_loss_gap relative: each token's gap over its own sequence's drawn target, so the same gap
+    weighs more at a low budget; per sequence likewise."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7,
+                                  rate_loss_gap="relative")).train()
+    _, activation, state = model.run(torch.randint(3, 320, (6, 12)))
+    budget, weight = state["budget"], torch.ones(6, 12)
+    expected = ((activation.mean(-1) - budget[:, None]).abs() / budget[:, None]).mean()
+    assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
+    model.routing.args = dataclasses.replace(model.routing.args, rate_loss_unit="sequence")
+    expected = ((activation.mean((1, 2)) - budget).abs() / budget).mean()
+    assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
+    with pytest.raises(InputError, match=r"rate_loss_gap 'square': must be one of absolute, relative"):
+        Transformer(tiny_args(rate_loss_gap="square"))
 
 
 def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():

@@ -63,6 +63,7 @@ class AdapterArgs:
     dynamic_router_bias: Tuple[float, float] = (0.1, 2.0)
     gumbel_tau: float = 1.0
     rate_loss_unit: str = "token"  # the rate loss holds each token's share, each sequence's mean, or response tokens'
+    rate_loss_gap: str = "absolute"  # the rate loss's gap |share - target|, or that over the target (relative)
     execute_threshold: float = 0.5  # the policy's inference threshold as saved (policies that have one)
     # budget-conditioned D-LLM: the range of execution shares its routers are trained for and take as
     # input (a target drawn per sequence from it); empty: one fixed target, the routers take no budget

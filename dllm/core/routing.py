@@ -227,7 +227,9 @@ class DLLMRouting(DenseRouting):
     sequence's tokens - target| per sequence instead, which leaves the tokens of one sequence free
     to differ, and with "response" it is the per-token loss over response tokens only, the ones the
     CE scores and a user's decode pays for: prompt tokens route freely (both ours: the reference
-    pulls every token to the target).
+    pulls every token to the target). With `rate_loss_gap` "relative" (ours) the gap is divided by
+    the target: a budget-conditioned adapter's sequences drawn at low budgets are held to theirs as
+    tightly, in proportion, as those at high ones (an absolute gap lets a low target run well over it).
 
     Budgets (ours): with `dynamic_budget_range` (low, high) the routers take the row's budget as an
     input, and training draws a target per sequence uniformly from the range, the rate loss holding
@@ -239,11 +241,14 @@ class DLLMRouting(DenseRouting):
     name = "dllm"
     label = "D-LLM"
     RATE_LOSS_UNITS = ("token", "sequence", "response")
+    RATE_LOSS_GAPS = ("absolute", "relative")
 
     def __init__(self, args):
         super().__init__(args)
         if args.rate_loss_unit not in self.RATE_LOSS_UNITS:
             raise InputError(f"rate_loss_unit {args.rate_loss_unit!r}: must be one of {', '.join(self.RATE_LOSS_UNITS)}")
+        if args.rate_loss_gap not in self.RATE_LOSS_GAPS:
+            raise InputError(f"rate_loss_gap {args.rate_loss_gap!r}: must be one of {', '.join(self.RATE_LOSS_GAPS)}")
         self.reserve_initials = args.dynamic_reserve_initials
         self.tau = args.gumbel_tau
         self.threshold = args.execute_threshold
@@ -348,11 +353,16 @@ class DLLMRouting(DenseRouting):
             token_weight = token_weight * state["response_tokens"]
         if self.args.rate_loss_unit == "sequence":
             counts = token_weight.sum(-1)
-            gap = ((ratio * token_weight).sum(-1) / counts.clamp(min=1) - target).abs()
+            gap = self.gap((ratio * token_weight).sum(-1) / counts.clamp(min=1), target)
             return (gap * (counts > 0)).sum() / (counts > 0).sum().clamp(min=1)
         if "budget" in state:
             target = target[:, None]
-        return ((ratio - target).abs() * token_weight).sum() / token_weight.sum().clamp(min=1)
+        return (self.gap(ratio, target) * token_weight).sum() / token_weight.sum().clamp(min=1)
+
+    def gap(self, share: torch.Tensor, target) -> torch.Tensor:
+        """How far a share is from its target, as the rate loss counts it (rate_loss_gap)."""
+        gap = (share - target).abs()
+        return gap / target if self.args.rate_loss_gap == "relative" else gap
 
     def aux_weight(self, progress, lambda_active, epochs) -> float:
         return rate_loss_weight(progress, lambda_active, epochs)

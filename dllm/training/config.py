@@ -14,7 +14,7 @@ from dllm.core.routing import POLICIES, DLLMRouting
 # what a resumed run must share with the checkpoint it continues
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
-                     "rate_loss_unit", "dynamic_budget_range")
+                     "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range")
 
 
 @dataclass
@@ -62,6 +62,9 @@ class TrainConfig(Settings):
                                   "reference), each sequence's mean share (sequence: tokens free to differ), or each response token's "
                                   "(response: the tokens the CE scores; prompt tokens route freely)",
                                   choices=list(DLLMRouting.RATE_LOSS_UNITS))
+    rate_loss_gap: str = setting(AdapterArgs.rate_loss_gap, "the rate loss's gap: |share - target| (absolute, the reference) or "
+                                 "that over the target (relative: a budget-conditioned D-LLM's low budgets held as tightly, "
+                                 "in proportion, as its high ones)", choices=list(DLLMRouting.RATE_LOSS_GAPS))
     dynamic_budget_range: List[float] = setting(list(AdapterArgs.dynamic_budget_range), "a budget-conditioned D-LLM: [low, high], the range of shares its "
                                                 "routers take as input (the budget chosen at inference, --budget); "
                                                 "each sequence trains at a target drawn from it, e.g. \"[0.4, 1.0]\"; "

@@ -172,18 +172,26 @@ def calibrate_phase_input(model: Transformer, loader, device, budget: float, pha
 
 
 @dataclass
-class DialConfig(ModelPaths):
-    """tools/calibrate_dial.py's settings."""
+class CalibrationConfig(ModelPaths):
+    """What every calibration beside an adapter takes: the records it is calibrated on, the grid of
+    budgets, and whether to replace an earlier file."""
 
     dataset_path: str = setting("datasets", "directory with one NAME/{train,test,prompt}.json per dataset")
-    dataset_name: str = setting("", "the dataset whose training records the dial is calibrated on (never its test "
+    dataset_name: str = setting("", "the dataset whose training records the calibration reads (never its test "
                                 "split)", required=True)
-    n_records: int = setting(64, "the first training records, in file order, the dial is calibrated on", low=1)
+    n_records: int = setting(64, "the first training records, in file order, the calibration reads", low=1)
     batch_size: int = setting(16, "records per forward pass", low=1)
     max_seq_len: int = setting(TrainConfig.max_seq_len, "tokens per record (longer ones are cut as in fine-tuning: "
                                "give the adapter's)", low=2)
     budgets: List[float] = setting([], "the grid of budgets (shares of all blocks executed), e.g. \"[0.4, 0.7, 1.0]\" "
                                    "(default: steps of 0.05 over what the adapter can meet)", low=0.0, high=1.0)
+    overwrite: bool = setting(False, "replace the file an earlier calibration left beside the adapter")
+
+
+@dataclass
+class DialConfig(CalibrationConfig):
+    """tools/calibrate_dial.py's settings."""
+
     by: str = setting("threshold", "how the dial meets a budget: threshold (execute-margin thresholds, any D-LLM "
                       "adapter) or input (the budget a budget-conditioned adapter's routers are told, their rule "
                       "left as trained)", choices=("threshold", "input"))
@@ -191,10 +199,9 @@ class DialConfig(ModelPaths):
                             "tokens alike), response (the tokens a generation decodes, what a user pays per "
                             "generated token; prompts may then run less) or phases (prompt and response each, with "
                             "an input per phase: --by input)", choices=("all", "response", "phases"))
-    overwrite: bool = setting(False, "replace the dial an earlier calibration left beside the adapter")
 
 
-def adapter_and_output(config: DialConfig, path_of) -> Tuple[str, str]:
+def adapter_and_output(config: CalibrationConfig, path_of) -> Tuple[str, str]:
     """The adapter to calibrate and the file `path_of` puts beside it, which is not overwritten
     without --overwrite."""
     adapter = config.adapter()
@@ -206,7 +213,7 @@ def adapter_and_output(config: DialConfig, path_of) -> Tuple[str, str]:
     return adapter, path
 
 
-def provenance(config: DialConfig, adapter: str, n_records: int) -> dict:
+def provenance(config: CalibrationConfig, adapter: str, n_records: int) -> dict:
     """What a calibration file records of where it came from."""
     return {"adapter": os.path.abspath(adapters.adapter_file(adapter)),
             "calibrated_on": f"{config.dataset_name} train.json, first {n_records} records, "
@@ -239,7 +246,7 @@ def calibrate_dial(config: DialConfig) -> str:
 
 
 @dataclass
-class LoraStrengthConfig(DialConfig):
+class LoraStrengthConfig(CalibrationConfig):
     """tools/calibrate_lora_strength.py's settings."""
 
     n_records: int = setting(24, "the first training records, in file order, the strengths are chosen on", low=1)

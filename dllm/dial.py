@@ -124,13 +124,11 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
         routing.dial, routing.budget = None, budget
         on_budget(budget)
         if share_on == "phases":
-            prompt_input = calibrate_phase_input(model, loader, device, budget, "prompt")
+            prompt_input = calibrate_input(model, loader, device, budget, "prompt")
             prompt_inputs.append(prompt_input)
-            calibrate_phase_input(model, loader, device, budget, "response", prompt_input)
+            calibrate_input(model, loader, device, budget, "response", prompt_input)
         elif by == "input":
-            def set_level(level: float, budget=budget):  # a higher level tells a lower budget: fewer run
-                routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers),
-                                          torch.tensor([1.0 - level]))
+            calibrate_input(model, loader, device, budget, share_on)
         else:
             margins = record_margins(model, loader, device, share_on)
             every_margin = torch.cat(list(margins.values())) if pooled else None
@@ -142,13 +140,12 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
                     thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
                 routing.dial = MarginDial(torch.tensor([budget]), thresholds)
 
-        if share_on != "phases":
             calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level,
                                 share_on=share_on)
         rows.append(routing.dial.thresholds[0])
         if by == "input":
             inputs.append(routing.dial.inputs[0])
-        achieved.append(validate(model, loader, device, "all" if share_on == "phases" else share_on)["val_act_ratio"])
+        achieved.append(validate(model, loader, device, achieved_on(share_on))["val_act_ratio"])
     routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None,
                               torch.stack(prompt_inputs) if prompt_inputs else None)
     routing.budget = None
@@ -156,19 +153,27 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
     return routing.dial, achieved
 
 
-def calibrate_phase_input(model: Transformer, loader, device, budget: float, phase: str,
-                          prompt_input: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The input a dial per phase tells the routers on one phase's tokens so that their share there
-    meets `budget`, by bisection. The prompt first: its tokens never see the answer's, so its input
-    alone sets their share; then the response's, with the prompt's input in place (its tokens attend
-    to the prompt's keys). Leaves the routing's dial at the result; returns the input."""
+def calibrate_input(model: Transformer, loader, device, budget: float, share_on: str,
+                    prompt_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The budget an input dial tells the routers so that the share over the tokens `share_on`
+    counts meets `budget`, by bisection; leaves the routing's dial at it and returns it. With
+    `prompt_input`, a dial per phase: the prompt's tokens are told that, and this is the response's.
+    A dial per phase calibrates the prompt first (`share_on` "prompt"): its tokens never see the
+    answer's, so its input alone sets their share; then the response's, with the prompt's input in
+    place (its tokens attend to the prompt's keys)."""
     def set_level(level: float):  # a higher level tells a lower budget: fewer run
-        told = torch.tensor([1.0 - level])
-        model.routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers), told,
-                                        told if prompt_input is None else prompt_input.reshape(1))
+        model.routing.dial = MarginDial(torch.tensor([budget]), torch.zeros(1, model.n_layers),
+                                        torch.tensor([1.0 - level]),
+                                        None if prompt_input is None else prompt_input.reshape(1))
 
-    calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level, share_on=phase)
+    calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level, share_on=share_on)
     return model.routing.dial.inputs[0]
+
+
+def achieved_on(share_on: str) -> str:
+    """The tokens a calibration's achieved share is reported over: a dial per phase meets the budget
+    on each phase, so on all of them."""
+    return "all" if share_on == "phases" else share_on
 
 
 @dataclass
@@ -238,9 +243,9 @@ def calibrate_dial(config: DialConfig) -> str:
                                config.share_on)
     write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
                {**provenance(config, adapter, len(loader.dataset)), "share_on": config.share_on})
-    counted = "all" if config.share_on == "phases" else config.share_on
     for budget, share in zip(budgets, achieved):
-        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' {counted} tokens")
+        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' "
+              f"{achieved_on(config.share_on)} tokens")
     print(f"dial written to {path}")
     return path
 

@@ -327,7 +327,9 @@ class DLLMRouting(DenseRouting):
         if router is None:
             return None
         budget = self.row_budget(x, state, router.training)
-        logits = router(x, budget if router.training else self.told_budget(budget, state.get("response_tokens")))
+        if not router.training and "told_budget" not in state:  # once per forward: every block is told the same
+            state["told_budget"] = self.told_budget(budget, state.get("response_tokens"))
+        logits = router(x, budget if router.training else state["told_budget"])
         reserved = (positions < self.reserve_initials).expand(logits.shape[:2])
         if router.training:
             weight = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]

@@ -102,8 +102,7 @@ class Bench:
         records = task_records(config.dataset_path, config.dataset_name, 0, ChatFormat(tokenizer))
         self.records = records
         self.prompts = [tokenizer.encode(r.prompt, bos=True, eos=False) for r in records[: config.n_generate]]
-        self.loader = records_loader(tokenizer, config.dataset_path, config.dataset_name, "test", len(records),
-                                     config.max_seq_len, config.batch_size)
+        self.loader = records_loader(records, tokenizer, config.max_seq_len, config.batch_size)
 
     def build(self, adapter: Optional[str], budget: Optional[float] = None) -> Llama:
         c = self.config

@@ -19,7 +19,7 @@ import torch
 from benchmarks import write_results
 from benchmarks.bench_skip import run_meta
 from dllm.config import Settings, setting
-from dllm.dial import record_margins, records_loader
+from dllm.dial import calibration_records, record_margins, records_loader
 from dllm.errors import InputError, run_cli
 from dllm.generation import Llama
 
@@ -64,8 +64,9 @@ def main(config: DialSharesConfig):
         if not generator.model.params.dynamic_budget_range:
             raise InputError(f"--adapters {entry!r}: not a budget-conditioned adapter (DYNAMIC_BUDGET_RANGE)")
         generator.model.routing.dial = None  # the router input alone, whatever is calibrated beside it
-        loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, config.split,
-                                config.records, config.max_seq_len, config.batch_size)
+        records = calibration_records(generator.tokenizer, config.dataset_path, config.dataset_name, config.split,
+                                      config.records)
+        loader = records_loader(records, generator.tokenizer, config.max_seq_len, config.batch_size)
         for budget in config.budgets:
             rows.append({"adapter": name, "run": run, **shares_at(generator, loader, budget)})
             print(markdown_row(rows[-1]), flush=True)

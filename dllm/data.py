@@ -344,6 +344,15 @@ class InstructionDataset(torch.utils.data.Dataset):
             # eos stays a target even if the tokenizer merged the prompt's end into the response
             self.prompt_lengths.append(min(len(prompt), len(example) - 1))
 
+    @classmethod
+    def from_tokens(cls, examples: List[List[int]], prompt_lengths: List[int], max_seq_len: int) -> "InstructionDataset":
+        """Examples already tokenised, each with its prompt's length: a generation's prompt and answer as
+        it fed them, so the tokens are the ones it ran, not a re-encoding of its text."""
+        dataset = cls([], None, max_seq_len)
+        dataset.examples = [torch.tensor(example, dtype=torch.int64) for example in examples]
+        dataset.prompt_lengths = [min(n, len(example) - 1) for n, example in zip(prompt_lengths, examples)]
+        return dataset
+
     def __len__(self) -> int:
         return len(self.examples)
 

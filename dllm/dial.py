@@ -19,7 +19,10 @@ input that training taught, and a budget at its low end by an input below anythi
 Its routers also run more on answers than on prompts, so one input meets B on all tokens while
 a generation, whose answers run longer than the records', spends more; `--share_on phases` finds
 one input for the prompt tokens and one for the response tokens (routing.MarginDial), each meeting
-B on its own tokens, so that prefill and decode both do.
+B on its own tokens, so that prefill and decode both do. `--share_on generation` keeps one input
+(or threshold) per budget and meets B over what a generation runs instead: the records' prompts with
+the model's own greedy answers, generated again as the dial moves (meet_in_generation), so the
+routers keep their own split between prompt and answer and the user pays B.
 
 LoRA strength (tools/calibrate_lora_strength.py), for a budget-conditioned adapter: its LoRA is
 trained under every budget of its range, so it moves the model even where nearly every block runs.
@@ -34,11 +37,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 from dllm.checkpoints import adapters
 from dllm.chat import ChatFormat
 from dllm.config import setting
-from dllm.data import InstructionDataset, load_records
+from dllm.data import InstructionDataset, Record, load_records
 from dllm.errors import InputError
 from dllm.generation import Llama, ModelPaths
 from dllm.core.model import Transformer
@@ -51,6 +55,8 @@ from dllm.training.validation import calibrate_threshold, counted_tokens, valida
 
 GRID_STEP = 0.05
 BISECTION_STEPS = 10  # the quantile level to 1e-3: the share to about that
+GENERATION_ROUNDS = 3  # generations per budget at most, calibrating again on each but the last
+GENERATION_TOLERANCE = 0.01  # a generation's share this close to the budget ends the rounds
 
 
 def default_budgets(args) -> List[float]:
@@ -64,11 +70,14 @@ def default_budgets(args) -> List[float]:
     return [round(k * GRID_STEP, 4) for k in range(first, last + 1)]
 
 
-def records_loader(tokenizer, dataset_path: str, name: str, split: str, n_records: int, max_seq_len: int,
-                   batch_size: int):
-    """The first `n_records` records of a split as fine-tuning tokenises them, in batches `validate`
-    takes: what a dial is calibrated on (train) and checked on (test)."""
-    records = load_records(dataset_path, name, split, ChatFormat(tokenizer))[:n_records]
+def calibration_records(tokenizer, dataset_path: str, name: str, split: str, n_records: int) -> List[Record]:
+    """The first `n_records` records of a split, prompts in the model's chat template: what a dial is
+    calibrated on (train) and checked on (test)."""
+    return load_records(dataset_path, name, split, ChatFormat(tokenizer))[:n_records]
+
+
+def records_loader(records: List[Record], tokenizer, max_seq_len: int, batch_size: int):
+    """Records as fine-tuning tokenises them, in batches `validate` takes."""
     dataset = Indexed(InstructionDataset(records, tokenizer, max_seq_len))
     return val_loader(Subset(dataset, range(len(dataset))), batch_size, 0)
 
@@ -105,11 +114,14 @@ def record_margins(model: Transformer, loader, device, share_on: str = "all") ->
 
 
 def calibrate(model: Transformer, loader, device, budgets: List[float], on_budget=lambda budget: None,
-              by: str = "threshold", share_on: str = "all"):
+              by: str = "threshold", share_on: str = "all", answer=None):
     """The dial meeting each budget on the loader's records (over the tokens `share_on` counts: all,
     or the response tokens), and the share each calibrated entry executes there; `on_budget(b)` is
     called as each budget's turn starts (Llama.set_lora_strength_for). `by` "input" (a
-    budget-conditioned adapter): the budget its routers are told, found by bisection."""
+    budget-conditioned adapter): the budget its routers are told, found by bisection. `share_on`
+    "generation": over what a generation runs, the records' prompts and the model's own answers,
+    which `answer()` generates under the dial in place (meet_in_generation); the share is then a
+    fresh generation's."""
     routing = model.routing
     if routing.name != "dllm":
         raise InputError(f"a dial is for D-LLM adapters; this adapter's routing is {routing.name!r}")
@@ -127,30 +139,90 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
             prompt_input = calibrate_input(model, loader, device, budget, "prompt")
             prompt_inputs.append(prompt_input)
             calibrate_input(model, loader, device, budget, "response", prompt_input)
-        elif by == "input":
-            calibrate_input(model, loader, device, budget, share_on)
+        elif share_on == "generation":
+            achieved.append(meet_in_generation(model, loader, device, budget, by, pooled, answer))
         else:
-            margins = record_margins(model, loader, device, share_on)
-            every_margin = torch.cat(list(margins.values())) if pooled else None
-
-            def set_level(level: float, budget=budget, margins=margins, every_margin=every_margin):
-                thresholds = torch.zeros(1, model.n_layers)
-                shared = None if every_margin is None else torch.quantile(every_margin, level)
-                for layer_id, values in margins.items():
-                    thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
-                routing.dial = MarginDial(torch.tensor([budget]), thresholds)
-
-            calibrate_threshold(model, loader, budget, device, steps=BISECTION_STEPS, set_threshold=set_level,
-                                share_on=share_on)
+            meet(model, loader, device, budget, by, share_on, pooled)
         rows.append(routing.dial.thresholds[0])
         if by == "input":
             inputs.append(routing.dial.inputs[0])
-        achieved.append(validate(model, loader, device, achieved_on(share_on))["val_act_ratio"])
+        if share_on != "generation":
+            achieved.append(validate(model, loader, device, achieved_on(share_on))["val_act_ratio"])
     routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None,
                               torch.stack(prompt_inputs) if prompt_inputs else None)
     routing.budget = None
     model.eval()
     return routing.dial, achieved
+
+
+def meet(model: Transformer, loader, device, share: float, by: str, share_on: str, pooled: bool):
+    """One dial entry executing `share` of the blocks over the loader's tokens `share_on` counts
+    (validate's share), left in place: the router input (`by` "input") or the margin thresholds,
+    whose margins are recorded under the routers' own rule (pooled over the blocks for a
+    budget-conditioned adapter: module docstring). One entry serves whatever budget is asked."""
+    if by == "input":
+        calibrate_input(model, loader, device, share, share_on)
+        return
+    model.routing.dial = None
+    margins = record_margins(model, loader, device, share_on)
+    every_margin = torch.cat(list(margins.values())) if pooled else None
+
+    def set_level(level: float):
+        thresholds = torch.zeros(1, model.n_layers)
+        shared = None if every_margin is None else torch.quantile(every_margin, level)
+        for layer_id, values in margins.items():
+            thresholds[0, layer_id] = torch.quantile(values, level) if shared is None else shared
+        model.routing.dial = MarginDial(torch.tensor([share]), thresholds)
+
+    calibrate_threshold(model, loader, share, device, steps=BISECTION_STEPS, set_threshold=set_level,
+                        share_on=share_on)
+
+
+def meet_in_generation(model: Transformer, loader, device, budget: float, by: str, pooled: bool, answer) -> float:
+    """A dial entry meeting `budget` over what a generation runs, and the share a generation under it
+    executes. The model's answers to the records' prompts (`answer()`) route as the records teacher
+    forced with those answers do (tests/test_dial.py), so the entry is met on their tokens; but the
+    answers move with the dial (their length most), so it is met first on the records, then again on
+    each new generation's answers while that generation misses the budget by more than
+    GENERATION_TOLERANCE, GENERATION_ROUNDS generations at most. A generation pays for every token it
+    feeds, the reserved initial ones too (every block, whatever the dial), which `validate` leaves
+    out: the share met there is the one that makes the whole budget."""
+    def met_share(records) -> Tuple[float, float]:
+        fixed = reserved_share(records, model.params.dynamic_reserve_initials)
+        return fixed, max(0.0, (budget - fixed) / (1 - fixed))
+
+    meet(model, loader, device, met_share(loader)[1], by, "all", pooled)
+    for round_ in range(GENERATION_ROUNDS):
+        answered = answer()
+        fixed, share = met_share(answered)
+        generated = fixed + (1 - fixed) * validate(model, answered, device)["val_act_ratio"]
+        if abs(generated - budget) <= GENERATION_TOLERANCE or round_ == GENERATION_ROUNDS - 1:
+            return generated
+        meet(model, answered, device, share, by, "all", pooled)
+
+
+def reserved_share(loader, reserved: int) -> float:
+    """The share of the loader's real tokens that are among the first `reserved` of their row."""
+    first = total = 0.0
+    for batch in loader:
+        example_masks = batch[3]
+        first += float(example_masks[:, :reserved].sum())
+        total += float(example_masks.sum())
+    return first / max(total, 1.0)
+
+
+def answered_loader(generator: Llama, prompts: List[List[int]], max_gen_len: int, stop_ids, batch_size: int):
+    """The prompts with the model's own greedy answers under its current routing, as generation fed
+    them (prompt, then answer), batched as `validate` takes them: the tokens a generation runs."""
+    examples, prompt_lengths = [], []
+    generator.model.eval()  # validate leaves it in training mode
+    for at in tqdm(range(0, len(prompts), batch_size), desc="answer", leave=False):
+        routing = generator.generate(prompts[at : at + batch_size], max_gen_len, temperature=0.0, actprobs=False,
+                                     stop_ids=stop_ids).routing
+        examples += routing.tokens
+        prompt_lengths += routing.prompt_lengths
+    dataset = InstructionDataset.from_tokens(examples, prompt_lengths, generator.model.params.max_seq_len)
+    return val_loader(Indexed(dataset), batch_size, 0)
 
 
 def calibrate_input(model: Transformer, loader, device, budget: float, share_on: str,
@@ -202,8 +274,12 @@ class DialConfig(CalibrationConfig):
                       "left as trained)", choices=("threshold", "input"))
     share_on: str = setting("all", "the tokens whose executed share meets the budget: all (prompt and response "
                             "tokens alike), response (the tokens a generation decodes, what a user pays per "
-                            "generated token; prompts may then run less) or phases (prompt and response each, with "
-                            "an input per phase: --by input)", choices=("all", "response", "phases"))
+                            "generated token; prompts may then run less), phases (prompt and response each, with "
+                            "an input per phase: --by input) or generation (the records' prompts and the model's own "
+                            "greedy answers: what a generation runs, prefill and decode)",
+                            choices=("all", "response", "phases", "generation"))
+    max_gen_len: int = setting(96, "most tokens per greedy answer (--share_on generation; benchmarks.fidelity's "
+                               "default)", low=1)
 
 
 def adapter_and_output(config: CalibrationConfig, path_of) -> Tuple[str, str]:
@@ -237,15 +313,26 @@ def calibrate_dial(config: DialConfig) -> str:
     if budgets[0] <= floor:
         raise InputError(f"--budgets {budgets[0]}: must be above {floor:.3f}, the share of the {args.dynamic_start_layer} "
                          f"of {args.n_layers} blocks that always run")
-    loader = records_loader(generator.tokenizer, config.dataset_path, config.dataset_name, "train", config.n_records,
-                            config.max_seq_len, config.batch_size)
+    records = calibration_records(generator.tokenizer, config.dataset_path, config.dataset_name, "train",
+                                  config.n_records)
+    loader = records_loader(records, generator.tokenizer, config.max_seq_len, config.batch_size)
+    prompts = [generator.tokenizer.encode(r.prompt, bos=True, eos=False)[-(config.max_seq_len - 1):] for r in records]
+    stop_ids = ChatFormat(generator.tokenizer).stop_ids
+
+    def answer():
+        return answered_loader(generator, prompts, config.max_gen_len, stop_ids, config.batch_size)
+
     dial, achieved = calibrate(model, loader, generator.device, budgets, generator.set_lora_strength_for, config.by,
-                               config.share_on)
+                               config.share_on, answer)
+    details = {"share_on": config.share_on}
+    if config.share_on == "generation":
+        details["max_gen_len"] = config.max_gen_len
     write_dial(dial, path, adapters.read_adapter(adapter).get("adapter_sha256"), achieved,
-               {**provenance(config, adapter, len(loader.dataset)), "share_on": config.share_on})
+               {**provenance(config, adapter, len(records)), **details})
     for budget, share in zip(budgets, achieved):
-        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks on the calibration records' "
-              f"{achieved_on(config.share_on)} tokens")
+        where = ("in greedy generation on the calibration records' prompts" if config.share_on == "generation" else
+                 f"on the calibration records' {achieved_on(config.share_on)} tokens")
+        print(f"budget {budget:.2f}: executed {share:.4f} of the blocks {where}")
     print(f"dial written to {path}")
     return path
 

@@ -13,6 +13,7 @@ import torch
 
 import finetuning
 from dllm import dial, evaluate, scoring
+from dllm.chat import ChatFormat
 from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
@@ -52,8 +53,14 @@ def runs(tmp_path_factory, tokenizer_path):
             "input": str(input_dialled)}
 
 
+def held_out_loader(tokenizer, runs, n_records: int = 48):
+    """The demo's first test records, held out from every calibration here (which reads train.json)."""
+    return dial.records_loader(dial.calibration_records(tokenizer, runs["data"], "demo", "test", n_records), tokenizer,
+                               48, 16)
+
+
 def held_out_share(generator, runs, budget: float, n_records: int = 48) -> float:
-    loader = dial.records_loader(generator.tokenizer, runs["data"], "demo", "test", n_records, 48, 16)
+    loader = held_out_loader(generator.tokenizer, runs, n_records)
     generator.set_budget(budget)
     return validate(generator.model, loader, generator.device)["val_act_ratio"]
 
@@ -140,6 +147,69 @@ def test_a_relative_rate_loss_holds_each_sequence_to_its_target_in_proportion():
     assert model.routing.aux_loss(model, state, activation, None, weight).item() == pytest.approx(expected.item())
     with pytest.raises(InputError, match=r"rate_loss_gap 'square': must be one of absolute, relative"):
         Transformer(tiny_args(rate_loss_gap="square"))
+
+
+def test_budget_routers_blend_the_two_around_a_budget():
+    """dynamic_budget_routers: a block's routers sit at evenly spaced budgets over the trained range;
+    a budget at an anchor routes by that router alone, one between two by their linear blend, one
+    outside the range by the nearest end's; the routers' tensors are adapter tensors of their own, and
+    their FLOPs count each router."""
+    torch.manual_seed(0)
+    args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7, dynamic_budget_routers=3)
+    model = Transformer(args).eval()
+    block = model.layers[1].router
+    x = torch.randn(4, 5, args.dim)
+    budget = torch.tensor([0.4, 0.7, 0.85, 0.1])
+    logits = block(x, budget)
+    alone = [router(x, budget) for router in block.routers]
+    assert torch.allclose(logits[0], alone[0][0]) and torch.allclose(logits[1], alone[1][1])
+    assert torch.allclose(logits[2], 0.5 * alone[1][2] + 0.5 * alone[2][2], atol=1e-6)
+    assert torch.allclose(logits[3], alone[0][3])
+    per_token = block(x[[0, 2]], torch.tensor([[0.4] * 5, [0.85] * 5]))
+    assert torch.allclose(per_token, logits[[0, 2]], atol=1e-6)
+    keys = {k for k in model.state_dict() if k.startswith("layers.1.router.")}
+    assert keys == {f"layers.1.router.routers.{k}.{p}" for k in range(3) for p in (
+        "linear_1.weight", "linear_1.bias", "norm.weight", "linear_2.weight", "linear_2.bias", "budget.weight",
+        "budget.bias", "budget_gain")} and all(is_adapter_key(k) for k in keys)
+    one = Transformer(dataclasses.replace(args, dynamic_budget_routers=1))
+    executed, mask = torch.ones(1, 5, args.n_layers), torch.ones(1, 5)
+    assert model.routing.cost(executed, mask) == 3 * one.routing.cost(executed, mask)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (dict(dynamic_budget_routers=2), r"dynamic_budget_routers 2: must be 1, or more for a budget-conditioned D-LLM"),
+    (dict(dynamic_budget_routers=0, dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7),
+     r"dynamic_budget_routers 0: must be 1")])
+def test_budget_routers_need_a_budget_range(overrides, why):
+    with pytest.raises(InputError, match=why):
+        Transformer(tiny_args(**overrides))
+
+
+def test_the_budget_routers_flag_needs_a_budget_range():
+    with pytest.raises(InputError, match=r"--dynamic_budget_routers 2: routers share out --dynamic_budget_range, "
+                                         r"which is not set"):
+        finetuning.parse_args(train_argv("base", "data", "out", dynamic_budget_routers=2))
+
+
+@pytest.mark.slow
+def test_an_adapter_with_budget_routers_trains_saves_and_serves_its_budgets(runs, tmp_path):
+    """DYNAMIC_BUDGET_ROUTERS: trained, saved in params.json, and built again with the same routers,
+    which route a generation at the budgets of the range."""
+    out = tmp_path / "routers"
+    train(finetuning.parse_args(train_argv(runs["base"], runs["data"], str(out), epochs=1, dynamic_active_target=0.7,
+                                           dynamic_budget_range=[0.4, 1.0], dynamic_budget_routers=2,
+                                           lambda_active=20.0)))
+    with open(out / "params.json") as f:
+        assert json.load(f)["dynamic_budget_routers"] == 2
+    generator = Llama.build(runs["base"], str(out), max_seq_len=48)
+    saved = adapters.read_adapter(str(out))["model"]
+    for k in range(2):
+        key = f"layers.1.router.routers.{k}.linear_1.weight"
+        assert torch.equal(generator.model.state_dict()[key], saved[key])
+    tokens = torch.randint(3, generator.tokenizer.n_words, (8, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        shares = [generator.model(tokens, budget=torch.full((8,), b))[1].mean().item() for b in (0.4, 1.0)]
+    assert shares[1] == 1.0 and shares[0] < 0.85
 
 
 def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():
@@ -430,13 +500,47 @@ def test_a_dial_calibrated_on_response_tokens_meets_the_budget_there_held_out(ru
         saved = json.load(f)
     assert saved["share_on"] == "response"
     assert saved["achieved_on_calibration"] == pytest.approx([0.5, 0.7], abs=0.005)
-    loader = dial.records_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs["data"], "demo", "test",
-                                 48, 48, 16)
+    loader = held_out_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs)
     generator = Llama.build(runs["base"], str(adapter), max_seq_len=48)
     for budget in (0.5, 0.7):
         generator.set_budget(budget)
         assert validate(generator.model, loader, generator.device, share_on="response")["val_act_ratio"] == \
             pytest.approx(budget, abs=0.03)
+
+
+def share_in_generation(generator, prompts, budget: float, max_gen_len: int) -> float:
+    """The share of blocks greedy generation runs over what it feeds, prompt and answer, at `budget`."""
+    stop_ids = ChatFormat(generator.tokenizer).stop_ids
+    executed = fed = 0
+    for at in range(0, len(prompts), 16):
+        stats = generator.generate(prompts[at : at + 16], max_gen_len, temperature=0.0, actprobs=False,
+                                   stop_ids=stop_ids, budget=budget).routing
+        executed += sum(float(stats.activation[row, :length].sum()) for row, length in enumerate(stats.lengths))
+        fed += sum(stats.lengths)
+    return executed / (fed * generator.model.n_layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter, by", [("conditioned", "input"), ("ordinary", "threshold")])
+def test_a_dial_calibrated_in_generation_meets_the_budget_there_held_out(runs, tmp_path, adapter, by):
+    """--share_on generation: the budget is met over what greedy generation runs, prompt and the
+    model's own answer, on the calibration prompts and on held-out ones; the file says so and keeps
+    the answers' length."""
+    copy = tmp_path / adapter
+    shutil.copytree(runs[adapter], copy)
+    calibrate_dial.main(["--llama_ckpt_dir", runs["base"], "--dynamic_ckpt_dir", str(copy), "--dataset_path",
+                         runs["data"], "--dataset_name", "demo", "--n_records", "48", "--max_seq_len", "48",
+                         "--budgets", "[0.5, 0.7]", "--by", by, "--share_on", "generation", "--max_gen_len", "16",
+                         "--overwrite"])
+    with open(dial_file.dial_path(str(copy))) as f:
+        saved = json.load(f)
+    assert saved["share_on"] == "generation" and saved["max_gen_len"] == 16
+    assert saved["achieved_on_calibration"] == pytest.approx([0.5, 0.7], abs=0.03)
+    generator = Llama.build(runs["base"], str(copy), max_seq_len=48, max_batch_size=16)
+    records = dial.calibration_records(generator.tokenizer, runs["data"], "demo", "test", 48)
+    prompts = [generator.tokenizer.encode(r.prompt, bos=True, eos=False)[-47:] for r in records]
+    for budget in (0.5, 0.7):
+        assert share_in_generation(generator, prompts, budget, 16) == pytest.approx(budget, abs=0.03)
 
 
 @pytest.fixture(scope="module")
@@ -458,8 +562,7 @@ def test_a_dial_per_phase_meets_the_budget_on_prompt_and_response_held_out(runs,
         saved = json.load(f)
     assert saved["share_on"] == "phases" and len(saved["prompt_router_inputs"]) == 2
     assert saved["prompt_router_inputs"] != saved["router_inputs"]
-    loader = dial.records_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs["data"], "demo", "test",
-                                 48, 48, 16)
+    loader = held_out_loader(Llama.build(runs["base"], max_seq_len=48).tokenizer, runs)
     generator = Llama.build(runs["base"], phased, max_seq_len=48)
     for budget in (0.5, 0.7):
         generator.set_budget(budget)

@@ -68,6 +68,7 @@ class AdapterArgs:
     # budget-conditioned D-LLM: the range of execution shares its routers are trained for and take as
     # input (a target drawn per sequence from it); empty: one fixed target, the routers take no budget
     dynamic_budget_range: Tuple[float, ...] = ()
+    dynamic_budget_routers: int = 1  # routers per block sharing out that range (routing.BudgetRouters)
     # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
     routing: str = "dllm"
     static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips

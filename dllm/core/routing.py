@@ -89,10 +89,41 @@ class Router(nn.Module):
         return terms
 
 
-def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> Optional[Router]:
+class BudgetRouters(nn.Module):
+    """A budget-conditioned D-LLM's routers of one block when `dynamic_budget_routers` > 1: that many
+    Routers (budget input and all) at evenly spaced anchors over the trained range, a row's logits the
+    blend of the two anchors around its budget (linear weights; a budget outside the range takes the
+    nearest end's router). Each router so learns from the budgets near its anchor: with one router
+    for the whole range, the rate loss that holds the low budgets moves the routing at the high ones
+    too (docs/dial.md)."""
+
+    def __init__(self, dim: int, hdim: int, eps: float, bias_init: Tuple[float, float],
+                 budget_range: Tuple[float, float], n_routers: int):
+        super().__init__()
+        self.routers = nn.ModuleList(Router(dim, hdim, eps, bias_init, budget_input=True) for _ in range(n_routers))
+        self.budget_range = tuple(budget_range)
+
+    def weights(self, budget: torch.Tensor) -> torch.Tensor:
+        """budget [b] or [b, s] -> each router's weight [b, 1 or s, n_routers], summing to 1."""
+        share = budget.float()[..., None] if budget.dim() == 2 else budget.float()[:, None, None]
+        low, high = self.budget_range
+        n = len(self.routers)
+        anchors = torch.linspace(low, high, n, device=share.device)
+        spacing = (high - low) / (n - 1)
+        return (1 - (share.clamp(low, high) - anchors).abs() / spacing).clamp(min=0)
+
+    def forward(self, x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(budget)
+        return sum(weights[..., k, None] * router(x, budget) for k, router in enumerate(self.routers))
+
+
+def router_from_start_layer(args, layer_id: int, budget_input: bool = False) -> Optional[nn.Module]:
     """D-LLM's decision module in every block from `dynamic_start_layer` on (early exit reuses it)."""
     if layer_id < args.dynamic_start_layer:
         return None
+    if budget_input and args.dynamic_budget_routers > 1:
+        return BudgetRouters(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias,
+                             args.dynamic_budget_range, args.dynamic_budget_routers)
     return Router(args.dim, args.dynamic_router_hdim, args.norm_eps, args.dynamic_router_bias, budget_input)
 
 
@@ -260,6 +291,9 @@ class DLLMRouting(DenseRouting):
             if not self.trained_range[0] <= args.dynamic_active_target <= self.trained_range[1]:
                 raise InputError(f"dynamic_active_target {args.dynamic_active_target} (the budget when none is "
                                  f"asked): must lie in dynamic_budget_range {list(self.trained_range)}")
+        if args.dynamic_budget_routers < 1 or (args.dynamic_budget_routers > 1 and self.trained_range is None):
+            raise InputError(f"dynamic_budget_routers {args.dynamic_budget_routers}: must be 1, or more for a "
+                             f"budget-conditioned D-LLM (dynamic_budget_range)")
         self.budget: Optional[float] = None
         self.dial: Optional[MarginDial] = None
         self._asked_budget = None  # ((budget, rows, device), that budget per row)
@@ -370,10 +404,11 @@ class DLLMRouting(DenseRouting):
         return rate_loss_weight(progress, lambda_active, epochs)
 
     def cost(self, executed, token_mask) -> float:
-        """The router of every routed block, for every token."""
+        """The router(s) of every routed block, for every token."""
         a = self.args
         n_routed = max(0, executed.shape[2] - a.dynamic_start_layer)
-        return token_mask.sum().item() * n_routed * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
+        routers = a.dynamic_budget_routers if self.trained_range is not None else 1
+        return token_mask.sum().item() * n_routed * routers * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
 
 
 class MoDRouter(nn.Module):

@@ -14,7 +14,7 @@ from dllm.core.routing import POLICIES, DLLMRouting
 # what a resumed run must share with the checkpoint it continues
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
-                     "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range")
+                     "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range", "dynamic_budget_routers")
 
 
 @dataclass
@@ -70,6 +70,9 @@ class TrainConfig(Settings):
                                                 "each sequence trains at a target drawn from it, e.g. \"[0.4, 1.0]\"; "
                                                 "--dynamic_active_target (within it) is the budget when none is asked; "
                                                 "empty: one fixed target", low=0.0, high=1.0)
+    dynamic_budget_routers: int = setting(AdapterArgs.dynamic_budget_routers, "a budget-conditioned D-LLM's routers per block, "
+                                          "at evenly spaced budgets over --dynamic_budget_range, a row routed by the "
+                                          "blend of the two around its budget; 1: one router for every budget", low=1)
     gumbel_tau: float = setting(AdapterArgs.gumbel_tau, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting(AdapterArgs.routing, "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
@@ -97,6 +100,9 @@ class TrainConfig(Settings):
             if not low <= self.dynamic_active_target <= high:
                 raise InputError(f"--dynamic_active_target {self.dynamic_active_target}: must lie in "
                                  f"--dynamic_budget_range {self.dynamic_budget_range} (the budget when none is asked)")
+        elif self.dynamic_budget_routers > 1:
+            raise InputError(f"--dynamic_budget_routers {self.dynamic_budget_routers}: routers share out "
+                             f"--dynamic_budget_range, which is not set")
 
     def model_overrides(self) -> dict:
         """The fields that are model args too, by name."""

@@ -1,7 +1,8 @@
 """Where a decode step's time goes, dense against D-LLM, in one run: torch.profiler over batched
 decode steps after a long prompt, each operator's self time per step grouped as attention, matrix
 products (the routers' among them), and everything else, beside the step's wall time with and
-without the profiler. `bench_skip.py` says how fast a step is against its ideal; this says which
+without the profiler, and the K/V bytes attention must read (each executing row's kept pairs) with the
+rate its time gives them. `bench_skip.py` says how fast a step is against its ideal; this says which
 part of it falls short.
 
     python -m benchmarks.profile_decode --llama_ckpt_dir models/smollm2 --context 4096 --batch 8 \\
@@ -18,7 +19,7 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.bench_skip import BenchBase, build_model, make_runners, run_meta
+from benchmarks.bench_skip import BenchBase, build_model, decode_reads, make_runners, run_meta, weight_bytes
 from dllm import distributed
 from dllm.atomic_io import atomic_write_text
 from dllm.config import setting
@@ -41,12 +42,13 @@ class ProfileConfig(BenchBase):
 def step_profile(runner, tokens, config, device) -> Dict[str, float]:
     """ms per step: wall with and without the profiler, and operator self time by group."""
     prompt, steps = tokens[:, : config.context], tokens[:, config.context :]
-    _, cache = runner.fill(prompt, device, room=steps.shape[1])
+    activation, cache = runner.fill(prompt, device, room=steps.shape[1])
     runner.model.use_routing(runner.routing)
+    activations = [activation]
 
     def run(first: int, last: int):
         for i in range(first, last):
-            runner.model(steps[:, i : i + 1], config.context + i, cache)
+            activations.append(runner.model(steps[:, i : i + 1], config.context + i, cache)[1])
 
     run(0, config.warmup)
     begin = time.perf_counter()
@@ -66,7 +68,12 @@ def step_profile(runner, tokens, config, device) -> Dict[str, float]:
 
     total = sum(e.self_cpu_time_total for e in events) / 1e3 / config.decode_steps
     attention, products = self_ms(ATTENTION), self_ms(PRODUCTS)
-    return {"wall_ms": wall * 1e3, "profiled_ms": profiled * 1e3, "ops_ms": total, "attention_ms": attention,
+    # the K/V pairs the profiled steps' attention must read: each executing row's kept ones
+    profiled_from = config.context + config.warmup + config.decode_steps
+    weights, pairs = decode_reads(torch.cat(activations, 1), weight_bytes(runner.model), profiled_from, False)
+    kv_mb = pairs * cache.pair_bytes() / 1e6 / config.decode_steps
+    return {"kv_read_mb": kv_mb, "kv_gb_s": kv_mb / attention, "weights_mb": weights / 1e6 / config.decode_steps,
+            "wall_ms": wall * 1e3, "profiled_ms": profiled * 1e3, "ops_ms": total, "attention_ms": attention,
             "attention_calls": calls(ATTENTION), "products_ms": products, "routers_ms": self_ms(("aten::addmm",)),
             "other_ops_ms": total - attention - products, "outside_ops_ms": profiled * 1e3 - total}
 
@@ -85,8 +92,8 @@ def main(config: ProfileConfig):
                 continue
             rows.append({"config": name, **step_profile(runner, tokens, config, device)})
     dense = rows[0]["wall_ms"]
-    keys = ("wall_ms", "profiled_ms", "attention_ms", "attention_calls", "products_ms", "routers_ms", "other_ops_ms",
-            "outside_ops_ms")
+    keys = ("wall_ms", "profiled_ms", "attention_ms", "attention_calls", "kv_read_mb", "kv_gb_s", "products_ms",
+            "routers_ms", "other_ops_ms", "outside_ops_ms")
     print(f"batch {config.batch}, decode after {config.context} tokens, ms per step")
     print("| config | x dense | " + " | ".join(keys) + " |")
     for row in rows:

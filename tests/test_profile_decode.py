@@ -18,5 +18,6 @@ def test_the_groups_add_up_and_only_dllm_has_routers(tmp_path):
     assert set(rows) == {"dense", "dllm@0.50"} and rows["dense"]["x_dense"] == 1.0
     for row in rows.values():
         assert row["attention_ms"] + row["products_ms"] + row["other_ops_ms"] == pytest.approx(row["ops_ms"])
-        assert row["attention_calls"] > 0 and row["products_ms"] > 0
+        assert row["attention_calls"] > 0 and row["products_ms"] > 0 and row["kv_gb_s"] > 0
+    assert rows["dllm@0.50"]["kv_read_mb"] < rows["dense"]["kv_read_mb"]
     assert rows["dense"]["routers_ms"] == 0 and rows["dllm@0.50"]["routers_ms"] > 0

@@ -132,7 +132,6 @@ class Bench:
     def measure(self, generator: Llama, method: str, budget: Optional[float], adapter: str) -> dict:
         c = self.config
         share = validate(generator.model, self.loader, generator.device)["val_act_ratio"]
-        generator.model.eval()
         evaluator = Evaluator(generator, c.batch_size, c.max_gen_len, 0, c.dataset_path)
         ppl, top1 = evaluator.perplexity(c.dataset_name, self.records)
         tok_s, x_dense = self.generation_speedup(generator)

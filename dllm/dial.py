@@ -151,7 +151,6 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
     routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None,
                               torch.stack(prompt_inputs) if prompt_inputs else None)
     routing.budget = None
-    model.eval()
     return routing.dial, achieved
 
 
@@ -215,7 +214,6 @@ def answered_loader(generator: Llama, prompts: List[List[int]], max_gen_len: int
     """The prompts with the model's own greedy answers under its current routing, as generation fed
     them (prompt, then answer), batched as `validate` takes them: the tokens a generation runs."""
     examples, prompt_lengths = [], []
-    generator.model.eval()  # validate leaves it in training mode
     for at in tqdm(range(0, len(prompts), batch_size), desc="answer", leave=False):
         routing = generator.generate(prompts[at : at + batch_size], max_gen_len, temperature=0.0, actprobs=False,
                                      stop_ids=stop_ids).routing

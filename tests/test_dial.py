@@ -628,3 +628,13 @@ def test_the_share_on_response_tokens_counts_them_alone():
     assert validate(model, [batch], "cpu", share_on="response")["val_act_ratio"] == pytest.approx(1.0)
     assert validate(model, [batch], "cpu", share_on="prompt")["val_act_ratio"] == pytest.approx(0.25)
     assert validate(model, [batch], "cpu")["val_act_ratio"] == pytest.approx((3 * 0.25 + 4) / 7)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_validation_leaves_the_model_in_the_mode_it_found(training):
+    """Training resumes after a validation as it was; a calibration's generation after one runs in inference."""
+    model = Transformer(tiny_args()).train(training)
+    tokens = torch.arange(1, 9)[None]
+    batch = (torch.zeros(1), tokens, tokens, torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+    validate(model, [batch], "cpu")
+    assert model.training is training

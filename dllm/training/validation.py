@@ -28,7 +28,9 @@ def counted_tokens(example_masks: torch.Tensor, label_masks: torch.Tensor, share
 def validate(model: Transformer, loader, device, share_on: str = "all") -> dict:
     """CE, rate loss and execution ratio on held-out data with inference routing (real skipping).
     `share_on` "response": the ratio and rate loss over the response tokens alone, the ones a
-    user's decode pays for (a dial calibrated there, dllm/dial.py)."""
+    user's decode pays for (a dial calibrated there, dllm/dial.py). The model is left in the mode it
+    came in: training resumes where it was, a calibration or a generation goes on in inference."""
+    training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     for _, examples, labels, example_masks, label_masks in tqdm(loader, desc="validate", disable=not distributed.is_main(), leave=False):
@@ -38,7 +40,7 @@ def validate(model: Transformer, loader, device, share_on: str = "all") -> dict:
         c, a, act, n_labels, n_tokens = (t.double() for t in (c_loss, a_loss, metrics["act_ratio"], metrics["n_labels"],
                                                               metrics["n_tokens"]))
         sums += torch.stack([c * n_labels, n_labels, a * n_tokens, act * n_tokens, n_tokens])
-    model.train()
+    model.train(training)
     c, n_labels, a, act, n_tokens = _dp_sum(sums)
     return {"val_c_loss": c / max(n_labels, 1), "val_a_loss": a / max(n_tokens, 1), "val_act_ratio": act / max(n_tokens, 1)}
 

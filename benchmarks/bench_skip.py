@@ -313,10 +313,12 @@ def step_flops_ratio(args: ModelArgs, activation: torch.Tensor, n_prompt: int, r
     return steps_only(activation, routing) / steps_only(torch.ones_like(activation), None)
 
 
-def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device, clock: str) -> dict:
-    """transformers, dense and D-LLM at each share, its routers calibrated on `calibration`."""
-    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype, clock),
-               "dense": DllmRunner(model, DenseRouting(), clock)}
+def make_runners(model: Transformer, shares: List[float], calibration: torch.Tensor, device, clock: str,
+                 reference: bool = True) -> dict:
+    """transformers (`reference`: a second copy of the weights), dense and D-LLM at each share, its
+    routers calibrated on `calibration`."""
+    runners = {"transformers": TransformersRunner(model, model.tok_embeddings.weight.dtype, clock)} if reference else {}
+    runners["dense"] = DllmRunner(model, DenseRouting(), clock)
     with torch.inference_mode():
         for share in shares:
             runners[f"dllm@{share:.2f}"] = DllmRunner(model, CalibratedRouting(share, model.params), clock)

@@ -84,12 +84,11 @@ def main(config: ProfileConfig):
     length = config.context + config.warmup + 2 * config.decode_steps
     model = build_model(config, device, length, config.batch)
     tokens = torch.randint(0, model.params.vocab_size, (config.batch, length), device=device)
-    runners = make_runners(model, config.shares, tokens[:, : min(256, config.context)], device, config.clock)
+    runners = make_runners(model, config.shares, tokens[:, : min(256, config.context)], device, config.clock,
+                           reference=False)
     rows = []
     with torch.inference_mode():
         for name, runner in runners.items():
-            if name == "transformers":
-                continue
             rows.append({"config": name, **step_profile(runner, tokens, config, device)})
     dense = rows[0]["wall_ms"]
     keys = ("wall_ms", "profiled_ms", "attention_ms", "attention_calls", "kv_read_mb", "kv_gb_s", "products_ms",

@@ -135,19 +135,19 @@ def calibrate(model: Transformer, loader, device, budgets: List[float], on_budge
     for budget in budgets:
         routing.dial, routing.budget = None, budget
         on_budget(budget)
-        if share_on == "phases":
-            prompt_input = calibrate_input(model, loader, device, budget, "prompt")
-            prompt_inputs.append(prompt_input)
-            calibrate_input(model, loader, device, budget, "response", prompt_input)
-        elif share_on == "generation":
+        if share_on == "generation":
             achieved.append(meet_in_generation(model, loader, device, budget, by, pooled, answer))
         else:
-            meet(model, loader, device, budget, by, share_on, pooled)
+            if share_on == "phases":
+                prompt_input = calibrate_input(model, loader, device, budget, "prompt")
+                prompt_inputs.append(prompt_input)
+                calibrate_input(model, loader, device, budget, "response", prompt_input)
+            else:
+                meet(model, loader, device, budget, by, share_on, pooled)
+            achieved.append(validate(model, loader, device, achieved_on(share_on))["val_act_ratio"])
         rows.append(routing.dial.thresholds[0])
         if by == "input":
             inputs.append(routing.dial.inputs[0])
-        if share_on != "generation":
-            achieved.append(validate(model, loader, device, achieved_on(share_on))["val_act_ratio"])
     routing.dial = MarginDial(torch.tensor(budgets), torch.stack(rows), torch.stack(inputs) if by == "input" else None,
                               torch.stack(prompt_inputs) if prompt_inputs else None)
     routing.budget = None

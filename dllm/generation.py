@@ -139,6 +139,8 @@ class Llama:
                 raise InputError(f"{dial_path(dynamic_ckpt_dir)}: an input dial (router_inputs) is for a "
                                  f"budget-conditioned adapter; this one was trained for one target")
             strength = read_lora_strength(dynamic_ckpt_dir)
+        # a budget-conditioned LoRA's update follows each row's budget: it stays unmerged
+        keep_lora = keep_lora or args.dynamic_budget_lora > 0
         if strength is None and not keep_lora:
             model.merge_lora()
         generator = Llama(model.eval(), tokenizer, dynamic_ckpt_dir, strength, merge_lora=not keep_lora)

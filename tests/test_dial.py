@@ -18,10 +18,10 @@ from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
-from dllm.core.routing import FixedRouting, Router
-from dllm.training.loop import train
+from dllm.core.routing import FixedRouting, MarginDial, Router
+from dllm.training.loop import param_groups, train
 from dllm.training.validation import validate
-from helpers import ROOT, make_base, make_dataset, tiny_args, train_argv
+from helpers import ROOT, make_base, make_dataset, randomize, tiny_args, train_argv
 from benchmarks import dial_shares
 from tools import calibrate_dial, calibrate_lora_strength
 
@@ -210,6 +210,115 @@ def test_an_adapter_with_budget_routers_trains_saves_and_serves_its_budgets(runs
     with torch.inference_mode():
         shares = [generator.model(tokens, budget=torch.full((8,), b))[1].mean().item() for b in (0.4, 1.0)]
     assert shares[1] == 1.0 and shares[0] < 0.85
+
+
+def test_a_budget_conditioned_lora_blends_its_gains_around_the_budget():
+    """dynamic_budget_lora: a gain per LoRA rank at evenly spaced budgets over the trained range; at
+    gains of 1 (its start) the LoRA is the plain one; a budget at an anchor takes that anchor's gains,
+    one between two their blend, one outside the range the nearest end's; the gains are adapter
+    tensors, kept out of weight decay; its FLOPs (never merged) count in every block a token runs."""
+    torch.manual_seed(0)
+    args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7, dynamic_budget_lora=3)
+    lora = Transformer(args).layers[1].attention.lora_q
+    plain = Transformer(dataclasses.replace(args, dynamic_budget_lora=0)).layers[1].attention.lora_q
+    with torch.no_grad():
+        lora.linear_B.weight.normal_()
+    plain.load_state_dict({k: v for k, v in lora.state_dict().items() if k != "budget_gates"})
+    x, budget = torch.randn(4, 5, args.dim), torch.tensor([[0.4], [0.7], [0.85], [0.1]])
+    assert torch.allclose(lora(x, budget), plain(x), atol=1e-6)
+    with torch.no_grad():
+        lora.budget_gates.normal_()
+    gates = lora.budget_gates
+    expected = torch.stack([gates[0], gates[1], 0.5 * gates[1] + 0.5 * gates[2], gates[0]])[:, None]
+    assert torch.allclose(lora.gate(budget), expected, atol=1e-6)
+    assert torch.allclose(lora(x, budget), plain.linear_B(plain.linear_A(x) * expected) * plain.scale, atol=1e-5)
+    model = Transformer(args)
+    keys = {k for k in model.state_dict() if k.endswith(".budget_gates")}
+    assert len(keys) == 3 * args.n_layers and all(is_adapter_key(k) for k in keys)
+    executed, mask = torch.ones(1, 5, args.n_layers), torch.ones(1, 5)
+    lora_flops = 2 * args.lora_rank * (args.dim + args.n_heads * args.head_dim) \
+        + 4 * args.lora_rank * (args.dim + args.n_kv_heads * args.head_dim)
+    plain_model = Transformer(dataclasses.replace(args, dynamic_budget_lora=0))
+    assert model.routing.cost(executed, mask) == plain_model.routing.cost(executed, mask) + 5 * args.n_layers * lora_flops
+    decay = {id(p): group["weight_decay"] for group in param_groups(model, 0.02, 1.0) for p in group["params"]}
+    assert decay[id(model.layers[1].attention.lora_q.budget_gates)] == 0.0
+    assert decay[id(model.layers[1].attention.lora_q.linear_A.weight)] == 0.02
+
+
+def test_a_budget_conditioned_lora_serves_a_mixed_batch_each_row_as_alone_and_hears_the_dial():
+    """With gains that differ by budget, a batch of mixed budgets gives each row the logits and
+    routing it has alone; under an input dial the LoRA is told what the routers are told."""
+    args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7, dynamic_budget_lora=2)
+    model = randomize(Transformer(args), 3, router_scale=1.0, lora_b_std=0.5).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            for part in (layer.attention.lora_q, layer.attention.lora_k, layer.attention.lora_v):
+                part.budget_gates.copy_(torch.tensor([[3.0] * args.lora_rank, [-1.0] * args.lora_rank]))
+    tokens = torch.randint(3, args.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    budgets = torch.tensor([0.45, 1.0, 0.7])
+    with torch.inference_mode():
+        together, activation = model(tokens, budget=budgets)
+        for row in range(3):
+            alone, alone_activation = model(tokens[row : row + 1], budget=budgets[row : row + 1])
+            assert torch.allclose(alone[0], together[row], atol=1e-5)
+            assert torch.equal(alone_activation[0], activation[row])
+        model.routing.dial = MarginDial(torch.tensor([0.5, 1.0]), torch.zeros(2, args.n_layers),
+                                        inputs=torch.tensor([0.45, 0.95]))
+        asked = torch.tensor([0.75])
+        through_dial, _ = model(tokens[:1], budget=asked)
+        told = model.routing.told_budget(asked)
+        model.routing.dial = None
+        direct, _ = model(tokens[:1], budget=told)
+    assert told.item() == pytest.approx(0.70)  # the LoRA's gains differ there from the asked 0.75's
+    assert torch.equal(through_dial, direct)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (dict(dynamic_budget_lora=2), r"dynamic_budget_lora 2: must be 0, or 2 or more for a budget-conditioned D-LLM"),
+    (dict(dynamic_budget_lora=1, dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7),
+     r"dynamic_budget_lora 1: must be 0, or 2 or more"),
+    (dict(dynamic_budget_lora=2, dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7, lora_rank=0),
+     r"dynamic_budget_lora 2: must be 0, or 2 or more .* with a LoRA")])
+def test_a_budget_conditioned_lora_needs_a_budget_range_and_a_lora(overrides, why):
+    with pytest.raises(InputError, match=why):
+        Transformer(tiny_args(**overrides))
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (dict(dynamic_budget_lora=2), r"--dynamic_budget_lora 2: the LoRA's gains share out --dynamic_budget_range, "
+                                  r"which is not set"),
+    (dict(dynamic_budget_lora=1, dynamic_budget_range=[0.4, 1.0], dynamic_active_target=0.7),
+     r"--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget")])
+def test_the_budget_conditioned_lora_flag_is_checked(overrides, why):
+    with pytest.raises(InputError, match=why):
+        finetuning.parse_args(train_argv("base", "data", "out", **overrides))
+
+
+@pytest.mark.slow
+def test_an_adapter_with_a_budget_conditioned_lora_trains_saves_and_serves_mixed_budgets(runs, tmp_path):
+    """DYNAMIC_BUDGET_LORA: trained (its gains move off 1), saved in params.json, built again with the
+    LoRA kept unmerged and the trained gains, and a generation of mixed budgets gives each row what it
+    gets alone."""
+    out = tmp_path / "lora"
+    train(finetuning.parse_args(train_argv(runs["base"], runs["data"], str(out), epochs=1, dynamic_active_target=0.7,
+                                           dynamic_budget_range=[0.4, 1.0], dynamic_budget_lora=2,
+                                           lambda_active=20.0)))
+    with open(out / "params.json") as f:
+        assert json.load(f)["dynamic_budget_lora"] == 2
+    saved = adapters.read_adapter(str(out))["model"]
+    key = "layers.1.attention.lora_v.budget_gates"
+    assert not torch.equal(saved[key], torch.ones_like(saved[key]))
+    generator = Llama.build(runs["base"], str(out), max_seq_len=64, max_batch_size=4)
+    attention = generator.model.layers[1].attention
+    assert attention.lora_v is not None and attention.merged_strength is None
+    assert torch.equal(attention.lora_v.budget_gates, saved[key])
+    budgets = [0.45, 1.0, 0.7]
+    together, _, _, stats = generator.generate(PROMPTS, 10, temperature=0.0, budget=budgets)
+    for row, (prompt, budget) in enumerate(zip(PROMPTS, budgets)):
+        alone, _, _, alone_stats = generator.generate([prompt], 10, temperature=0.0, budget=budget)
+        assert alone[0] == together[row]
+        length = alone_stats.lengths[0]
+        assert torch.equal(alone_stats.activation[0, :length], stats.activation[row, :length])
 
 
 def test_a_higher_budget_raises_every_execute_margin_from_the_first_step():

@@ -2,7 +2,7 @@
 their product picked by row count), RMSNorm, RoPE (with Llama-3.1's scaling), LoRA and the SwiGLU
 feed-forward, each model-parallel where it holds weights."""
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,8 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 class LoRA(nn.Module):
     """Low-rank update of a column-parallel projection; fp32 so it trains beside bf16 bases."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float,
+                 budget_range: Tuple[float, ...] = (), budget_gates: int = 0):
         super().__init__()
         self.scale = scale
         self.linear_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
@@ -108,14 +109,38 @@ class LoRA(nn.Module):
         self.linear_B.weight.data = self.linear_B.weight.data.float()
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
+        # a budget-conditioned LoRA: a gain per rank at each of `budget_gates` budgets over the range
+        self.budget_range = tuple(budget_range)
+        self.budget_gates = nn.Parameter(torch.ones(budget_gates, rank)) if budget_gates else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear_B(self.linear_A(self.dropout(x.float())))
+    def gate(self, budget: torch.Tensor) -> torch.Tensor:
+        """budget [...] -> the gain on each rank [..., rank], blended between the anchors around it."""
+        return anchor_weights(budget, self.budget_range, len(self.budget_gates)) @ self.budget_gates
+
+    def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., in]; budget broadcasting to x's leading dims, for a budget-conditioned LoRA."""
+        down = self.linear_A(self.dropout(x.float()))
+        if self.budget_gates is not None:
+            if budget is None:
+                raise RuntimeError("a budget-conditioned LoRA needs each token's budget: run it under its D-LLM routing")
+            down = down * self.gate(budget)
+        out = self.linear_B(down)
         return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
 
     def delta_weight(self) -> torch.Tensor:
         """The local shard of B @ A * scale, for merging into the base weight."""
+        if self.budget_gates is not None:
+            raise RuntimeError("a budget-conditioned LoRA's update depends on the row's budget: it is never merged")
         return self.linear_B.weight @ self.linear_A.weight * self.scale
+
+
+def anchor_weights(budget: torch.Tensor, budget_range: Tuple[float, ...], n: int) -> torch.Tensor:
+    """budget [...] -> the weight of each of `n` evenly spaced anchors over `budget_range` [..., n]:
+    linear between the two around it, summing to 1 (outside the range, the nearest end's)."""
+    low, high = budget_range
+    anchors = torch.linspace(low, high, n, device=budget.device)
+    spacing = (high - low) / (n - 1)
+    return (1 - (budget.float()[..., None].clamp(low, high) - anchors).abs() / spacing).clamp(min=0)
 
 
 class FeedForward(nn.Module):

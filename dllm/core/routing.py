@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm.core.layers import RMSNorm
+from dllm.core.layers import RMSNorm, anchor_weights
 from dllm.errors import InputError
 
 
@@ -105,12 +105,7 @@ class BudgetRouters(nn.Module):
 
     def weights(self, budget: torch.Tensor) -> torch.Tensor:
         """budget [b] or [b, s] -> each router's weight [b, 1 or s, n_routers], summing to 1."""
-        share = budget.float()[..., None] if budget.dim() == 2 else budget.float()[:, None, None]
-        low, high = self.budget_range
-        n = len(self.routers)
-        anchors = torch.linspace(low, high, n, device=share.device)
-        spacing = (high - low) / (n - 1)
-        return (1 - (share.clamp(low, high) - anchors).abs() / spacing).clamp(min=0)
+        return anchor_weights(budget if budget.dim() == 2 else budget[:, None], self.budget_range, len(self.routers))
 
     def forward(self, x: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         weights = self.weights(budget)
@@ -222,6 +217,10 @@ class DenseRouting:
     def decide(self, block, x: torch.Tensor, positions: torch.Tensor, state: dict) -> Optional[Decision]:
         return None
 
+    def lora_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
+        """The budget a budget-conditioned LoRA is told, per row [b] or token [b, s]; None: no such LoRA."""
+        return None
+
     def check_budget(self, budgets: Sequence[float]):
         """A budget (share of blocks to execute) this policy cannot meet: one InputError line."""
         raise InputError(f"--budget {budgets[0]}: routing {self.name!r} ({self.label}) takes no budget; only D-LLM "
@@ -294,6 +293,9 @@ class DLLMRouting(DenseRouting):
         if args.dynamic_budget_routers < 1 or (args.dynamic_budget_routers > 1 and self.trained_range is None):
             raise InputError(f"dynamic_budget_routers {args.dynamic_budget_routers}: must be 1, or more for a "
                              f"budget-conditioned D-LLM (dynamic_budget_range)")
+        if args.dynamic_budget_lora and (args.dynamic_budget_lora < 2 or self.trained_range is None or not args.lora_rank):
+            raise InputError(f"dynamic_budget_lora {args.dynamic_budget_lora}: must be 0, or 2 or more for a "
+                             f"budget-conditioned D-LLM (dynamic_budget_range) with a LoRA")
         self.budget: Optional[float] = None
         self.dial: Optional[MarginDial] = None
         self._asked_budget = None  # ((budget, rows, device), that budget per row)
@@ -356,14 +358,27 @@ class DLLMRouting(DenseRouting):
             self._told_budget = budget, self.dial, self.dial.row_inputs(budget)
         return self._told_budget[2]
 
+    def routers_budget(self, budget: Optional[torch.Tensor], state: dict, training: bool) -> Optional[torch.Tensor]:
+        """What the routers are told: in training the drawn budget, else what the dial tells them for
+        the asked one (told_budget), worked out once per forward: every block is told the same."""
+        if training:
+            return budget
+        if "told_budget" not in state:
+            state["told_budget"] = self.told_budget(budget, state.get("response_tokens"))
+        return state["told_budget"]
+
+    def lora_budget(self, x, state, training):
+        """A budget-conditioned LoRA (dynamic_budget_lora) is told what the routers are."""
+        if not self.args.dynamic_budget_lora:
+            return None
+        return self.routers_budget(self.row_budget(x, state, training), state, training)
+
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
         if router is None:
             return None
         budget = self.row_budget(x, state, router.training)
-        if not router.training and "told_budget" not in state:  # once per forward: every block is told the same
-            state["told_budget"] = self.told_budget(budget, state.get("response_tokens"))
-        logits = router(x, budget if router.training else state["told_budget"])
+        logits = router(x, self.routers_budget(budget, state, router.training))
         reserved = (positions < self.reserve_initials).expand(logits.shape[:2])
         if router.training:
             weight = F.gumbel_softmax(logits, tau=self.tau, hard=True)[..., 1]
@@ -404,11 +419,17 @@ class DLLMRouting(DenseRouting):
         return rate_loss_weight(progress, lambda_active, epochs)
 
     def cost(self, executed, token_mask) -> float:
-        """The router(s) of every routed block, for every token."""
+        """The router(s) of every routed block, for every token; and a budget-conditioned LoRA, never
+        merged, in every block a token executes."""
         a = self.args
         n_routed = max(0, executed.shape[2] - a.dynamic_start_layer)
         routers = a.dynamic_budget_routers if self.trained_range is not None else 1
-        return token_mask.sum().item() * n_routed * routers * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
+        total = token_mask.sum().item() * n_routed * routers * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
+        if a.dynamic_budget_lora:
+            q_out, kv_out = a.n_heads * a.head_dim, (a.n_kv_heads or a.n_heads) * a.head_dim
+            lora = mlp_flops(a.dim, a.lora_rank, q_out) + 2 * mlp_flops(a.dim, a.lora_rank, kv_out)
+            total += executed.sum().item() * lora
+        return total
 
 
 class MoDRouter(nn.Module):

@@ -14,7 +14,8 @@ from dllm.core.routing import POLICIES, DLLMRouting
 # what a resumed run must share with the checkpoint it continues
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
-                     "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range", "dynamic_budget_routers")
+                     "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range", "dynamic_budget_routers",
+                     "dynamic_budget_lora")
 
 
 @dataclass
@@ -73,6 +74,10 @@ class TrainConfig(Settings):
     dynamic_budget_routers: int = setting(AdapterArgs.dynamic_budget_routers, "a budget-conditioned D-LLM's routers per block, "
                                           "at evenly spaced budgets over --dynamic_budget_range, a row routed by the "
                                           "blend of the two around its budget; 1: one router for every budget", low=1)
+    dynamic_budget_lora: int = setting(AdapterArgs.dynamic_budget_lora, "a budget-conditioned D-LLM's LoRA with a learned "
+                                       "gain per rank at this many evenly spaced budgets over --dynamic_budget_range, "
+                                       "blended around the budget the routers are told (kept unmerged at inference); "
+                                       "0: one LoRA for every budget", low=0)
     gumbel_tau: float = setting(AdapterArgs.gumbel_tau, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting(AdapterArgs.routing, "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))
@@ -100,6 +105,12 @@ class TrainConfig(Settings):
             if not low <= self.dynamic_active_target <= high:
                 raise InputError(f"--dynamic_active_target {self.dynamic_active_target}: must lie in "
                                  f"--dynamic_budget_range {self.dynamic_budget_range} (the budget when none is asked)")
+            if self.dynamic_budget_lora == 1:
+                raise InputError("--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget; "
+                                 "give 0, or 2 or more")
+        elif self.dynamic_budget_lora:
+            raise InputError(f"--dynamic_budget_lora {self.dynamic_budget_lora}: the LoRA's gains share out "
+                             f"--dynamic_budget_range, which is not set")
         elif self.dynamic_budget_routers > 1:
             raise InputError(f"--dynamic_budget_routers {self.dynamic_budget_routers}: routers share out "
                              f"--dynamic_budget_range, which is not set")

@@ -38,12 +38,13 @@ from dllm.training.validation import calibrate_threshold, validate
 
 
 def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float):
-    """No decay on biases and norms; routers may learn at their own rate (lr_scale)."""
+    """No decay on biases, norms and a budget-conditioned LoRA's gains (they start at 1, their
+    neutral value); routers may learn at their own rate (lr_scale)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if p.ndim < 2 or name.endswith(".bias") else weight_decay
+        decay = 0.0 if p.ndim < 2 or name.endswith((".bias", ".budget_gates")) else weight_decay
         scale = router_lr_scale if ".router." in name else 1.0
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]

@@ -216,7 +216,7 @@ def test_a_budget_conditioned_lora_blends_its_gains_around_the_budget():
     """dynamic_budget_lora: a gain per LoRA rank at evenly spaced budgets over the trained range; at
     gains of 1 (its start) the LoRA is the plain one; a budget at an anchor takes that anchor's gains,
     one between two their blend, one outside the range the nearest end's; the gains are adapter
-    tensors, kept out of weight decay; its FLOPs (never merged) count in every block a token runs."""
+    tensors, kept out of weight decay and at their own lr; its FLOPs (never merged) count in every block a token runs."""
     torch.manual_seed(0)
     args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7, dynamic_budget_lora=3)
     lora = Transformer(args).layers[1].attention.lora_q
@@ -240,9 +240,10 @@ def test_a_budget_conditioned_lora_blends_its_gains_around_the_budget():
         + 4 * args.lora_rank * (args.dim + args.n_kv_heads * args.head_dim)
     plain_model = Transformer(dataclasses.replace(args, dynamic_budget_lora=0))
     assert model.routing.cost(executed, mask) == plain_model.routing.cost(executed, mask) + 5 * args.n_layers * lora_flops
-    decay = {id(p): group["weight_decay"] for group in param_groups(model, 0.02, 1.0) for p in group["params"]}
-    assert decay[id(model.layers[1].attention.lora_q.budget_gates)] == 0.0
-    assert decay[id(model.layers[1].attention.lora_q.linear_A.weight)] == 0.02
+    groups = {id(p): (group["weight_decay"], group["lr_scale"]) for group in param_groups(model, 0.02, 1.0, 50.0)
+              for p in group["params"]}
+    assert groups[id(model.layers[1].attention.lora_q.budget_gates)] == (0.0, 50.0)
+    assert groups[id(model.layers[1].attention.lora_q.linear_A.weight)] == (0.02, 1.0)
 
 
 def test_a_budget_conditioned_lora_serves_a_mixed_batch_each_row_as_alone_and_hears_the_dial():
@@ -302,7 +303,7 @@ def test_an_adapter_with_a_budget_conditioned_lora_trains_saves_and_serves_mixed
     out = tmp_path / "lora"
     train(finetuning.parse_args(train_argv(runs["base"], runs["data"], str(out), epochs=1, dynamic_active_target=0.7,
                                            dynamic_budget_range=[0.4, 1.0], dynamic_budget_lora=2,
-                                           lambda_active=20.0)))
+                                           budget_lora_lr=0.05, lambda_active=20.0)))
     with open(out / "params.json") as f:
         assert json.load(f)["dynamic_budget_lora"] == 2
     saved = adapters.read_adapter(str(out))["model"]

@@ -78,6 +78,10 @@ class TrainConfig(Settings):
                                        "gain per rank at this many evenly spaced budgets over --dynamic_budget_range, "
                                        "blended around the budget the routers are told (kept unmerged at inference); "
                                        "0: one LoRA for every budget", low=0)
+    budget_lora_lr: Optional[float] = setting(None, "absolute lr for a budget-conditioned LoRA's gains (default: the same "
+                                              "as lr); they start at 1 and a LoRA's strength moves in whole units "
+                                              "(tools/calibrate_lora_strength.py), which AdamW at a LoRA's lr does not "
+                                              "reach in a short run", low=0.0, low_open=True)
     gumbel_tau: float = setting(AdapterArgs.gumbel_tau, "temperature of the routers' Gumbel-softmax", low=0.0, low_open=True)
     routing: str = setting(AdapterArgs.routing, "which tokens run which block: dllm, mod (Mixture-of-Depths), static (pruned "
                            "--static_skip_layers), early_exit, dense (LoRA only)", choices=list(POLICIES))

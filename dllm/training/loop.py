@@ -37,15 +37,15 @@ from dllm.training.run_dir import ETA, OutputDir, format_duration
 from dllm.training.validation import calibrate_threshold, validate
 
 
-def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float):
+def param_groups(model: Transformer, weight_decay: float, router_lr_scale: float, gains_lr_scale: float = 1.0):
     """No decay on biases, norms and a budget-conditioned LoRA's gains (they start at 1, their
-    neutral value); routers may learn at their own rate (lr_scale)."""
+    neutral value); routers and those gains may learn at their own rates (lr_scale)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = 0.0 if p.ndim < 2 or name.endswith((".bias", ".budget_gates")) else weight_decay
-        scale = router_lr_scale if ".router." in name else 1.0
+        scale = router_lr_scale if ".router." in name else gains_lr_scale if name.endswith(".budget_gates") else 1.0
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": ps, "weight_decay": d, "lr_scale": s} for (d, s), ps in groups.items()]
 
@@ -141,9 +141,10 @@ class Trainer:
         eff_batch = args.batch_size * args.accum_iter * distributed.dp_size()
         self.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
         router_lr_scale = args.router_lr / self.lr if args.router_lr else 1.0
+        gains_lr_scale = args.budget_lora_lr / self.lr if args.budget_lora_lr else 1.0
         self.log(f"effective batch {eff_batch}, lr {self.lr:.3g}, router lr {self.lr * router_lr_scale:.3g}")
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, args.weight_decay, router_lr_scale), lr=self.lr, betas=(0.9, 0.95)
+            param_groups(self.model, args.weight_decay, router_lr_scale, gains_lr_scale), lr=self.lr, betas=(0.9, 0.95)
         )
         self.objective = Objective(self.model, args.distill_weight)
         if distributed.dp_size() > 1:

@@ -10,10 +10,17 @@ import dllm  # noqa: F401  before any benchmark imports torch: it keeps freed ho
 from dllm.atomic_io import atomic_write_text
 
 
+# host memory switches (dllm/host_memory.py's, and torch's huge pages): a run that sets one says so
+HOST_MEMORY_VARIABLES = ("DLLM_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE")
+
+
 def command() -> str:
-    """How this run was started, for a results file: `python -m benchmarks.NAME ARGS`."""
+    """How this run was started, for a results file: `python -m benchmarks.NAME ARGS`, after any
+    host memory variable the environment sets (`THP_MEM_ALLOC_ENABLE=1 python -m ...`)."""
     spec = getattr(sys.modules["__main__"], "__spec__", None)
-    return " ".join([f"python -m {spec.name}" if spec else f"python {sys.argv[0]}", shlex.join(sys.argv[1:])]).strip()
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in HOST_MEMORY_VARIABLES if name in os.environ]
+    run = [f"python -m {spec.name}" if spec else f"python {sys.argv[0]}", shlex.join(sys.argv[1:])]
+    return " ".join(env + run).strip()
 
 
 def write_results(out, result: dict, table: str):

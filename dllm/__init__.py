@@ -4,15 +4,14 @@
 resolved on first use, so that importing the algorithm alone (dllm.core) needs torch and fairscale
 only.
 
-Importing dllm first tunes the C library's malloc to keep freed memory and asks torch for huge
-pages (dllm/host_memory.py): both must happen before torch is imported, which is why the entry points import dllm before torch.
+Importing dllm first tunes the C library's malloc to keep freed memory (dllm/host_memory.py): it
+must happen before torch is imported, which is why the entry points import dllm before torch.
 """
 import importlib
 
 from dllm import host_memory
 
 KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
-USES_HUGE_PAGES = host_memory.use_huge_pages()
 
 _EXPORTS = {"Llama": "dllm.generation", "ModelArgs": "dllm.core.model", "Transformer": "dllm.core.model",
             "Tokenizer": "dllm.tokenizer"}

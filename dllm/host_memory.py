@@ -14,15 +14,6 @@ The settings must be made before torch is imported (made after, a small training
 already laid out), so `dllm/__init__.py` applies them first thing. The cost: the process's
 resident memory stays at its peak instead of shrinking between steps. `DLLM_KEEP_FREED_MEMORY=0`
 leaves malloc as it was.
-
-The same import asks torch's CPU allocator to back every tensor of 2 MiB or more with transparent
-huge pages (torch's `THP_MEM_ALLOC_ENABLE`: `madvise(MADV_HUGEPAGE)` on each such allocation, which
-the kernel honours where its THP mode is `madvise` or `always`). A long-context decode step reads each row's kept K/V
-in its own attention call, a walk over tens of MB of 4 KiB pages; with one TLB entry per 2 MiB,
-D-LLM's row-by-row attention at 4096 tokens, batch 8 read its pairs at 14.1 and 14.4 GB/s against
-11.7 and 11.3 without (`benchmarks/profile_decode.py`, two runs each way), and dense's batched
-calls moved within their noise. torch reads the variable at its first allocation, so it is set
-here; `THP_MEM_ALLOC_ENABLE=0` in the environment leaves torch's allocator as it was.
 """
 import ctypes
 import ctypes.util
@@ -35,16 +26,6 @@ SETTINGS = (
     (M_MMAP_MAX, 0),  # every block from the heap, where a freed one is reused (above 32 MiB too)
     (M_TRIM_THRESHOLD, (1 << 31) - 1),  # never give the heap's free top back
 )
-
-
-HUGE_PAGES_VARIABLE = "THP_MEM_ALLOC_ENABLE"
-
-
-def use_huge_pages() -> bool:
-    """Turn on torch's huge-page allocation unless the environment already decides; see the module
-    docstring. True where it is on."""
-    os.environ.setdefault(HUGE_PAGES_VARIABLE, "1")
-    return os.environ[HUGE_PAGES_VARIABLE] != "0" and sys.platform.startswith("linux")
 
 
 def keep_freed_memory() -> bool:

@@ -1,5 +1,4 @@
-"""Importing dllm keeps freed host memory (dllm/host_memory.py): steady training steps fault no pages back in,
-and large tensors sit on huge pages."""
+"""Importing dllm keeps freed host memory (dllm/host_memory.py): steady training steps fault no pages back in."""
 import os
 import subprocess
 import sys
@@ -39,8 +38,7 @@ print(dllm.KEEPS_FREED_MEMORY, resource.getrusage(resource.RUSAGE_SELF).ru_minfl
 
 
 def probe(keep: str):
-    # huge pages off: they cut the faults of plain glibc too (6,900 in three steps), hiding what malloc's settings do
-    env = {**os.environ, "DLLM_KEEP_FREED_MEMORY": keep, "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "0"}
+    env = {**os.environ, "DLLM_KEEP_FREED_MEMORY": keep, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()[-2:]
     return applied == "True", int(faults)
@@ -57,38 +55,12 @@ def test_steady_training_steps_fault_no_pages_back_in():
     assert kept_faults < plain_faults / 4  # most runs: under 10 faults; a heap still growing: 30,000
 
 
-HUGE_PAGES_PROBE = """
-import re
-import dllm
-import torch
-tensors = [torch.ones(3 << 20) for _ in range(5)]  # 60 MB in allocations of 12 MB
-print(dllm.USES_HUGE_PAGES, re.search(r"AnonHugePages:\\s+(\\d+) kB", open("/proc/self/smaps_rollup").read())[1])
-"""
-
-
-def kernel_thp_mode():
-    try:
-        return open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return None
-
-
-def huge_pages_probe(**env):
-    """Run the probe with the environment's own THP_MEM_ALLOC_ENABLE replaced by env's, if any."""
-    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], cwd=ROOT, env={**base, **env},
-                         capture_output=True, text=True, check=True)
-    applied, huge_kb = out.stdout.split()[-2:]
-    return applied == "True", int(huge_kb)
-
-
-@pytest.mark.skipif(kernel_thp_mode() not in ("madvise", "always"), reason="the kernel gives no transparent huge pages")
-def test_large_tensors_are_backed_by_huge_pages():
-    applied, huge_kb = huge_pages_probe()
-    assert applied and huge_kb >= 20_000
-
-
-@pytest.mark.skipif(kernel_thp_mode() != "madvise", reason="only in madvise mode does torch's request decide")
-def test_huge_pages_off_switch():
-    applied, huge_kb = huge_pages_probe(THP_MEM_ALLOC_ENABLE="0")
-    assert not applied and huge_kb == 0
+def test_a_benchmark_run_records_the_host_memory_variables_it_was_given():
+    probe = "import sys; sys.argv = ['bench', '--out', 'a b']; import benchmarks; print(benchmarks.command())"
+    base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "DLLM_KEEP_FREED_MEMORY")}
+    for env, expected in (({}, "python bench --out 'a b'"),
+                          ({"THP_MEM_ALLOC_ENABLE": "1", "DLLM_KEEP_FREED_MEMORY": "0"},
+                           "DLLM_KEEP_FREED_MEMORY=0 THP_MEM_ALLOC_ENABLE=1 python bench --out 'a b'")):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**base, **env}, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == expected

@@ -17,6 +17,7 @@ from dllm.chat import ChatFormat
 from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
+from dllm.core.layers import anchor_weights
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.core.routing import FixedRouting, MarginDial, Router
 from dllm.training.loop import param_groups, train
@@ -225,13 +226,14 @@ def test_a_budget_conditioned_lora_blends_its_gains_around_the_budget():
         lora.linear_B.weight.normal_()
     plain.load_state_dict({k: v for k, v in lora.state_dict().items() if k != "budget_gates"})
     x, budget = torch.randn(4, 5, args.dim), torch.tensor([[0.4], [0.7], [0.85], [0.1]])
-    assert torch.allclose(lora(x, budget), plain(x), atol=1e-6)
+    anchors = anchor_weights(budget, args.dynamic_budget_range, args.dynamic_budget_lora)
+    assert torch.allclose(lora(x, anchors), plain(x), atol=1e-6)
     with torch.no_grad():
         lora.budget_gates.normal_()
     gates = lora.budget_gates
     expected = torch.stack([gates[0], gates[1], 0.5 * gates[1] + 0.5 * gates[2], gates[0]])[:, None]
-    assert torch.allclose(lora.gate(budget), expected, atol=1e-6)
-    assert torch.allclose(lora(x, budget), plain.linear_B(plain.linear_A(x) * expected) * plain.scale, atol=1e-5)
+    assert torch.allclose(lora.gate(anchors), expected, atol=1e-6)
+    assert torch.allclose(lora(x, anchors), plain.linear_B(plain.linear_A(x) * expected) * plain.scale, atol=1e-5)
     model = Transformer(args)
     keys = {k for k in model.state_dict() if k.endswith(".budget_gates")}
     assert len(keys) == 3 * args.n_layers and all(is_adapter_key(k) for k in keys)
@@ -289,7 +291,9 @@ def test_a_budget_conditioned_lora_needs_a_budget_range_and_a_lora(overrides, wh
     (dict(dynamic_budget_lora=2), r"--dynamic_budget_lora 2: the LoRA's gains share out --dynamic_budget_range, "
                                   r"which is not set"),
     (dict(dynamic_budget_lora=1, dynamic_budget_range=[0.4, 1.0], dynamic_active_target=0.7),
-     r"--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget")])
+     r"--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget"),
+    (dict(budget_lora_lr=0.03), r"--budget_lora_lr 0.03: sets the lr of a budget-conditioned LoRA's gains, and "
+                                r"--dynamic_budget_lora is not set")])
 def test_the_budget_conditioned_lora_flag_is_checked(overrides, why):
     with pytest.raises(InputError, match=why):
         finetuning.parse_args(train_argv("base", "data", "out", **overrides))

@@ -217,8 +217,9 @@ class DenseRouting:
     def decide(self, block, x: torch.Tensor, positions: torch.Tensor, state: dict) -> Optional[Decision]:
         return None
 
-    def lora_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
-        """The budget a budget-conditioned LoRA is told, per row [b] or token [b, s]; None: no such LoRA."""
+    def lora_anchors(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
+        """A budget-conditioned LoRA's weight on each budget's gains (layers.LoRA.gate), per row
+        [b, budget_gates] or token [b, s, budget_gates]; None: no such LoRA."""
         return None
 
     def check_budget(self, budgets: Sequence[float]):
@@ -367,11 +368,15 @@ class DLLMRouting(DenseRouting):
             state["told_budget"] = self.told_budget(budget, state.get("response_tokens"))
         return state["told_budget"]
 
-    def lora_budget(self, x, state, training):
-        """A budget-conditioned LoRA (dynamic_budget_lora) is told what the routers are."""
+    def lora_anchors(self, x, state, training):
+        """A budget-conditioned LoRA (dynamic_budget_lora) is told what the routers are; worked out
+        once per forward, as every block's LoRAs are told the same."""
         if not self.args.dynamic_budget_lora:
             return None
-        return self.routers_budget(self.row_budget(x, state, training), state, training)
+        if "lora_anchors" not in state:
+            told = self.routers_budget(self.row_budget(x, state, training), state, training)
+            state["lora_anchors"] = anchor_weights(told, self.trained_range, self.args.dynamic_budget_lora)
+        return state["lora_anchors"]
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
@@ -426,8 +431,7 @@ class DLLMRouting(DenseRouting):
         routers = a.dynamic_budget_routers if self.trained_range is not None else 1
         total = token_mask.sum().item() * n_routed * routers * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
         if a.dynamic_budget_lora:
-            q_out, kv_out = a.n_heads * a.head_dim, (a.n_kv_heads or a.n_heads) * a.head_dim
-            lora = mlp_flops(a.dim, a.lora_rank, q_out) + 2 * mlp_flops(a.dim, a.lora_rank, kv_out)
+            lora = mlp_flops(a.dim, a.lora_rank, a.q_width) + 2 * mlp_flops(a.dim, a.lora_rank, a.kv_width)
             total += executed.sum().item() * lora
         return total
 

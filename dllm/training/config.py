@@ -118,6 +118,9 @@ class TrainConfig(Settings):
         elif self.dynamic_budget_routers > 1:
             raise InputError(f"--dynamic_budget_routers {self.dynamic_budget_routers}: routers share out "
                              f"--dynamic_budget_range, which is not set")
+        if self.budget_lora_lr is not None and not self.dynamic_budget_lora:
+            raise InputError(f"--budget_lora_lr {self.budget_lora_lr}: sets the lr of a budget-conditioned LoRA's "
+                             f"gains, and --dynamic_budget_lora is not set")
 
     def model_overrides(self) -> dict:
         """The fields that are model args too, by name."""

@@ -133,6 +133,27 @@ def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():
         f"layers.{i}.router.{p}" for i in range(1, 4) for p in ("budget.weight", "budget.bias", "budget_gain")}
 
 
+def test_a_draw_power_draws_low_budgets_more_often():
+    """dynamic_budget_draw_power p: a sequence's training target is low + (high - low) * u ** p, the
+    uniform u of the plain draw; the power needs a budget range, and must be above 0."""
+    args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7)
+    x = torch.zeros(5000, 1, args.dim)
+    torch.manual_seed(0)
+    plain = Transformer(args).train().routing.row_budget(x, {}, training=True)
+    torch.manual_seed(0)
+    skewed = Transformer(dataclasses.replace(args, dynamic_budget_draw_power=2.0)).train().routing.row_budget(
+        x, {}, training=True)
+    assert torch.allclose(skewed, 0.4 + 0.6 * ((plain - 0.4) / 0.6) ** 2, atol=1e-6)
+    assert (skewed < 0.55).float().mean().item() == pytest.approx(0.5, abs=0.03)  # the lowest quarter: half the draws
+    for overrides in (dict(dynamic_budget_draw_power=2.0, dynamic_budget_range=()),
+                      dict(dynamic_budget_draw_power=0.0)):
+        with pytest.raises(InputError, match=r"dynamic_budget_draw_power .*: must be 1, or above 0"):
+            Transformer(dataclasses.replace(args, **overrides))
+    with pytest.raises(InputError, match=r"--dynamic_budget_draw_power 2.0: shapes the draw over "
+                                         r"--dynamic_budget_range, which is not set"):
+        finetuning.parse_args(train_argv("base", "data", "out", dynamic_budget_draw_power=2.0))
+
+
 def test_a_relative_rate_loss_holds_each_sequence_to_its_target_in_proportion():
     """rate_loss_gap relative: each token's gap over its own sequence's drawn target, so the same gap
     weighs more at a low budget; per sequence likewise."""

@@ -70,6 +70,7 @@ class AdapterArgs:
     dynamic_budget_range: Tuple[float, ...] = ()
     dynamic_budget_routers: int = 1  # routers per block sharing out that range (routing.BudgetRouters)
     dynamic_budget_lora: int = 0  # LoRA gains per rank at this many budgets over that range (layers.LoRA); 0: none
+    dynamic_budget_draw_power: float = 1.0  # training draws low + (high - low) * u ** power: above 1, low budgets more often
     # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
     routing: str = "dllm"
     static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips

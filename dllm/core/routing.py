@@ -294,6 +294,9 @@ class DLLMRouting(DenseRouting):
         if args.dynamic_budget_routers < 1 or (args.dynamic_budget_routers > 1 and self.trained_range is None):
             raise InputError(f"dynamic_budget_routers {args.dynamic_budget_routers}: must be 1, or more for a "
                              f"budget-conditioned D-LLM (dynamic_budget_range)")
+        if args.dynamic_budget_draw_power <= 0 or (args.dynamic_budget_draw_power != 1 and self.trained_range is None):
+            raise InputError(f"dynamic_budget_draw_power {args.dynamic_budget_draw_power}: must be 1, or above 0 for a "
+                             f"budget-conditioned D-LLM (dynamic_budget_range)")
         if args.dynamic_budget_lora and (args.dynamic_budget_lora < 2 or self.trained_range is None or not args.lora_rank):
             raise InputError(f"dynamic_budget_lora {args.dynamic_budget_lora}: must be 0, or 2 or more for a "
                              f"budget-conditioned D-LLM (dynamic_budget_range) with a LoRA")
@@ -325,12 +328,14 @@ class DLLMRouting(DenseRouting):
 
     def row_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
         """The budget of each row in this forward, [b], or None (the adapter routes as trained);
-        training draws it per sequence from the trained range. Kept in `state` for the later blocks
+        training draws it per sequence from the trained range (uniformly, or skewed to its low end by
+        dynamic_budget_draw_power). Kept in `state` for the later blocks
         and the rate loss."""
         if "budget" not in state:
             if self.trained_range is not None and training:
                 low, high = self.trained_range
-                state["budget"] = low + (high - low) * torch.rand(x.shape[0], device=x.device)
+                draw = torch.rand(x.shape[0], device=x.device) ** self.args.dynamic_budget_draw_power
+                state["budget"] = low + (high - low) * draw
             elif self.budget is not None or self.trained_range is not None:
                 asked = self.args.dynamic_active_target if self.budget is None else self.budget
                 key = (asked, x.shape[0], x.device)

@@ -46,6 +46,7 @@ RATE_LOSS_GAP=${RATE_LOSS_GAP:-}          # absolute (the reference) or relative
 DYNAMIC_BUDGET_ROUTERS=${DYNAMIC_BUDGET_ROUTERS:-}  # with DYNAMIC_BUDGET_RANGE: routers per block, each owning a stretch of the range
 DYNAMIC_BUDGET_LORA=${DYNAMIC_BUDGET_LORA:-}  # with DYNAMIC_BUDGET_RANGE: LoRA gains per rank at this many budgets over the range
 BUDGET_LORA_LR=${BUDGET_LORA_LR:-}  # with DYNAMIC_BUDGET_LORA: the gains' own lr
+DYNAMIC_BUDGET_DRAW_POWER=${DYNAMIC_BUDGET_DRAW_POWER:-}  # with DYNAMIC_BUDGET_RANGE: above 1, training draws low budgets more often
 BATCH_SIZE=${BATCH_SIZE:-}
 ACCUM_ITER=${ACCUM_ITER:-}
 EPOCHS=${EPOCHS:-}
@@ -80,6 +81,7 @@ add dynamic_router_hdim "$DYNAMIC_ROUTER_HDIM"; add dynamic_start_layer "$DYNAMI
 add dynamic_reserve_initials "$DYNAMIC_RESERVE_INITIALS"; add lambda_active "$LAMBDA_ACTIVE"
 add_list dynamic_budget_range "$DYNAMIC_BUDGET_RANGE"; add rate_loss_unit "$RATE_LOSS_UNIT"; add rate_loss_gap "$RATE_LOSS_GAP"
 add dynamic_budget_routers "$DYNAMIC_BUDGET_ROUTERS"; add dynamic_budget_lora "$DYNAMIC_BUDGET_LORA"; add budget_lora_lr "$BUDGET_LORA_LR"
+add dynamic_budget_draw_power "$DYNAMIC_BUDGET_DRAW_POWER"
 add batch_size "$BATCH_SIZE"; add accum_iter "$ACCUM_ITER"; add epochs "$EPOCHS"; add warmup_epochs "$WARMUP_EPOCHS"
 add save_freq "$SAVE_FREQ"; add save_steps "$SAVE_STEPS"; add blr "$BLR"; add lr "$LR"; add min_lr "$MIN_LR"
 add router_lr "$ROUTER_LR"; add_list dynamic_router_bias "$ROUTER_BIAS"; add weight_decay "$WEIGHT_DECAY"

@@ -17,6 +17,7 @@ from dllm.chat import ChatFormat
 from dllm.checkpoints import adapters, dial_file
 from dllm.errors import InputError
 from dllm.generation import Llama
+from dllm.core.layers import anchor_weights
 from dllm.core.model import ModelArgs, Transformer, is_adapter_key
 from dllm.core.routing import FixedRouting, MarginDial, Router
 from dllm.training.loop import param_groups, train
@@ -132,6 +133,27 @@ def test_budget_conditioned_training_holds_each_sequence_to_its_own_target():
         f"layers.{i}.router.{p}" for i in range(1, 4) for p in ("budget.weight", "budget.bias", "budget_gain")}
 
 
+def test_a_draw_power_draws_low_budgets_more_often():
+    """dynamic_budget_draw_power p: a sequence's training target is low + (high - low) * u ** p, the
+    uniform u of the plain draw; the power needs a budget range, and must be above 0."""
+    args = tiny_args(dynamic_budget_range=(0.4, 1.0), dynamic_active_target=0.7)
+    x = torch.zeros(5000, 1, args.dim)
+    torch.manual_seed(0)
+    plain = Transformer(args).train().routing.row_budget(x, {}, training=True)
+    torch.manual_seed(0)
+    skewed = Transformer(dataclasses.replace(args, dynamic_budget_draw_power=2.0)).train().routing.row_budget(
+        x, {}, training=True)
+    assert torch.allclose(skewed, 0.4 + 0.6 * ((plain - 0.4) / 0.6) ** 2, atol=1e-6)
+    assert (skewed < 0.55).float().mean().item() == pytest.approx(0.5, abs=0.03)  # the lowest quarter: half the draws
+    for overrides in (dict(dynamic_budget_draw_power=2.0, dynamic_budget_range=()),
+                      dict(dynamic_budget_draw_power=0.0)):
+        with pytest.raises(InputError, match=r"dynamic_budget_draw_power .*: must be 1, or above 0"):
+            Transformer(dataclasses.replace(args, **overrides))
+    with pytest.raises(InputError, match=r"--dynamic_budget_draw_power 2.0: shapes the draw over "
+                                         r"--dynamic_budget_range, which is not set"):
+        finetuning.parse_args(train_argv("base", "data", "out", dynamic_budget_draw_power=2.0))
+
+
 def test_a_relative_rate_loss_holds_each_sequence_to_its_target_in_proportion():
     """rate_loss_gap relative: each token's gap over its own sequence's drawn target, so the same gap
     weighs more at a low budget; per sequence likewise."""
@@ -225,13 +247,14 @@ def test_a_budget_conditioned_lora_blends_its_gains_around_the_budget():
         lora.linear_B.weight.normal_()
     plain.load_state_dict({k: v for k, v in lora.state_dict().items() if k != "budget_gates"})
     x, budget = torch.randn(4, 5, args.dim), torch.tensor([[0.4], [0.7], [0.85], [0.1]])
-    assert torch.allclose(lora(x, budget), plain(x), atol=1e-6)
+    anchors = anchor_weights(budget, args.dynamic_budget_range, args.dynamic_budget_lora)
+    assert torch.allclose(lora(x, anchors), plain(x), atol=1e-6)
     with torch.no_grad():
         lora.budget_gates.normal_()
     gates = lora.budget_gates
     expected = torch.stack([gates[0], gates[1], 0.5 * gates[1] + 0.5 * gates[2], gates[0]])[:, None]
-    assert torch.allclose(lora.gate(budget), expected, atol=1e-6)
-    assert torch.allclose(lora(x, budget), plain.linear_B(plain.linear_A(x) * expected) * plain.scale, atol=1e-5)
+    assert torch.allclose(lora.gate(anchors), expected, atol=1e-6)
+    assert torch.allclose(lora(x, anchors), plain.linear_B(plain.linear_A(x) * expected) * plain.scale, atol=1e-5)
     model = Transformer(args)
     keys = {k for k in model.state_dict() if k.endswith(".budget_gates")}
     assert len(keys) == 3 * args.n_layers and all(is_adapter_key(k) for k in keys)
@@ -289,7 +312,9 @@ def test_a_budget_conditioned_lora_needs_a_budget_range_and_a_lora(overrides, wh
     (dict(dynamic_budget_lora=2), r"--dynamic_budget_lora 2: the LoRA's gains share out --dynamic_budget_range, "
                                   r"which is not set"),
     (dict(dynamic_budget_lora=1, dynamic_budget_range=[0.4, 1.0], dynamic_active_target=0.7),
-     r"--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget")])
+     r"--dynamic_budget_lora 1: gains at one budget are one LoRA for every budget"),
+    (dict(budget_lora_lr=0.03), r"--budget_lora_lr 0.03: sets the lr of a budget-conditioned LoRA's gains, and "
+                                r"--dynamic_budget_lora is not set")])
 def test_the_budget_conditioned_lora_flag_is_checked(overrides, why):
     with pytest.raises(InputError, match=why):
         finetuning.parse_args(train_argv("base", "data", "out", **overrides))

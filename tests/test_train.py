@@ -660,6 +660,6 @@ def test_a_config_built_directly_is_checked_and_gives_the_model_args_by_name(tin
     assert set(overrides) == {"max_seq_len", "lora_rank", "dynamic_active_target", "dynamic_router_hdim",
                               "dynamic_start_layer", "dynamic_reserve_initials", "dynamic_router_bias", "gumbel_tau",
                               "rate_loss_unit", "rate_loss_gap", "routing", "static_skip_layers", "dynamic_budget_range",
-                              "dynamic_budget_routers", "dynamic_budget_lora"}
+                              "dynamic_budget_routers", "dynamic_budget_lora", "dynamic_budget_draw_power"}
     args = model_params.load_params(tiny["base"], **overrides)
     assert (args.lora_rank, args.dynamic_router_bias) == (4, (0.5, 1.5))

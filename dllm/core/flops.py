@@ -25,8 +25,7 @@ class TokenFlops:
 
 
 def token_flops(args: ModelArgs) -> TokenFlops:
-    q_dim = args.n_heads * args.head_dim  # equals dim unless the checkpoint sets head_dim
-    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    q_dim, kv_dim = args.q_width, args.kv_width
     return TokenFlops(
         qkvo=2 * args.dim * (2 * q_dim + 2 * kv_dim),
         ffn=2 * 3 * args.dim * args.ffn_hidden_dim,

@@ -99,7 +99,7 @@ class LoRA(nn.Module):
     """Low-rank update of a column-parallel projection; fp32 so it trains beside bf16 bases."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, dropout: float, scale: float,
-                 budget_range: Tuple[float, ...] = (), budget_gates: int = 0):
+                 budget_gates: int = 0):
         super().__init__()
         self.scale = scale
         self.linear_A = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
@@ -109,21 +109,21 @@ class LoRA(nn.Module):
         self.linear_B.weight.data = self.linear_B.weight.data.float()
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.linear_A.weight, std=1.0 / rank)
-        # a budget-conditioned LoRA: a gain per rank at each of `budget_gates` budgets over the range
-        self.budget_range = tuple(budget_range)
+        # a budget-conditioned LoRA: a gain per rank at each of `budget_gates` evenly spaced budgets
         self.budget_gates = nn.Parameter(torch.ones(budget_gates, rank)) if budget_gates else None
 
-    def gate(self, budget: torch.Tensor) -> torch.Tensor:
-        """budget [...] -> the gain on each rank [..., rank], blended between the anchors around it."""
-        return anchor_weights(budget, self.budget_range, len(self.budget_gates)) @ self.budget_gates
+    def gate(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors [..., budget_gates], each token's weight on each budget's gains (anchor_weights of its
+        budget) -> the gain on each rank [..., rank]."""
+        return anchors @ self.budget_gates
 
-    def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [..., in]; budget broadcasting to x's leading dims, for a budget-conditioned LoRA."""
+    def forward(self, x: torch.Tensor, anchors: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., in]; anchors [..., budget_gates] with x's leading dims, for a budget-conditioned LoRA."""
         down = self.linear_A(self.dropout(x.float()))
         if self.budget_gates is not None:
-            if budget is None:
+            if anchors is None:
                 raise RuntimeError("a budget-conditioned LoRA needs each token's budget: run it under its D-LLM routing")
-            down = down * self.gate(budget)
+            down = down * self.gate(anchors)
         out = self.linear_B(down)
         return (out if self.scale == 1 else out * self.scale).to(x.dtype)  # the same numbers, one pass less
 

@@ -70,6 +70,7 @@ class AdapterArgs:
     dynamic_budget_range: Tuple[float, ...] = ()
     dynamic_budget_routers: int = 1  # routers per block sharing out that range (routing.BudgetRouters)
     dynamic_budget_lora: int = 0  # LoRA gains per rank at this many budgets over that range (layers.LoRA); 0: none
+    dynamic_budget_draw_power: float = 1.0  # training draws low + (high - low) * u ** power: above 1, low budgets more often
     # the routing policy (routing.POLICIES); params.json without it are D-LLM adapters
     routing: str = "dllm"
     static_skip_layers: Tuple[int, ...] = ()  # static pruning: the blocks every token skips
@@ -109,6 +110,16 @@ class ModelArgs(AdapterArgs, LlamaArgs):
         out["static_skip_layers"] = list(self.static_skip_layers)
         out["dynamic_budget_range"] = list(self.dynamic_budget_range)
         return out
+
+    @property
+    def q_width(self) -> int:
+        """The query projection's output width: dim, unless the checkpoint sets head_dim."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """The key (and value) projection's output width."""
+        return (self.n_kv_heads or self.n_heads) * self.head_dim
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -156,15 +167,14 @@ class Attention(nn.Module):
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = self.n_kv_heads // mp
         self.head_dim = args.head_dim
-        q_out, kv_out = args.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q_out, kv_out = args.q_width, args.kv_width
         column = dict(bias=False, gather_output=False, init_method=init_method)
         self.wq = ColumnLinear(args.dim, q_out, **column)
         self.wk = ColumnLinear(args.dim, kv_out, **column)
         self.wv = ColumnLinear(args.dim, kv_out, **column)
         self.wo = RowLinear(q_out, args.dim, bias=False, input_is_parallel=True, init_method=init_method)
         if args.lora_rank > 0:
-            lora = (args.lora_rank, args.lora_dropout, args.lora_scale, args.dynamic_budget_range,
-                    args.dynamic_budget_lora)
+            lora = (args.lora_rank, args.lora_dropout, args.lora_scale, args.dynamic_budget_lora)
             self.lora_q = LoRA(args.dim, q_out, *lora)
             self.lora_k = LoRA(args.dim, kv_out, *lora)
             self.lora_v = LoRA(args.dim, kv_out, *lora)
@@ -206,12 +216,12 @@ class Attention(nn.Module):
                 base.weight.copy_(weight + (lora.delta_weight() * strength).to(weight.dtype))
         self.merged_strength = strength
 
-    def project(self, x: torch.Tensor, freqs_cis: torch.Tensor, budget: Optional[torch.Tensor] = None):
+    def project(self, x: torch.Tensor, freqs_cis: torch.Tensor, anchors: Optional[torch.Tensor] = None):
         """x [..., dim] -> q [..., heads, head_dim], k and v [..., kv_heads, head_dim], RoPE applied;
-        budget [...]: each token's, for a budget-conditioned LoRA."""
+        anchors [..., budget_gates]: each token's, for a budget-conditioned LoRA."""
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.lora_q is not None and self.merged_strength is None:
-            q, k, v = q + self.lora_q(x, budget), k + self.lora_k(x, budget), v + self.lora_v(x, budget)
+            q, k, v = q + self.lora_q(x, anchors), k + self.lora_k(x, anchors), v + self.lora_v(x, anchors)
         lead = x.shape[:-1]
         q = apply_rotary_emb(q.view(*lead, self.n_local_heads, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(*lead, self.n_local_kv_heads, self.head_dim), freqs_cis)
@@ -228,37 +238,37 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                               enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
-    def forward_masked(self, x, freqs_cis, key_keep: Optional[torch.Tensor], budget=None) -> torch.Tensor:
+    def forward_masked(self, x, freqs_cis, key_keep: Optional[torch.Tensor], anchors=None) -> torch.Tensor:
         """Every token computed; keys of tokens that skip this block are masked out (eviction).
 
         A query always sees its own key, so a skipped token's row (discarded by the blend) is never
         empty.
         """
         b, s, _ = x.shape
-        q, k, v = self.project(x, freqs_cis, budget)
+        q, k, v = self.project(x, freqs_cis, anchors)
         if key_keep is None:
             return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
         causal, own = causal_and_own_key(s, x.device)
         mask = torch.where(key_keep[:, None, :], causal, own)
         return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask))
 
-    def forward_plain(self, x, freqs_cis, kv: LayerKVCache, budget=None) -> torch.Tensor:
+    def forward_plain(self, x, freqs_cis, kv: LayerKVCache, anchors=None) -> torch.Tensor:
         """Every token of every row, rows keeping as many keys: plain Llama attention over the
         cache, causal among the new tokens and no other mask."""
         b, s, _ = x.shape
         kept = kv.lengths[0]
-        q, k, v = self.project(x, freqs_cis, budget)
+        q, k, v = self.project(x, freqs_cis, anchors)
         keys, values = kv.append_all(k, v)
         mask = None
         if s > 1 and kept > 0:
             mask = torch.ones(s, kept + s, dtype=torch.bool, device=x.device).tril(kept).expand(b, s, kept + s)
         return self.wo(self.attend(q, keys, values, mask, causal=s > 1 and kept == 0))
 
-    def forward_packed(self, x, freqs_cis, packing: Packing, kv: LayerKVCache, budget=None) -> torch.Tensor:
+    def forward_packed(self, x, freqs_cis, packing: Packing, kv: LayerKVCache, anchors=None) -> torch.Tensor:
         """Only executing tokens, packed [n, dim]. Their K/V are appended to the cache; each
         executing row attends to its own kept keys, row by row, or all rows at once with queries
         padded to one width (kv_cache.py says which, and why)."""
-        q, k, v = self.project(x, freqs_cis, budget)
+        q, k, v = self.project(x, freqs_cis, anchors)
         keys, values = kv.append_packed(packing, k, v)
         if packing.rows is not None:
             return self.wo(self.attend_rows(q, packing.rows, kv))
@@ -314,14 +324,14 @@ class TransformerBlock(nn.Module):
         state = {} if state is None else state
         decision: Optional[Decision] = routing.decide(self, x, positions, state)
         b, s, _ = x.shape
-        budget = routing.lora_budget(x, state, self.training)  # per token, for a budget-conditioned LoRA
-        if budget is not None and budget.dim() == 1:
-            budget = budget[:, None].expand(b, s)
+        anchors = routing.lora_anchors(x, state, self.training)  # per token, for a budget-conditioned LoRA
+        if anchors is not None and anchors.dim() == 2:
+            anchors = anchors[:, None].expand(b, s, -1)
         if kv is None:
             if decision is not None and not decision.weight.requires_grad and not bool(decision.mask.any()):
                 return x, decision  # nothing executes and no gradient needs the block's output
             key_keep = None if decision is None else decision.mask
-            h = x + self.attention.forward_masked(self.attention_norm(x), freqs_cis[positions], key_keep, budget)
+            h = x + self.attention.forward_masked(self.attention_norm(x), freqs_cis[positions], key_keep, anchors)
             out = self._ffn(h)
             if decision is None:
                 return out, None
@@ -333,7 +343,7 @@ class TransformerBlock(nn.Module):
         if execute is not None and not any(map(any, execute)):
             return x, decision
         if (execute is None or all(map(all, execute))) and kv.uniform():
-            h = x + self.attention.forward_plain(self.attention_norm(x), freqs_cis[start : start + s], kv, budget)
+            h = x + self.attention.forward_plain(self.attention_norm(x), freqs_cis[start : start + s], kv, anchors)
             out = self._ffn(h)
             if decision is not None and decision.scale is not None:  # else the executing tokens' weight is 1
                 out = blend(decision.update_weight(), out, x)
@@ -342,7 +352,7 @@ class TransformerBlock(nn.Module):
         where = (packing.token_rows, packing.token_cols)
         tokens = x[where]
         h = tokens + self.attention.forward_packed(self.attention_norm(tokens), freqs_cis[packing.positions], packing, kv,
-                                                   None if budget is None else budget[where])
+                                                   None if anchors is None else anchors[where])
         out = self._ffn(h)
         if decision is not None and decision.scale is not None:  # else the executing tokens' weight is 1
             out = blend(decision.update_weight()[where], out, tokens)

@@ -217,8 +217,9 @@ class DenseRouting:
     def decide(self, block, x: torch.Tensor, positions: torch.Tensor, state: dict) -> Optional[Decision]:
         return None
 
-    def lora_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
-        """The budget a budget-conditioned LoRA is told, per row [b] or token [b, s]; None: no such LoRA."""
+    def lora_anchors(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
+        """A budget-conditioned LoRA's weight on each budget's gains (layers.LoRA.gate), per row
+        [b, budget_gates] or token [b, s, budget_gates]; None: no such LoRA."""
         return None
 
     def check_budget(self, budgets: Sequence[float]):
@@ -293,6 +294,9 @@ class DLLMRouting(DenseRouting):
         if args.dynamic_budget_routers < 1 or (args.dynamic_budget_routers > 1 and self.trained_range is None):
             raise InputError(f"dynamic_budget_routers {args.dynamic_budget_routers}: must be 1, or more for a "
                              f"budget-conditioned D-LLM (dynamic_budget_range)")
+        if args.dynamic_budget_draw_power <= 0 or (args.dynamic_budget_draw_power != 1 and self.trained_range is None):
+            raise InputError(f"dynamic_budget_draw_power {args.dynamic_budget_draw_power}: must be 1, or above 0 for a "
+                             f"budget-conditioned D-LLM (dynamic_budget_range)")
         if args.dynamic_budget_lora and (args.dynamic_budget_lora < 2 or self.trained_range is None or not args.lora_rank):
             raise InputError(f"dynamic_budget_lora {args.dynamic_budget_lora}: must be 0, or 2 or more for a "
                              f"budget-conditioned D-LLM (dynamic_budget_range) with a LoRA")
@@ -324,12 +328,14 @@ class DLLMRouting(DenseRouting):
 
     def row_budget(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
         """The budget of each row in this forward, [b], or None (the adapter routes as trained);
-        training draws it per sequence from the trained range. Kept in `state` for the later blocks
+        training draws it per sequence from the trained range (uniformly, or skewed to its low end by
+        dynamic_budget_draw_power). Kept in `state` for the later blocks
         and the rate loss."""
         if "budget" not in state:
             if self.trained_range is not None and training:
                 low, high = self.trained_range
-                state["budget"] = low + (high - low) * torch.rand(x.shape[0], device=x.device)
+                draw = torch.rand(x.shape[0], device=x.device) ** self.args.dynamic_budget_draw_power
+                state["budget"] = low + (high - low) * draw
             elif self.budget is not None or self.trained_range is not None:
                 asked = self.args.dynamic_active_target if self.budget is None else self.budget
                 key = (asked, x.shape[0], x.device)
@@ -367,11 +373,15 @@ class DLLMRouting(DenseRouting):
             state["told_budget"] = self.told_budget(budget, state.get("response_tokens"))
         return state["told_budget"]
 
-    def lora_budget(self, x, state, training):
-        """A budget-conditioned LoRA (dynamic_budget_lora) is told what the routers are."""
+    def lora_anchors(self, x, state, training):
+        """A budget-conditioned LoRA (dynamic_budget_lora) is told what the routers are; worked out
+        once per forward, as every block's LoRAs are told the same."""
         if not self.args.dynamic_budget_lora:
             return None
-        return self.routers_budget(self.row_budget(x, state, training), state, training)
+        if "lora_anchors" not in state:
+            told = self.routers_budget(self.row_budget(x, state, training), state, training)
+            state["lora_anchors"] = anchor_weights(told, self.trained_range, self.args.dynamic_budget_lora)
+        return state["lora_anchors"]
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:
         router = block.router
@@ -426,8 +436,7 @@ class DLLMRouting(DenseRouting):
         routers = a.dynamic_budget_routers if self.trained_range is not None else 1
         total = token_mask.sum().item() * n_routed * routers * mlp_flops(a.dim, a.dynamic_router_hdim, 2)
         if a.dynamic_budget_lora:
-            q_out, kv_out = a.n_heads * a.head_dim, (a.n_kv_heads or a.n_heads) * a.head_dim
-            lora = mlp_flops(a.dim, a.lora_rank, q_out) + 2 * mlp_flops(a.dim, a.lora_rank, kv_out)
+            lora = mlp_flops(a.dim, a.lora_rank, a.q_width) + 2 * mlp_flops(a.dim, a.lora_rank, a.kv_width)
             total += executed.sum().item() * lora
         return total
 

@@ -15,7 +15,7 @@ from dllm.core.routing import POLICIES, DLLMRouting
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
                      "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range", "dynamic_budget_routers",
-                     "dynamic_budget_lora")
+                     "dynamic_budget_lora", "dynamic_budget_draw_power")
 
 
 @dataclass
@@ -78,6 +78,10 @@ class TrainConfig(Settings):
                                        "gain per rank at this many evenly spaced budgets over --dynamic_budget_range, "
                                        "blended around the budget the routers are told (kept unmerged at inference); "
                                        "0: one LoRA for every budget", low=0)
+    dynamic_budget_draw_power: float = setting(AdapterArgs.dynamic_budget_draw_power, "a budget-conditioned D-LLM "
+                                               "draws each sequence's target as low + (high - low) * u ** this, u "
+                                               "uniform on [0, 1): 1 draws the range evenly, 2 half the draws in its "
+                                               "lowest quarter", low=0.0, low_open=True)
     budget_lora_lr: Optional[float] = setting(None, "absolute lr for a budget-conditioned LoRA's gains (default: the same "
                                               "as lr); they start at 1 and a LoRA's strength moves in whole units "
                                               "(tools/calibrate_lora_strength.py), which AdamW at a LoRA's lr does not "
@@ -118,6 +122,12 @@ class TrainConfig(Settings):
         elif self.dynamic_budget_routers > 1:
             raise InputError(f"--dynamic_budget_routers {self.dynamic_budget_routers}: routers share out "
                              f"--dynamic_budget_range, which is not set")
+        elif self.dynamic_budget_draw_power != 1:
+            raise InputError(f"--dynamic_budget_draw_power {self.dynamic_budget_draw_power}: shapes the draw over "
+                             f"--dynamic_budget_range, which is not set")
+        if self.budget_lora_lr is not None and not self.dynamic_budget_lora:
+            raise InputError(f"--budget_lora_lr {self.budget_lora_lr}: sets the lr of a budget-conditioned LoRA's "
+                             f"gains, and --dynamic_budget_lora is not set")
 
     def model_overrides(self) -> dict:
         """The fields that are model args too, by name."""

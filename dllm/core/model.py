@@ -325,8 +325,6 @@ class TransformerBlock(nn.Module):
         decision: Optional[Decision] = routing.decide(self, x, positions, state)
         b, s, _ = x.shape
         anchors = routing.lora_anchors(x, state, self.training)  # per token, for a budget-conditioned LoRA
-        if anchors is not None and anchors.dim() == 2:
-            anchors = anchors[:, None].expand(b, s, -1)
         if kv is None:
             if decision is not None and not decision.weight.requires_grad and not bool(decision.mask.any()):
                 return x, decision  # nothing executes and no gradient needs the block's output

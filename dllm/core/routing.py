@@ -218,8 +218,8 @@ class DenseRouting:
         return None
 
     def lora_anchors(self, x: torch.Tensor, state: dict, training: bool) -> Optional[torch.Tensor]:
-        """A budget-conditioned LoRA's weight on each budget's gains (layers.LoRA.gate), per row
-        [b, budget_gates] or token [b, s, budget_gates]; None: no such LoRA."""
+        """A budget-conditioned LoRA's weight on each budget's gains (layers.LoRA.gate), per token
+        [b, s, budget_gates]; None: no such LoRA."""
         return None
 
     def check_budget(self, budgets: Sequence[float]):
@@ -380,7 +380,9 @@ class DLLMRouting(DenseRouting):
             return None
         if "lora_anchors" not in state:
             told = self.routers_budget(self.row_budget(x, state, training), state, training)
-            state["lora_anchors"] = anchor_weights(told, self.trained_range, self.args.dynamic_budget_lora)
+            anchors = anchor_weights(told, self.trained_range, self.args.dynamic_budget_lora)
+            b, s = x.shape[:2]
+            state["lora_anchors"] = anchors[:, None].expand(b, s, -1) if told.dim() == 1 else anchors
         return state["lora_anchors"]
 
     def decide(self, block, x, positions, state) -> Optional[Decision]:

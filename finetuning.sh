@@ -61,6 +61,7 @@ ROUTER_BIAS=${ROUTER_BIAS:-}              # initial [skip, execute] logit bias o
 WEIGHT_DECAY=${WEIGHT_DECAY:-}
 DISTILL_TEACHER=${DISTILL_TEACHER:-}      # also learn the teacher's predictions: base, or a run's adapter (e.g. ROUTING=dense)
 DISTILL_WEIGHT=${DISTILL_WEIGHT:-}        # weight of that KL beside the CE
+ROW_RELATIVE_LOSS=${ROW_RELATIVE_LOSS:-}  # 1: every record's loss counts by its relative change (a dial's low budgets don't dominate)
 SEED=${SEED:-}
 NUM_WORKERS=${NUM_WORKERS:-}
 RESUME=${RESUME:-}                        # an output directory or checkpoint file to continue (see above)
@@ -88,6 +89,7 @@ add router_lr "$ROUTER_LR"; add_list dynamic_router_bias "$ROUTER_BIAS"; add wei
 add distill_teacher "$DISTILL_TEACHER"; add distill_weight "$DISTILL_WEIGHT"; add seed "$SEED"
 add num_workers "$NUM_WORKERS"; add resume "$RESUME"
 [ -n "$OVERWRITE" ] && [ "$OVERWRITE" != 0 ] && flags+=(--overwrite_output_dir)
+[ -n "$ROW_RELATIVE_LOSS" ] && [ "$ROW_RELATIVE_LOSS" != 0 ] && flags+=(--row_relative_loss)
 
 if [ "$NPROC" = 1 ]; then
     launcher=(python)

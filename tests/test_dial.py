@@ -321,14 +321,15 @@ def test_the_budget_conditioned_lora_flag_is_checked(overrides, why):
 
 
 @pytest.mark.slow
-def test_an_adapter_with_a_budget_conditioned_lora_trains_saves_and_serves_mixed_budgets(runs, tmp_path):
-    """DYNAMIC_BUDGET_LORA: trained (its gains move off 1), saved in params.json, built again with the
-    LoRA kept unmerged and the trained gains, and a generation of mixed budgets gives each row what it
-    gets alone."""
+def test_an_adapter_with_a_budget_conditioned_lora_trains_saves_and_serves_mixed_budgets(runs, tmp_path, capsys):
+    """DYNAMIC_BUDGET_LORA: trained (its gains move off 1, at the lr its start line names), saved in
+    params.json, built again with the LoRA kept unmerged and the trained gains, and a generation of
+    mixed budgets gives each row what it gets alone."""
     out = tmp_path / "lora"
     train(finetuning.parse_args(train_argv(runs["base"], runs["data"], str(out), epochs=1, dynamic_active_target=0.7,
                                            dynamic_budget_range=[0.4, 1.0], dynamic_budget_lora=2,
                                            budget_lora_lr=0.05, lambda_active=20.0)))
+    assert "budget LoRA gains lr 0.05" in capsys.readouterr().out
     with open(out / "params.json") as f:
         assert json.load(f)["dynamic_budget_lora"] == 2
     saved = adapters.read_adapter(str(out))["model"]

@@ -9,15 +9,15 @@ import finetuning
 from dllm.training import teacher
 from dllm.checkpoints import adapters, base_model, model_params
 from dllm.generation import Llama
-from dllm.core.objective import distill_loss
+from dllm.core.objective import distill_loss, row_relative_loss
 from dllm.training.loop import Trainer
 from helpers import one_line_error, read_log, train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def argv(tiny, out, **options):
-    return train_argv(tiny["base"], tiny["data"], str(out), **options)
+def argv(tiny, out, *extra, **options):
+    return train_argv(tiny["base"], tiny["data"], str(out), *extra, **options)
 
 
 def test_distill_loss_is_the_mean_kl_from_the_teacher_over_the_positions_given():
@@ -27,6 +27,29 @@ def test_distill_loss_is_the_mean_kl_from_the_teacher_over_the_positions_given()
     assert distill_loss(student, teacher).item() == pytest.approx(kl.mean().item(), rel=1e-5)
     assert distill_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
     assert distill_loss(student[:0], teacher[:0]).item() == 0.0  # no response token in the batch
+
+
+def test_the_row_relative_loss_is_the_mean_of_row_means_and_steps_each_row_by_its_relative_change():
+    """Rows of losses 1 and 9 (positions 2 and 1): the value is their mean, 5; each row's gradient is
+    its positions' share of the row divided by the row's loss, times that mean."""
+    losses = torch.tensor([0.5, 1.5, 9.0], requires_grad=True)
+    rows = torch.tensor([0, 0, 2])  # row 1 has no scored position and counts for nothing
+    loss = row_relative_loss(losses, rows, 3)
+    assert loss.item() == pytest.approx(5.0)
+    loss.backward()
+    assert losses.grad.tolist() == pytest.approx([5.0 / 2 / 2 / 1.0, 5.0 / 2 / 2 / 1.0, 5.0 / 2 / 9.0])
+
+
+def test_the_row_relative_loss_trains_and_a_resume_must_keep_it(tiny, tmp_path, capsys):
+    out, plain = tmp_path / "relative", tmp_path / "plain"
+    for run, extra in ((out, ["--row_relative_loss"]), (plain, [])):
+        Trainer(finetuning.parse_args(argv(tiny, run, *extra, epochs=1, dynamic_active_target=0.7,
+                                           dynamic_budget_range=[0.4, 1.0]))).train()
+    relative, same_seed = (adapters.read_adapter(str(run / "checkpoint-last.pth"))["model"] for run in (out, plain))
+    assert any(not torch.equal(relative[k], same_seed[k]) for k in relative)
+    line = one_line_error(capsys, argv(tiny, out, resume=str(out), epochs=2, dynamic_active_target=0.7,
+                                       dynamic_budget_range=[0.4, 1.0]))
+    assert "was trained with --row_relative_loss True but this run has --row_relative_loss False" in line
 
 
 def test_base_teacher_is_the_base_model_without_lora_or_routing(tiny):

@@ -15,7 +15,7 @@ from dllm.core.routing import POLICIES, DLLMRouting
 RESUME_MUST_MATCH = ("dataset_name", "batch_size", "accum_iter", "dynamic_active_target", "lambda_active",
                      "routing", "max_seq_len", "lora_rank", "seed", "distill_teacher", "distill_weight",
                      "rate_loss_unit", "rate_loss_gap", "dynamic_budget_range", "dynamic_budget_routers",
-                     "dynamic_budget_lora", "dynamic_budget_draw_power")
+                     "dynamic_budget_lora", "dynamic_budget_draw_power", "row_relative_loss")
 
 
 @dataclass
@@ -94,6 +94,10 @@ class TrainConfig(Settings):
                                    "'base' (the base model, every block, no LoRA) or an adapter of the same base, e.g. a "
                                    "--routing dense run; empty: labels only")
     distill_weight: float = setting(1.0, "weight of the distillation KL beside the CE", low=0.0)
+    row_relative_loss: bool = setting(False, "ours: each record's CE (+ distillation) divided by its own value in the "
+                                      "gradient, so every record's relative change counts alike: a budget-conditioned "
+                                      "D-LLM's records drawn at low budgets, which lose several times what those near "
+                                      "the top do, no longer set the shared adapter by themselves")
     calibration_batches: int = setting(8, "mod/early_exit: training batches their threshold is fit on", low=1)
     model_parallel_size: int = setting(1, "processes one model is split over (the base's shard count)", low=1)
     log_freq: int = setting(10, "a log.jsonl line every this many steps", low=1)

@@ -142,11 +142,12 @@ class Trainer:
         self.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
         router_lr_scale = args.router_lr / self.lr if args.router_lr else 1.0
         gains_lr_scale = args.budget_lora_lr / self.lr if args.budget_lora_lr else 1.0
-        self.log(f"effective batch {eff_batch}, lr {self.lr:.3g}, router lr {self.lr * router_lr_scale:.3g}")
+        gains = f", budget LoRA gains lr {self.lr * gains_lr_scale:.3g}" if args.dynamic_budget_lora else ""
+        self.log(f"effective batch {eff_batch}, lr {self.lr:.3g}, router lr {self.lr * router_lr_scale:.3g}{gains}")
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, args.weight_decay, router_lr_scale, gains_lr_scale), lr=self.lr, betas=(0.9, 0.95)
         )
-        self.objective = Objective(self.model, args.distill_weight)
+        self.objective = Objective(self.model, args.distill_weight, args.row_relative_loss)
         if distributed.dp_size() > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DistributedDataParallel(

@@ -40,6 +40,7 @@ def test_the_row_relative_loss_is_the_mean_of_row_means_and_steps_each_row_by_it
     assert losses.grad.tolist() == pytest.approx([5.0 / 2 / 2 / 1.0, 5.0 / 2 / 2 / 1.0, 5.0 / 2 / 9.0])
 
 
+@pytest.mark.slow
 def test_the_row_relative_loss_trains_and_a_resume_must_keep_it(tiny, tmp_path, capsys):
     out, plain = tmp_path / "relative", tmp_path / "plain"
     for run, extra in ((out, ["--row_relative_loss"]), (plain, [])):

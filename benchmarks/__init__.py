@@ -7,11 +7,12 @@ import shlex
 import sys
 
 import dllm  # noqa: F401  before any benchmark imports torch: it keeps freed host memory (dllm/host_memory.py)
+from dllm import host_memory
 from dllm.atomic_io import atomic_write_text
 
 
 # host memory switches (dllm/host_memory.py's, and torch's huge pages): a run that sets one says so
-HOST_MEMORY_VARIABLES = ("DLLM_KEEP_FREED_MEMORY", "THP_MEM_ALLOC_ENABLE")
+HOST_MEMORY_VARIABLES = (host_memory.KEEP_FREED_VARIABLE, "THP_MEM_ALLOC_ENABLE")
 
 
 def command() -> str:

@@ -20,6 +20,8 @@ import ctypes.util
 import os
 import sys
 
+KEEP_FREED_VARIABLE = "DLLM_KEEP_FREED_MEMORY"  # "0" leaves malloc as it is
+
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 SETTINGS = (
@@ -31,7 +33,7 @@ SETTINGS = (
 def keep_freed_memory() -> bool:
     """Tune glibc's malloc as the module docstring says; False where it does not apply (not Linux,
     not glibc, or DLLM_KEEP_FREED_MEMORY=0)."""
-    if os.environ.get("DLLM_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(KEEP_FREED_VARIABLE, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

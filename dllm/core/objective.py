@@ -18,10 +18,14 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
+def position_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of a loss over its positions [n]; 0 where a batch has none (no response token)."""
+    return values.sum() / max(values.numel(), 1)
+
+
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """distill_kl averaged over the positions given."""
-    kl = distill_kl(student_logits, teacher_logits)
-    return kl.sum() / max(kl.numel(), 1)
+    return position_mean(distill_kl(student_logits, teacher_logits))
 
 
 def row_relative_loss(position_loss: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -31,7 +35,7 @@ def row_relative_loss(position_loss: torch.Tensor, rows: torch.Tensor, n_rows: i
     the top do, so that the low budgets do not set the shared LoRA and routers by themselves.
     position_loss [n] with its graph, rows [n] the row of each position."""
     sums = position_loss.new_zeros(n_rows).index_add(0, rows, position_loss)
-    counts = position_loss.new_zeros(n_rows).index_add(0, rows, torch.ones_like(position_loss.detach()))
+    counts = torch.bincount(rows, minlength=n_rows).to(position_loss.dtype)
     scored = counts > 0
     row_loss = sums[scored] / counts[scored]
     size = row_loss.detach().clamp(min=1e-6)
@@ -66,7 +70,7 @@ def compute_loss(model: Transformer, examples, labels, example_masks, label_mask
     h, activation, state = model.hidden_states(examples, state={"response_tokens": label_masks.float()})
     logits = model.project_vocab(h.flatten(0, 1)[positions]).float()
     c_tokens = F.cross_entropy(logits, labels.flatten()[positions + 1], reduction="none")
-    c_loss = c_tokens.sum() / max(len(positions), 1)
+    c_loss = position_mean(c_tokens)
     token_weight = example_masks.float().clone()
     token_weight[:, : model.params.dynamic_reserve_initials] = 0
     a_loss = model.routing.aux_loss(model, state, activation, h, token_weight)
@@ -76,7 +80,7 @@ def compute_loss(model: Transformer, examples, labels, example_masks, label_mask
     task_tokens = c_tokens
     if teacher_logits is not None:
         kl = distill_kl(logits, teacher_logits)
-        metrics["distill_loss"] = kl.sum() / max(kl.numel(), 1)
+        metrics["distill_loss"] = position_mean(kl)
         task_tokens = c_tokens + distill_weight * kl
     if row_relative:
         metrics["task_loss"] = row_relative_loss(task_tokens, positions // examples.shape[1], examples.shape[0])

@@ -24,7 +24,7 @@ from dllm.training.loop import param_groups, train
 from dllm.training.validation import validate
 from helpers import ROOT, make_base, make_dataset, randomize, tiny_args, train_argv
 from benchmarks import dial_shares
-from tools import calibrate_dial, calibrate_lora_strength
+from tools import calibrate_dial, calibrate_lora_strength, ship_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -568,6 +568,27 @@ def test_the_lora_strength_follows_the_budget_asked(runs, tmp_path):
     dial_file.write_lora_strength(dial_file.LoraStrength([0.4, 1.0], [1.0, 0.0]), path, "0" * 64, provenance)
     with pytest.raises(InputError, match=r"another version"):
         Llama.build(runs["base"], str(adapter), max_seq_len=48)
+
+
+def test_a_shipped_adapter_keeps_its_dial_and_lora_strength(runs, tmp_path):
+    """tools/ship_adapter.py copies the calibrations beside a run's checkpoint with it: they name the
+    adapter by its tensors' checksum, so the shipped copy (no optimizer state) meets each budget with
+    the run's router inputs and LoRA strengths, and generates the run's tokens."""
+    run_dir, shipped = tmp_path / "run", tmp_path / "shipped"
+    shutil.copytree(runs["input"], run_dir)
+    checkpoint = adapters.adapter_file(str(run_dir))
+    strengths = dial_file.LoraStrength([0.4, 1.0], [2.0, 0.0])
+    dial_file.write_lora_strength(strengths, dial_file.lora_strength_path(checkpoint),
+                                  adapters.read_adapter(checkpoint)["adapter_sha256"], {})
+    ship_adapter.main(str(run_dir), str(shipped))
+    assert sorted(p.name for p in shipped.glob("checkpoint.*")) == [
+        "checkpoint.dial.json", "checkpoint.lora_strength.json", "checkpoint.pth"]
+    for budget in (0.5, 0.9):
+        as_run = Llama.build(runs["base"], str(run_dir), max_seq_len=48, budget=budget)
+        as_shipped = Llama.build(runs["base"], str(shipped), max_seq_len=48, budget=budget)
+        assert merged_strengths(as_shipped) == merged_strengths(as_run) == [pytest.approx(strengths.at(budget))]
+        assert torch.equal(as_shipped.model.routing.dial.inputs, as_run.model.routing.dial.inputs)
+        assert as_shipped.generate(PROMPTS, 6, temperature=0).tokens == as_run.generate(PROMPTS, 6, temperature=0).tokens
 
 
 @pytest.mark.slow

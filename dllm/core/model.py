@@ -3,7 +3,8 @@
 Which tokens run which block is the routing policy's (routing.py: D-LLM, MoD, static pruning,
 early exit, dense), chosen by `ModelArgs.routing`. Training (`model.train()`) computes every token
 in every block, masks skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
-gradient exists. Inference (`model.eval()`) gathers the executing tokens of each block and runs only
+gradient exists; only the executing tokens are computed with autograd, as no other gradient
+crosses the block (TransformerBlock.forward_split). Inference (`model.eval()`) gathers the executing tokens of each block and runs only
 those, blended by the same weight; the others pass through at the cost of the policy, and leave no
 K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
 the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
@@ -219,9 +220,19 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, freqs_cis: torch.Tensor, anchors: Optional[torch.Tensor] = None):
         """x [..., dim] -> q [..., heads, head_dim], k and v [..., kv_heads, head_dim], RoPE applied;
         anchors [..., budget_gates]: each token's, for a budget-conditioned LoRA."""
+        return self.project_with(x, freqs_cis, self.lora_updates(x, anchors))
+
+    def lora_updates(self, x: torch.Tensor, anchors: Optional[torch.Tensor] = None):
+        """The LoRA's updates of q, k and v for x, or None where there is no LoRA or it is merged."""
+        if self.lora_q is None or self.merged_strength is not None:
+            return None
+        return self.lora_q(x, anchors), self.lora_k(x, anchors), self.lora_v(x, anchors)
+
+    def project_with(self, x: torch.Tensor, freqs_cis: torch.Tensor, updates):
+        """project, the LoRA's updates of these tokens given (lora_updates; None: none)."""
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        if self.lora_q is not None and self.merged_strength is None:
-            q, k, v = q + self.lora_q(x, anchors), k + self.lora_k(x, anchors), v + self.lora_v(x, anchors)
+        if updates is not None:
+            q, k, v = q + updates[0], k + updates[1], v + updates[2]
         lead = x.shape[:-1]
         q = apply_rotary_emb(q.view(*lead, self.n_local_heads, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(*lead, self.n_local_kv_heads, self.head_dim), freqs_cis)
@@ -238,19 +249,18 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                               enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
-    def forward_masked(self, x, freqs_cis, key_keep: Optional[torch.Tensor], anchors=None) -> torch.Tensor:
-        """Every token computed; keys of tokens that skip this block are masked out (eviction).
-
-        A query always sees its own key, so a skipped token's row (discarded by the blend) is never
-        empty.
-        """
-        b, s, _ = x.shape
+    def forward_causal(self, x, freqs_cis, anchors=None) -> torch.Tensor:
+        """Every token computed over every earlier one: a block all tokens execute, in training."""
         q, k, v = self.project(x, freqs_cis, anchors)
-        if key_keep is None:
-            return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
-        causal, own = causal_and_own_key(s, x.device)
+        return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
+
+    def attend_kept(self, q, k, v, key_keep: torch.Tensor) -> torch.Tensor:
+        """q [b, s, h, d], k and v [b, s, kvh, d] -> [b, s, h * d]: each query over the earlier keys
+        of tokens that execute this block (key_keep [b, s]; the others are evicted) and its own key,
+        so a skipped token's row is never empty."""
+        causal, own = causal_and_own_key(q.shape[1], q.device)
         mask = torch.where(key_keep[:, None, :], causal, own)
-        return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask))
+        return self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask)
 
     def forward_plain(self, x, freqs_cis, kv: LayerKVCache, anchors=None) -> torch.Tensor:
         """Every token of every row, rows keeping as many keys: plain Llama attention over the
@@ -316,6 +326,51 @@ class TransformerBlock(nn.Module):
     def _ffn(self, h):
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def forward_split(self, x, freqs_cis, decision: Decision, anchors=None) -> torch.Tensor:
+        """The block's output for every token in training, before the blend, [b, s, dim].
+
+        A skipped token's update has weight 0 in the blend and its key is evicted from every other
+        query, so no gradient crosses the block for it. The executing tokens run with autograd; the
+        skipped ones run without it, and only where the weight carries a gradient (D-LLM's
+        straight-through estimator needs their output; MoD's fixed 0 needs nothing, and they keep
+        their input). So the backward and the saved activations of the projections and the
+        feed-forward cost the executed share, not all tokens; one read of the execute mask to the
+        host per block picks the rows. The norm and the LoRA (a small part) still run on all tokens
+        at once, so LoRA dropout draws its masks as it would over the whole batch.
+        """
+        keep = decision.mask.flatten()
+        run, rest = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        if len(rest) == 0:
+            return self._ffn(x + self.attention.forward_causal(self.attention_norm(x), freqs_cis, anchors))
+        rest_needed = decision.weight.requires_grad
+        if len(run) == 0 and not rest_needed:
+            return x
+        tokens, freqs_cis = x.flatten(0, 1), freqs_cis.flatten(0, 1)
+        normed = self.attention_norm(tokens)
+        updates = self.attention.lora_updates(normed, None if anchors is None else anchors.flatten(0, 1))
+
+        def project(rows):
+            return self.attention.project_with(normed[rows], freqs_cis[rows],
+                                               None if updates is None else [u[rows] for u in updates])
+
+        def spread(ran: torch.Tensor, skipped: Optional[torch.Tensor]) -> torch.Tensor:
+            """[n_run, ...] and [n_rest, ...] (None: zeros) laid out as the flat tokens."""
+            out = ran.new_zeros((len(keep),) + ran.shape[1:]).index_copy(0, run, ran)
+            return out if skipped is None else out.index_copy(0, rest, skipped)
+
+        def finish(rows, attended):
+            return self._ffn(tokens[rows] + self.attention.wo(attended[rows]))
+
+        ran = project(run)
+        with torch.no_grad():
+            skipped = project(rest) if rest_needed else (None, None, None)
+        q, k, v = (spread(r, o).unflatten(0, x.shape[:2]) for r, o in zip(ran, skipped))
+        attended = self.attention.attend_kept(q, k, v, decision.mask).flatten(0, 1)
+        out_run = finish(run, attended)
+        with torch.no_grad():
+            out_rest = finish(rest, attended) if rest_needed else tokens[rest]
+        return spread(out_run, out_rest).view_as(x)
+
     def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):
         """Returns (output, decision). Without a cache: masked training path; with one: real skipping,
         where a routed block reads its execute mask to the host once (its only synchronisation) and
@@ -326,14 +381,9 @@ class TransformerBlock(nn.Module):
         b, s, _ = x.shape
         anchors = routing.lora_anchors(x, state, self.training)  # per token, for a budget-conditioned LoRA
         if kv is None:
-            if decision is not None and not decision.weight.requires_grad and not bool(decision.mask.any()):
-                return x, decision  # nothing executes and no gradient needs the block's output
-            key_keep = None if decision is None else decision.mask
-            h = x + self.attention.forward_masked(self.attention_norm(x), freqs_cis[positions], key_keep, anchors)
-            out = self._ffn(h)
             if decision is None:
-                return out, None
-            return blend(decision.update_weight(), out, x), decision
+                return self._ffn(x + self.attention.forward_causal(self.attention_norm(x), freqs_cis[positions], anchors)), None
+            return blend(decision.update_weight(), self.forward_split(x, freqs_cis[positions], decision, anchors), x), decision
 
         start = kv.feed(s)
         # the block's one read from the device: which tokens execute it

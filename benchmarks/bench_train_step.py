@@ -107,7 +107,7 @@ class DllmStep:
 
     def __call__(self) -> torch.Tensor:
         c_loss, a_loss, metrics = compute_loss(self.model, *self.batch)
-        self.shares.append(metrics["act_ratio"])
+        self.shares.append(float(metrics["act_ratio"]))
         loss = c_loss + self.lam * a_loss
         loss.backward()
         self.optimizer.step()

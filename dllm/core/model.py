@@ -220,7 +220,11 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, freqs_cis: torch.Tensor, anchors: Optional[torch.Tensor] = None):
         """x [..., dim] -> q [..., heads, head_dim], k and v [..., kv_heads, head_dim], RoPE applied;
         anchors [..., budget_gates]: each token's, for a budget-conditioned LoRA."""
-        return self.project_with(x, freqs_cis, self.lora_updates(x, anchors))
+        return self.heads(self.products(x), self.lora_updates(x, anchors), freqs_cis)
+
+    def products(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base projections of x: q, k and v before LoRA and RoPE, [..., width]."""
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def lora_updates(self, x: torch.Tensor, anchors: Optional[torch.Tensor] = None):
         """The LoRA's updates of q, k and v for x, or None where there is no LoRA or it is merged."""
@@ -228,12 +232,12 @@ class Attention(nn.Module):
             return None
         return self.lora_q(x, anchors), self.lora_k(x, anchors), self.lora_v(x, anchors)
 
-    def project_with(self, x: torch.Tensor, freqs_cis: torch.Tensor, updates):
-        """project, the LoRA's updates of these tokens given (lora_updates; None: none)."""
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+    def heads(self, products, updates, freqs_cis: torch.Tensor):
+        """The base products plus the LoRA's updates (None: none), split into heads, RoPE applied."""
+        q, k, v = products
         if updates is not None:
             q, k, v = q + updates[0], k + updates[1], v + updates[2]
-        lead = x.shape[:-1]
+        lead = q.shape[:-1]
         q = apply_rotary_emb(q.view(*lead, self.n_local_heads, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(*lead, self.n_local_kv_heads, self.head_dim), freqs_cis)
         return q, k, v.view(*lead, self.n_local_kv_heads, self.head_dim)
@@ -335,8 +339,9 @@ class TransformerBlock(nn.Module):
         straight-through estimator needs their output; MoD's fixed 0 needs nothing, and they keep
         their input). So the backward and the saved activations of the projections and the
         feed-forward cost the executed share, not all tokens; one read of the execute mask to the
-        host per block picks the rows. The norm and the LoRA (a small part) still run on all tokens
-        at once, so LoRA dropout draws its masks as it would over the whole batch.
+        host per block picks the rows. The norm, the LoRA (a small part), RoPE and attention still
+        run on all tokens at once, laid out as the batch: LoRA dropout draws its masks as it would
+        over the whole batch, and gathers stay few (each costs a scatter in the backward).
         """
         keep = decision.mask.flatten()
         run, rest = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
@@ -345,13 +350,8 @@ class TransformerBlock(nn.Module):
         rest_needed = decision.weight.requires_grad
         if len(run) == 0 and not rest_needed:
             return x
-        tokens, freqs_cis = x.flatten(0, 1), freqs_cis.flatten(0, 1)
+        tokens = x.flatten(0, 1)
         normed = self.attention_norm(tokens)
-        updates = self.attention.lora_updates(normed, None if anchors is None else anchors.flatten(0, 1))
-
-        def project(rows):
-            return self.attention.project_with(normed[rows], freqs_cis[rows],
-                                               None if updates is None else [u[rows] for u in updates])
 
         def spread(ran: torch.Tensor, skipped: Optional[torch.Tensor]) -> torch.Tensor:
             """[n_run, ...] and [n_rest, ...] (None: zeros) laid out as the flat tokens."""
@@ -359,16 +359,18 @@ class TransformerBlock(nn.Module):
             return out if skipped is None else out.index_copy(0, rest, skipped)
 
         def finish(rows, attended):
-            return self._ffn(tokens[rows] + self.attention.wo(attended[rows]))
+            return self._ffn(tokens.index_select(0, rows) + self.attention.wo(attended.index_select(0, rows)))
 
-        ran = project(run)
+        ran = self.attention.products(normed.index_select(0, run))
         with torch.no_grad():
-            skipped = project(rest) if rest_needed else (None, None, None)
-        q, k, v = (spread(r, o).unflatten(0, x.shape[:2]) for r, o in zip(ran, skipped))
+            skipped = self.attention.products(normed.index_select(0, rest)) if rest_needed else (None, None, None)
+        updates = self.attention.lora_updates(normed, None if anchors is None else anchors.flatten(0, 1))
+        products = [spread(r, o) for r, o in zip(ran, skipped)]
+        q, k, v = (t.unflatten(0, x.shape[:2]) for t in self.attention.heads(products, updates, freqs_cis.flatten(0, 1)))
         attended = self.attention.attend_kept(q, k, v, decision.mask).flatten(0, 1)
         out_run = finish(run, attended)
         with torch.no_grad():
-            out_rest = finish(rest, attended) if rest_needed else tokens[rest]
+            out_rest = finish(rest, attended) if rest_needed else tokens.index_select(0, rest)
         return spread(out_run, out_rest).view_as(x)
 
     def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):

@@ -157,18 +157,24 @@ def step_flops(args: ModelArgs, config: TrainStepConfig, name: str, share: float
     """Model FLOPs of one step per token: a frozen weight's matmul costs its forward twice (forward
     and the input's gradient), a trained one (LoRA, routers) three times (and the weight's
     gradient), attention three times. The head runs at every position under transformers, only at
-    the scored ones under dllm; D-LLM adds a router at every routed block, and differentiates its
-    projections and LoRA only for the tokens that execute the block (`share` of all blocks, the
-    always-on ones among them), attention for all."""
+    the scored ones under dllm. D-LLM adds a router at every routed block, and at a routed block
+    executing `p` of its tokens differentiates the projections for those tokens only, attention
+    over the pairs among them (p squared) and reads p of the keys in the forward; `share` is the
+    executed share of all blocks, the always-on ones among them."""
     f = token_flops(args)
     attention = f.attn_per_key * (config.seq_len + 1) / 2  # keys seen, on average over the positions
     lora = 2 * config.lora_rank * (3 * args.dim + (args.n_heads + 2 * (args.n_kv_heads or args.n_heads)) * args.head_dim)
-    differentiated = args.n_layers * share if name.startswith("dllm d-llm") else args.n_layers
-    total = args.n_layers * (f.qkvo + f.ffn + 3 * attention + lora) + differentiated * (f.qkvo + f.ffn + 2 * lora)
+
+    def block(p: float) -> float:
+        return (f.qkvo + f.ffn + lora + p * attention) + (p * (f.qkvo + f.ffn) + 2 * lora + 2 * p * p * attention)
+
+    routed = args.n_layers - args.dynamic_start_layer if name.startswith("dllm d-llm") else 0
+    p_routed = (share * args.n_layers - (args.n_layers - routed)) / routed if routed else 1.0
+    total = (args.n_layers - routed) * block(1.0) + routed * block(p_routed)
     scored = max(1, round(config.response_share * config.seq_len)) / config.seq_len
     total += 2 * f.lm_head * (1.0 if name == "transformers+peft" else scored)
-    if name.startswith("dllm d-llm"):
-        total += (args.n_layers - args.dynamic_start_layer) * 3 * mlp_flops(args.dim, args.dynamic_router_hdim, 2)
+    if routed:
+        total += routed * 3 * mlp_flops(args.dim, args.dynamic_router_hdim, 2)
     return total
 
 

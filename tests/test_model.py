@@ -345,7 +345,10 @@ def _every_token_with_autograd(layer, x, freqs_cis, key_keep):
     """The block's output for every token, all of it recorded by autograd: what forward_split must equal."""
     attention = layer.attention
     q, k, v = attention.project(layer.attention_norm(x), freqs_cis)
-    return layer._ffn(x + attention.wo(attention.attend_kept(q, k, v, key_keep)))
+    s = x.shape[1]
+    causal, own = torch.ones(s, s, dtype=torch.bool).tril(), torch.eye(s, dtype=torch.bool)
+    mask = torch.where(key_keep[:, None, :], causal, own)  # earlier keys of executing tokens, and its own
+    return layer._ffn(x + attention.wo(attention.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask)))
 
 
 def _blended_grads(layer, x, weight, block_out, seed=25):

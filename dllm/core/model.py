@@ -9,7 +9,6 @@ those, blended by the same weight; the others pass through at the cost of the po
 K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
 the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
 """
-import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
@@ -153,13 +152,6 @@ def _no_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-@functools.lru_cache(maxsize=8)
-def causal_and_own_key(s: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The [s, s] bool masks of the keys at or before each query and of its own key, built once per
-    length and device (tril is slow on the CPU and every routed block of a step needs them)."""
-    return torch.ones(s, s, dtype=torch.bool, device=device).tril(), torch.eye(s, dtype=torch.bool, device=device)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, init_method):
         super().__init__()
@@ -258,14 +250,6 @@ class Attention(nn.Module):
         q, k, v = self.project(x, freqs_cis, anchors)
         return self.wo(self.attend(q, k.transpose(1, 2), v.transpose(1, 2), causal=True))
 
-    def attend_kept(self, q, k, v, key_keep: torch.Tensor) -> torch.Tensor:
-        """q [b, s, h, d], k and v [b, s, kvh, d] -> [b, s, h * d]: each query over the earlier keys
-        of tokens that execute this block (key_keep [b, s]; the others are evicted) and its own key,
-        so a skipped token's row is never empty."""
-        causal, own = causal_and_own_key(q.shape[1], q.device)
-        mask = torch.where(key_keep[:, None, :], causal, own)
-        return self.attend(q, k.transpose(1, 2), v.transpose(1, 2), mask)
-
     def forward_plain(self, x, freqs_cis, kv: LayerKVCache, anchors=None) -> torch.Tensor:
         """Every token of every row, rows keeping as many keys: plain Llama attention over the
         cache, causal among the new tokens and no other mask."""
@@ -311,6 +295,30 @@ class Attention(nn.Module):
         return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
 
 
+@dataclass
+class RowPacking:
+    """Chosen tokens of a [rows, s] batch laid out per row, in order, left-aligned in `width`
+    slots: `where` = (row, rank among the row's chosen tokens) of each, in flat order."""
+
+    where: Tuple[torch.Tensor, torch.Tensor]
+    rows: int
+    width: int
+
+    @classmethod
+    def of(cls, index: torch.Tensor, chosen: torch.Tensor) -> "RowPacking":
+        """index [n]: the chosen tokens' flat indices, in order; chosen [rows, s] bool."""
+        rank = chosen.long().cumsum(1).flatten().index_select(0, index) - 1
+        return cls((index // chosen.shape[1], rank), chosen.shape[0], int(rank.max()) + 1 if len(index) else 1)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, ...] in flat order -> [rows, width, ...], zeros in the slots left over."""
+        return t.new_zeros((self.rows, self.width) + t.shape[1:]).index_put(self.where, t)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[rows, width, ...] -> the chosen tokens' [n, ...]."""
+        return t[self.where]
+
+
 def blend(weight: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Decision.update_weight applied: 1 gives the block's output exactly, 0 its input."""
     w = weight.unsqueeze(-1).to(x.dtype)
@@ -337,11 +345,11 @@ class TransformerBlock(nn.Module):
         query, so no gradient crosses the block for it. The executing tokens run with autograd; the
         skipped ones run without it, and only where the weight carries a gradient (D-LLM's
         straight-through estimator needs their output; MoD's fixed 0 needs nothing, and they keep
-        their input). So the backward and the saved activations of the projections and the
-        feed-forward cost the executed share, not all tokens; one read of the execute mask to the
-        host per block picks the rows. The norm, the LoRA (a small part), RoPE and attention still
-        run on all tokens at once, laid out as the batch: LoRA dropout draws its masks as it would
-        over the whole batch, and gathers stay few (each costs a scatter in the backward).
+        their input). So the backward and the saved activations of the projections, attention and
+        the feed-forward cost the executed share, not all tokens; one read of the execute mask to the
+        host per block picks the rows. The executing tokens of each row, packed in order, attend
+        causally among themselves, which is what eviction leaves them. The norm and the LoRA (a
+        small part) run on all tokens at once, so LoRA dropout draws its masks as over the whole batch.
         """
         keep = decision.mask.flatten()
         run, rest = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
@@ -350,27 +358,40 @@ class TransformerBlock(nn.Module):
         rest_needed = decision.weight.requires_grad
         if len(run) == 0 and not rest_needed:
             return x
-        tokens = x.flatten(0, 1)
+        b, s = x.shape[:2]
+        tokens, freqs_cis = x.flatten(0, 1), freqs_cis.flatten(0, 1)
         normed = self.attention_norm(tokens)
+        updates = self.attention.lora_updates(normed, None if anchors is None else anchors.flatten(0, 1))
 
-        def spread(ran: torch.Tensor, skipped: Optional[torch.Tensor]) -> torch.Tensor:
-            """[n_run, ...] and [n_rest, ...] (None: zeros) laid out as the flat tokens."""
-            out = ran.new_zeros((len(keep),) + ran.shape[1:]).index_copy(0, run, ran)
-            return out if skipped is None else out.index_copy(0, rest, skipped)
+        def project(rows):
+            products = self.attention.products(normed.index_select(0, rows))
+            ups = None if updates is None else [u.index_select(0, rows) for u in updates]
+            return self.attention.heads(products, ups, freqs_cis.index_select(0, rows))
 
         def finish(rows, attended):
-            return self._ffn(tokens.index_select(0, rows) + self.attention.wo(attended.index_select(0, rows)))
+            return self._ffn(tokens.index_select(0, rows) + self.attention.wo(attended))
 
-        ran = self.attention.products(normed.index_select(0, run))
-        with torch.no_grad():
-            skipped = self.attention.products(normed.index_select(0, rest)) if rest_needed else (None, None, None)
-        updates = self.attention.lora_updates(normed, None if anchors is None else anchors.flatten(0, 1))
-        products = [spread(r, o) for r, o in zip(ran, skipped)]
-        q, k, v = (t.unflatten(0, x.shape[:2]) for t in self.attention.heads(products, updates, freqs_cis.flatten(0, 1)))
-        attended = self.attention.attend_kept(q, k, v, decision.mask).flatten(0, 1)
-        out_run = finish(run, attended)
-        with torch.no_grad():
-            out_rest = finish(rest, attended) if rest_needed else tokens.index_select(0, rest)
+        def spread(ran: torch.Tensor, skipped: torch.Tensor) -> torch.Tensor:
+            """[n_run, ...] and [n_rest, ...] laid out as the flat tokens."""
+            return ran.new_zeros((b * s,) + ran.shape[1:]).index_copy(0, run, ran).index_copy(0, rest, skipped)
+
+        # an executing token attends to the executing tokens up to itself only: packed per row in
+        # order, they attend causally, at the cost of the executed share squared
+        q, k, v = project(run)
+        ran = RowPacking.of(run, decision.mask)
+        attended = self.attention.attend(ran.pack(q), ran.pack(k).transpose(1, 2), ran.pack(v).transpose(1, 2), causal=True)
+        out_run = finish(run, ran.unpack(attended))
+        if not rest_needed:
+            return spread(out_run, tokens.index_select(0, rest)).view_as(x)
+        with torch.no_grad():  # a skipped token attends to the executing tokens before it and to its own key
+            q_rest, k_rest, v_rest = project(rest)
+            k, v = (spread(r, o).unflatten(0, (b, s)) for r, o in ((k, k_rest), (v, v_rest)))
+            skipped = RowPacking.of(rest, ~decision.mask)
+            position = skipped.pack(rest % s)  # padding: position 0, whose own key it sees
+            keys = torch.arange(s, device=x.device)
+            mask = (decision.mask[:, None, :] & (keys <= position[..., None])) | (keys == position[..., None])
+            out_rest = finish(rest, skipped.unpack(self.attention.attend(skipped.pack(q_rest), k.transpose(1, 2),
+                                                                         v.transpose(1, 2), mask)))
         return spread(out_run, out_rest).view_as(x)
 
     def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):

@@ -172,6 +172,14 @@ def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
     return out
 
 
+def logged_share(adapter_dir: str, root: Path = ROOT) -> float:
+    """The execution share averaged over a shipped adapter's logged training steps (its log.jsonl):
+    the share a run's steps were paid at."""
+    records = [json.loads(line) for line in (root / adapter_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    shares = [r["act_ratio"] for r in records if "step" in r]
+    return sum(shares) / len(shares)
+
+
 def table(rows, columns) -> str:
     """A Markdown table; columns are [header, key, format spec] (key "a.b" reaches into a record)."""
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
@@ -245,7 +253,7 @@ def environment(root: Path = ROOT) -> jinja2.Environment:
                        fidelity_rows=fidelity_rows, overlaid=overlaid)
     results = load_results(root)
     env.globals.update(results=results, builds=load_builds(root), curve=curve, interp=interpolate, zip=zip, log=math.log,
-                       seed_verdicts=seed_verdicts, least_at=least_at,
+                       seed_verdicts=seed_verdicts, least_at=least_at, logged_share=lambda path: logged_share(path, root),
                        commands=lambda stem: commands(results, stem),
                        smollm2_per_target=lambda: kl_curves(results, SMOLLM2_PER_TARGET),
                        smollm2_per_target_test=lambda: kl_curves(results, SMOLLM2_PER_TARGET_TEST),

@@ -2,12 +2,13 @@
 
 Which tokens run which block is the routing policy's (routing.py: D-LLM, MoD, static pruning,
 early exit, dense), chosen by `ModelArgs.routing`. Training (`model.train()`) computes every token
-in every block, masks skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
+in every block, evicts skipped tokens' keys and blends `w * block(x) + (1 - w) * x`, so the router's
 gradient exists; only the executing tokens are computed with autograd, as no other gradient
-crosses the block (TransformerBlock.forward_split). Inference (`model.eval()`) gathers the executing tokens of each block and runs only
-those, blended by the same weight; the others pass through at the cost of the policy, and leave no
-K/V behind (see kv_cache.py). A block every token runs, with rows keeping as many keys (dense mode,
-the blocks below the routers, a batch of one), runs as plain Llama: no gather, no mask but causal.
+crosses the block (TransformerBlock.forward_split). Inference (`model.eval()`) gathers the
+executing tokens of each block and runs only those, blended by the same weight; the others pass
+through at the cost of the policy, and leave no K/V behind (see kv_cache.py). A block every token
+runs, with rows keeping as many keys (dense mode, the blocks below the routers, a batch of one),
+runs as plain Llama: no gather, no mask but causal.
 """
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
@@ -395,9 +396,10 @@ class TransformerBlock(nn.Module):
         return spread(out_run, out_rest).view_as(x)
 
     def forward(self, x, positions, freqs_cis, routing, kv: Optional[LayerKVCache] = None, state: Optional[dict] = None):
-        """Returns (output, decision). Without a cache: masked training path; with one: real skipping,
-        where a routed block reads its execute mask to the host once (its only synchronisation) and
-        a block every token runs with rows keeping as many keys takes the plain Llama path.
+        """Returns (output, decision). Without a cache: the training path (forward_split); with one:
+        real skipping, where a routed block reads its execute mask to the host once (its only
+        synchronisation) and a block every token runs with rows keeping as many keys takes the plain
+        Llama path.
         `state` is the routing state of the whole model's forward (routing.py)."""
         state = {} if state is None else state
         decision: Optional[Decision] = routing.decide(self, x, positions, state)

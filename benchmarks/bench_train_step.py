@@ -3,7 +3,7 @@
 Four configurations on the same base, batch, LoRA rank, target modules (q/k/v) and dropout:
 transformers' LlamaForCausalLM with a PEFT LoRA (what a user would run instead), dllm with LoRA only
 (`--routing dense`) and dllm with D-LLM routing (routers and the rate loss), twice: with the
-reference's initial routers (their bias executes about 87% of the routed blocks: the first steps of
+reference's initial routers (their bias executes about 82% of the routed blocks: the first steps of
 a run) and with routers that execute `execute_share` of them (the rest of a run, once the rate loss
 holds the target). Only the tokens that execute a block are differentiated through it, so D-LLM's
 step costs less as the share falls. Random tokens, the last
@@ -144,7 +144,7 @@ class PeftStep:
 def route_at_share(model, share: float):
     """Routers that execute `share` of the tokens, as the routers of an adapter trained to that
     target do: the second layer's weight zeroed and its bias at the share's log-odds, so the Gumbel
-    noise decides each token (the first steps with the reference's initial routers execute about 87%)."""
+    noise decides each token (the reference's initial routers, a run's first steps, execute about 82%)."""
     with torch.no_grad():
         for layer in model.layers:
             if layer.router is not None:

@@ -356,7 +356,7 @@ def _blended_grads(layer, x, weight, block_out, seed=25):
     one) and every LoRA tensor."""
     out = blend(weight, block_out, x)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-    wrt = [x] + [weight] * weight.requires_grad + [p for n, p in layer.named_parameters() if ".lora_" in n or n.startswith("lora_")]
+    wrt = [x] + [weight] * weight.requires_grad + [p for n, p in layer.named_parameters() if ".lora_" in n]
     return out, torch.autograd.grad((out * probe).sum(), wrt)
 
 

@@ -11,7 +11,7 @@ A template sees `results` (every results JSON by file stem, and evaluate.py's re
 under benchmarks/results/ by name) and `builds` (build_info.json of
 assets/* and datasets/* by directory name), with filters fmt, pct, where, one, mean, std, table,
 fidelity_rows, overlaid and the globals curve, interp, least_at, commands, zip, log, smollm2_per_target,
-smollm2_per_target_test, demo_per_target, demo_static.
+smollm2_per_target_test, demo_per_target, demo_static, logged_share.
 """
 import argparse
 import json
@@ -25,6 +25,7 @@ from pathlib import Path
 import jinja2
 
 from dllm.curves import interpolate, mean_points, method_of, point_of
+from dllm.plots import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "docs" / "templates"
@@ -175,9 +176,8 @@ def seed_verdicts(static_rows, recipes, x: str, y: str = "kl") -> list:
 def logged_share(adapter_dir: str, root: Path = ROOT) -> float:
     """The execution share averaged over a shipped adapter's logged training steps (its log.jsonl):
     the share a run's steps were paid at."""
-    records = [json.loads(line) for line in (root / adapter_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    shares = [r["act_ratio"] for r in records if "step" in r]
-    return sum(shares) / len(shares)
+    steps, _ = read_log(str(root / adapter_dir / "log.jsonl"))
+    return sum(r["act_ratio"] for r in steps) / len(steps)
 
 
 def table(rows, columns) -> str:

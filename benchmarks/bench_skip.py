@@ -16,7 +16,9 @@ pairs where at least one row executes. The bytes ideal counts what a decode step
 least, weights and K/V alike: dense reads every block's weights and every row's K/V; D-LLM the
 weights of the blocks some row executes (plus the routers), and at each block only the rows that
 execute it read their own kept pairs. At long contexts K/V outweigh the weights, and that is where
-eviction can pay. The bytes ideal prices a weight byte and a K/V byte alike; on a CPU, batched
+eviction can pay. The kept-cache ideal is looser: every weight read, and every row reading its whole
+kept cache at every block each step, what eviction alone saves without skipping anything (the first
+estimate that asked for this work). The bytes ideal prices a weight byte and a K/V byte alike; on a CPU, batched
 matmuls read weights more slowly than attention reads K/V, so the rate ideal prices each at dense's
 own cost on this machine: dense decodes once more after a --rate_prompt_len prompt (the same weights,
 few pairs), the two timings give a pair's time and a weight byte's (with all else a step does), and
@@ -285,6 +287,16 @@ def decode_reads(activation: torch.Tensor, sizes: dict, n_prompt: int, routed: b
     return float(weights), int(pairs)
 
 
+def kept_cache_reads(activation: torch.Tensor, sizes: dict, n_prompt: int, routed: bool) -> Tuple[float, int]:
+    """(weight bytes, K/V pairs) of decode steps that read every weight and, at every block, every
+    row's whole kept cache: what eviction alone saves, skipping aside (the issue's first estimate,
+    (weights + K/V) / (weights + kept share x K/V)). An upper bound on the bytes ideal's reads."""
+    kept = (activation > 0.5).cumsum(1)[:, n_prompt:].sum()
+    steps = activation.shape[1] - n_prompt
+    weights = sum(sizes["blocks"]) + sizes["head"] + (sum(sizes["routers"]) if routed else 0)
+    return float(steps * weights), int(kept)
+
+
 def decode_bytes(activation: torch.Tensor, sizes: dict, n_prompt: int, pair_bytes: int, routed: bool) -> float:
     weights, pairs = decode_reads(activation, sizes, n_prompt, routed)
     return weights + pairs * pair_bytes
@@ -429,6 +441,9 @@ def summarise(config, model, runners, best, record) -> List[dict]:
                                                      cache.pair, routed) / dense_bytes
             row[f"{key}_bytes_ideal_x"] = 1 / row[f"{key}_bytes_ratio"]
             row[f"{key}_of_bytes_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_bytes_ideal_x"]
+            weights, pairs = kept_cache_reads(activation, sizes, config.decode_prompt_len, routed)
+            row[f"{key}_kept_cache_ideal_x"] = dense_bytes / (weights + pairs * cache.pair)
+            row[f"{key}_of_kept_cache_ideal"] = row[f"{key}_x_dense"] / row[f"{key}_kept_cache_ideal_x"]
             if f"{key}_short" in dense:
                 ones = torch.ones_like(activation)
                 prices = read_prices(dense[key], dense[f"{key}_short"],
@@ -484,7 +499,8 @@ def print_table(rows, meta, decode_batches):
     head = ["config", "exec (routed)", "FLOPs ratio", "KV bytes ratio", "prefill tok/s", "x dense", "x HF", "% ideal"]
     for b in decode_batches:
         head += [f"decode b{b} tok/s", "x dense", "x HF", "weight-read share", "ideal x", "% ideal",
-                 "bytes ideal x", "% bytes ideal", "rate ideal x", "% rate ideal"]
+                 "bytes ideal x", "% bytes ideal", "kept-cache ideal x", "% kept-cache ideal", "rate ideal x",
+                 "% rate ideal"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
 
@@ -500,6 +516,8 @@ def print_table(rows, meta, decode_batches):
                       cell(r, f"decode{b}_x_transformers", "{:.2f}"), cell(r, f"decode{b}_weight_share", "{:.3f}"),
                       cell(r, f"decode{b}_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_ideal", "{:.0%}"),
                       cell(r, f"decode{b}_bytes_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_bytes_ideal", "{:.0%}"),
+                      cell(r, f"decode{b}_kept_cache_ideal_x", "{:.2f}"),
+                      cell(r, f"decode{b}_of_kept_cache_ideal", "{:.0%}"),
                       cell(r, f"decode{b}_rate_ideal_x", "{:.2f}"), cell(r, f"decode{b}_of_rate_ideal", "{:.0%}")]
         print("| " + " | ".join(cells) + " |")
 

@@ -35,6 +35,17 @@ def test_the_bytes_ideal_counts_the_weights_some_row_runs_and_each_running_rows_
     assert bench_skip.decode_bytes(activation, sizes, 2, 1, routed=True) == (10 + 5 + 7) + (3 + 3)
 
 
+def test_the_kept_cache_ideal_reads_every_weight_and_every_rows_whole_kept_cache_at_every_block():
+    """The same two rows: eviction alone, every row reading its kept pairs whether it runs or not."""
+    sizes = {"blocks": [10, 20], "routers": [0, 5], "head": 7}
+    activation = torch.ones(2, 3, 2)
+    activation[0, 1, 1] = 0  # row 0 keeps 2 pairs at block 1 after the step
+    activation[1, 2, 1] = 0  # row 1 skips block 1 at the step, yet reads the 2 pairs it kept there
+    activation[0, 2, 1] = 0  # no row runs block 1 at the step: its weights are read all the same
+    assert bench_skip.kept_cache_reads(activation, sizes, 2, routed=True) == (10 + 20 + 5 + 7, 3 + 3 + 1 + 2)
+    assert bench_skip.kept_cache_reads(torch.ones(2, 3, 2), sizes, 2, routed=False) == (10 + 20 + 7, 2 * 3 * 2)
+
+
 def test_the_rate_ideal_prices_a_pair_and_a_weight_byte_at_what_they_cost_dense():
     """Dense reads 100 weight bytes and 50 pairs in 3 s, the same weights and 10 pairs in 2 s: a pair
     costs 1/40 s and a weight byte 1.75/100 s; a run reading 100 bytes and 20 pairs then needs 2.25 s."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from benchmarks import bench_linear_rows
 from dllm.core.layers import TRANSPOSED_ROWS, linear
+from dllm.core.routing import Router
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,6 +24,24 @@ def test_inference_takes_the_transposed_product_for_the_listed_rows_and_matches_
     assert out.shape == (rows, 1, 40) and out.is_contiguous()
     assert torch.equal(out[:, 0], expected)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_bias_is_added_on_either_product(rows):
+    torch.manual_seed(rows)
+    x, weight, bias = torch.randn(rows, 1, 48), torch.randn(40, 48), torch.randn(40)
+    with torch.inference_mode():
+        out = linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_router_decides_on_the_same_product_as_its_linear_layer():
+    torch.manual_seed(0)
+    router, x = Router(48, 16, 1e-5, (0.1, 2.0)), torch.randn(TRANSPOSED_ROWS["cpu"][-1], 1, 48)
+    with torch.inference_mode():
+        logits = router(x)
+        expected = router.linear_2(F.silu(router.norm(router.linear_1(x))))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_training_keeps_f_linear_and_its_gradient():

@@ -21,13 +21,15 @@ from torch import nn
 TRANSPOSED_ROWS = {"cpu": range(2, 9)}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), as `weight @ x.T` where that is faster (TRANSPOSED_ROWS). Inference
-    only: training keeps F.linear's kernels and gradients."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), as `weight @ x.T` where that is faster (TRANSPOSED_ROWS).
+    Inference only: training keeps F.linear's kernels and gradients."""
     rows = x.numel() // x.shape[-1]
     if torch.is_grad_enabled() or rows not in TRANSPOSED_ROWS.get(x.device.type, ()):
-        return F.linear(x, weight)
-    return torch.mm(weight, x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, -1).T
+    out = torch.mm(weight, flat) if bias is None else torch.addmm(bias.unsqueeze(1), weight, flat)
+    return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
 class ColumnLinear(ColumnParallelLinear):

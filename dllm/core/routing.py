@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm.core.layers import RMSNorm, anchor_weights
+from dllm.core.layers import RMSNorm, anchor_weights, linear
 from dllm.errors import InputError
 
 
@@ -59,7 +59,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, budget: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, s, dim], budget [b] or per token [b, s] (routers with a budget input) -> logits [b, s, 2]."""
-        hidden = self.linear_1(x.float())
+        hidden = linear(x.float(), self.linear_1.weight, self.linear_1.bias)  # a decode step's few rows: the faster product
         if self.budget is None:
             return self.linear_2(F.silu(self.norm(hidden)))
         offset, shift = self.budget_terms(budget)

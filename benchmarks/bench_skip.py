@@ -289,8 +289,8 @@ def decode_reads(activation: torch.Tensor, sizes: dict, n_prompt: int, routed: b
 
 def kept_cache_reads(activation: torch.Tensor, sizes: dict, n_prompt: int, routed: bool) -> Tuple[float, int]:
     """(weight bytes, K/V pairs) of decode steps that read every weight and, at every block, every
-    row's whole kept cache: what eviction alone saves, skipping aside (the issue's first estimate,
-    (weights + K/V) / (weights + kept share x K/V)). An upper bound on the bytes ideal's reads."""
+    row's whole kept cache: what eviction alone saves, skipping aside (the first estimate of what it
+    could save, (weights + K/V) / (weights + kept share x K/V)). An upper bound on the bytes ideal's reads."""
     kept = (activation > 0.5).cumsum(1)[:, n_prompt:].sum()
     steps = activation.shape[1] - n_prompt
     weights = sum(sizes["blocks"]) + sizes["head"] + (sum(sizes["routers"]) if routed else 0)

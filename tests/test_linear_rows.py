@@ -35,13 +35,16 @@ def test_a_bias_is_added_on_either_product(rows):
     torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
-def test_a_router_decides_on_the_same_product_as_its_linear_layer():
+def test_a_router_takes_the_transposed_product_for_a_decode_steps_rows():
     torch.manual_seed(0)
     router, x = Router(48, 16, 1e-5, (0.1, 2.0)), torch.randn(TRANSPOSED_ROWS["cpu"][-1], 1, 48)
+    first = router.linear_1
     with torch.inference_mode():
         logits = router(x)
-        expected = router.linear_2(F.silu(router.norm(router.linear_1(x))))
-    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        hidden = torch.addmm(first.bias.unsqueeze(1), first.weight, x[:, 0].T).T.contiguous().unsqueeze(1)
+        expected = router.linear_2(F.silu(router.norm(hidden)))
+    assert torch.equal(logits, expected)
+    torch.testing.assert_close(logits, router.linear_2(F.silu(router.norm(first(x)))), rtol=1e-5, atol=1e-5)
 
 
 def test_training_keeps_f_linear_and_its_gradient():

@@ -39,9 +39,7 @@ class ColumnLinear(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = self.output_size_per_partition != self.out_features
-        out = linear(copy_to_model_parallel_region(x) if split else x, self.weight)
-        if self.bias is not None:
-            out = out + self.bias
+        out = linear(copy_to_model_parallel_region(x) if split else x, self.weight, self.bias)
         return gather_from_model_parallel_region(out) if split and self.gather_output else out
 
 

@@ -339,6 +339,10 @@ class TransformerBlock(nn.Module):
     def _ffn(self, h):
         return h + self.feed_forward(self.ffn_norm(h))
 
+    def _run_all(self, x, freqs_cis, anchors=None) -> torch.Tensor:
+        """Every token through the block, causal over every earlier one: training's unrouted path."""
+        return self._ffn(x + self.attention.forward_causal(self.attention_norm(x), freqs_cis, anchors))
+
     def forward_split(self, x, freqs_cis, decision: Decision, anchors=None) -> torch.Tensor:
         """The block's output for every token in training, before the blend, [b, s, dim].
 
@@ -355,7 +359,7 @@ class TransformerBlock(nn.Module):
         keep = decision.mask.flatten()
         run, rest = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
         if len(rest) == 0:
-            return self._ffn(x + self.attention.forward_causal(self.attention_norm(x), freqs_cis, anchors))
+            return self._run_all(x, freqs_cis, anchors)
         rest_needed = decision.weight.requires_grad
         if len(run) == 0 and not rest_needed:
             return x
@@ -407,7 +411,7 @@ class TransformerBlock(nn.Module):
         anchors = routing.lora_anchors(x, state, self.training)  # per token, for a budget-conditioned LoRA
         if kv is None:
             if decision is None:
-                return self._ffn(x + self.attention.forward_causal(self.attention_norm(x), freqs_cis[positions], anchors)), None
+                return self._run_all(x, freqs_cis[positions], anchors), None
             return blend(decision.update_weight(), self.forward_split(x, freqs_cis[positions], decision, anchors), x), decision
 
         start = kv.feed(s)
